@@ -1,0 +1,225 @@
+"""The ``reflectevo`` command: list tasks, grade answers, check graders, inspect the sandbox.
+
+    reflectevo tasks
+    reflectevo grade math --gold '\\frac{1}{2}' --output 'Action: Finish<<<0.5>>>'
+    reflectevo grade logiqa --data logiqa_test.jsonl --predictions preds.jsonl --out graded.jsonl
+    reflectevo check-graders --official-dir path/to/reflectevo-official --allow-code-execution
+    reflectevo sandbox
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+from reflectevo.errors import DataError, ReflectEvoError
+
+
+def _sandbox(args: argparse.Namespace, task_names: Sequence[str]):
+    """A sandbox when a task runs code and the user opted in; the opt-in check comes first."""
+    from reflectevo.tasks import check_code_execution
+
+    check_code_execution(task_names, allowed=args.allow_code_execution)
+    if not any(_task(name).needs_code_execution for name in task_names):
+        return None
+    from reflectevo.sandbox import Sandbox
+
+    return Sandbox(allow_code_execution=True, workers=args.workers, timeout_s=args.timeout)
+
+
+def _task(name: str):
+    from reflectevo.tasks import get_task
+
+    return get_task(name)
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from reflectevo.tasks import TASKS
+
+    rows = [task.describe() for task in TASKS.values()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['name']:9s} v{row['version']}  {row['description']}")
+        print(f"{'':12s} answer: {row['answer_format']}")
+        print(f"{'':12s} official file: {row['official_file']}   hub: {row['hub_dataset']}"
+              + ("   (runs model code: needs --allow-code-execution)" if row["runs_code"] else ""))
+    return 0
+
+
+def _graders(choice: str) -> list[str]:
+    return ["official", "robust"] if choice == "both" else [choice]
+
+
+def _read_predictions(path: Path) -> dict[str, str]:
+    from reflectevo.jsonl import read_jsonl
+
+    predictions: dict[str, str] = {}
+    for line, row in read_jsonl(path):
+        if "id" not in row or not isinstance(row.get("output"), str):
+            raise DataError(f"{path}:{line}: a prediction row needs an 'id' and a string 'output'")
+        key = str(row["id"])
+        if key in predictions:
+            raise DataError(f"{path}:{line}: a second prediction for id {key!r}")
+        predictions[key] = row["output"]
+    return predictions
+
+
+def cmd_grade(args: argparse.Namespace) -> int:
+    task = _task(args.task)
+    graders = _graders(args.grader)
+    if args.predictions is not None:
+        if args.data is None:
+            raise ReflectEvoError("--predictions needs --data FILE with the items to grade against")
+        if args.output is not None or args.gold is not None:
+            raise ReflectEvoError("give either --predictions (a file of outputs) or --output (one output), not both")
+        return _grade_file(args, task, graders)
+    if args.output is None:
+        raise ReflectEvoError("nothing to grade: give --output TEXT, or --data FILE --predictions FILE")
+    if args.gold is not None:
+        item = task.item_from_answer(args.gold, args.question or "")
+    elif args.data is not None and args.id is not None:
+        items = {item.id: item for item in task.load_file(args.data)}
+        if args.id not in items:
+            raise DataError(f"{args.data}: no item with id {args.id!r} ({len(items)} items)")
+        item = items[args.id]
+    else:
+        raise ReflectEvoError("say what the answer is graded against: --gold GOLD, or --data FILE --id ID")
+    sandbox = _sandbox(args, [task.name])
+    verdicts = [task.grade(item, args.output, grader, sandbox) for grader in graders]
+    if args.json:
+        print(json.dumps([verdict.to_dict() for verdict in verdicts], indent=2))
+        return 0
+    print(f"{task.name} item {item.id}, gold {item.gold!r}" if len(item.gold) < 80 else f"{task.name} item {item.id}")
+    for verdict in verdicts:
+        feedback = verdict.feedback.replace("\n", " | ")
+        print(f"  {verdict.grader:8s} {verdict.outcome:13s} extracted={verdict.extracted!r:.60}  feedback: {feedback[:160]}")
+    return 0
+
+
+def _grade_file(args: argparse.Namespace, task, graders: list[str]) -> int:
+    items = task.load_file(args.data)
+    predictions = _read_predictions(args.predictions)
+    unknown = sorted(set(predictions) - {item.id for item in items})
+    if unknown:
+        raise DataError(f"{args.predictions}: ids not in {args.data}: {', '.join(unknown[:10])}")
+    graded = [item for item in items if item.id in predictions]
+    missing = len(items) - len(graded)
+    if missing and not args.allow_missing:
+        raise DataError(
+            f"{args.predictions}: no prediction for {missing} of {len(items)} items "
+            "(grade the subset with --allow-missing)"
+        )
+    sandbox = _sandbox(args, [task.name])
+    rows: list[dict[str, Any]] = []
+    summary: dict[str, Counter] = {}
+    for grader in graders:
+        verdicts = task.grade_many(graded, [predictions[item.id] for item in graded], grader, sandbox)
+        summary[grader] = Counter(verdict.outcome for verdict in verdicts)
+        rows += [{"task": task.name, "id": item.id, **verdict.to_dict()} for item, verdict in zip(graded, verdicts)]
+    if args.out is not None:
+        from reflectevo.jsonl import write_jsonl_atomic
+
+        write_jsonl_atomic(args.out, rows)
+    print(f"{task.name}: {len(graded)} predictions graded" + (f" ({missing} items without one)" if missing else ""))
+    for grader, counts in summary.items():
+        accuracy = counts["correct"] / len(graded) if graded else 0.0
+        detail = ", ".join(f"{name} {counts[name]}" for name in ("correct", "wrong", "parse_failure", "timeout") if counts[name])
+        print(f"  {grader:8s} accuracy {accuracy:.3f}  ({detail})")
+    if args.out is not None:
+        print(f"per-item verdicts: {args.out}")
+    return 0
+
+
+def cmd_check_graders(args: argparse.Namespace) -> int:
+    from reflectevo.tasks import task_names
+    from reflectevo.tasks.selfcheck import check_graders, format_report
+
+    names = args.tasks or task_names()
+    tasks = [_task(name) for name in names]
+    if args.official_dir is None and not args.samples:
+        raise ReflectEvoError("choose the items to check: --official-dir DIR (the paper's test files) or --samples")
+    sources = {}
+    for task in tasks:  # load everything first: a missing file fails before any code runs
+        sources[task.name] = task.load_samples() if args.samples else task.load_official(Path(args.official_dir) / task.official_file)
+    sandbox = _sandbox(args, names)
+    reports = []
+    for task in tasks:
+        report = check_graders(task, sources[task.name], sandbox)
+        reports.append(report)
+        print(format_report(report))
+    if args.json is not None:
+        Path(args.json).write_text(json.dumps(reports, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from reflectevo.sandbox import isolation_report
+
+    report = isolation_report()
+    if args.json:
+        print(json.dumps({"mode": report.mode, "layers": report.layers, "limits": report.limits, "not_used": report.tried}, indent=2))
+    else:
+        print(report.describe())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reflectevo", description="ReflectEvo: learning from self-reflection.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tasks = commands.add_parser("tasks", help="list the registered tasks")
+    tasks.add_argument("--json", action="store_true", help="machine-readable output")
+    tasks.set_defaults(run=cmd_tasks)
+
+    def code_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--allow-code-execution", action="store_true",
+                         help="opt in to running model-written code in the sandbox (MBPP)")
+        sub.add_argument("--workers", type=int, default=1, help="parallel sandbox workers (default 1)")
+        sub.add_argument("--timeout", type=float, default=5.0, help="seconds per program (default 5, as the paper)")
+
+    grade = commands.add_parser("grade", help="grade one output, or a file of predictions")
+    grade.add_argument("task", help="task name (see `reflectevo tasks`)")
+    grade.add_argument("--output", help="one model output (its action line is parsed)")
+    grade.add_argument("--gold", help="the gold answer to grade --output against")
+    grade.add_argument("--question", help="the question text, for option-aware robust grading with --gold")
+    grade.add_argument("--data", type=Path, help="items: an official JSONL file or unified items")
+    grade.add_argument("--id", help="with --data and --output: the item to grade against")
+    grade.add_argument("--predictions", type=Path, help='JSONL of {"id": ..., "output": ...} rows')
+    grade.add_argument("--allow-missing", action="store_true", help="grade only the items that have a prediction")
+    grade.add_argument("--grader", choices=["both", "official", "robust"], default="both")
+    grade.add_argument("--out", type=Path, help="write per-item verdicts here (JSONL, atomic)")
+    grade.add_argument("--json", action="store_true", help="machine-readable output (single answer)")
+    code_options(grade)
+    grade.set_defaults(run=cmd_grade)
+
+    check = commands.add_parser("check-graders", help="grade gold, wrong and reformatted answers on a task's items")
+    check.add_argument("tasks", nargs="*", help="tasks to check (default: all)")
+    check.add_argument("--official-dir", type=Path, help="folder with the paper's *_test.jsonl files")
+    check.add_argument("--samples", action="store_true", help="check the built-in sample items instead")
+    check.add_argument("--json", type=Path, help="also write the reports as JSON")
+    code_options(check)
+    check.set_defaults(run=cmd_check_graders)
+
+    sandbox = commands.add_parser("sandbox", help="show which isolation layers the code sandbox gets here")
+    sandbox.add_argument("--json", action="store_true")
+    sandbox.set_defaults(run=cmd_sandbox)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ReflectEvoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,304 @@
+"""What every task shares: the unified item schema, extraction and grading results, the Task base class.
+
+A task module (``logiqa.py``, ``math.py``, ...) subclasses :class:`Task` and fills in four things:
+how rows become :class:`Item` objects (official JSONL, hub dataset), how the answer is written
+(``render_answer``), how it is read back (``extract``), and how it is judged (``judge``).
+Both graders live side by side: ``official`` reproduces the paper's code, ``robust`` is tolerant
+of formatting, and :meth:`Task.grade_both` returns both verdicts for one output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Sequence
+
+from reflectevo.errors import DataError, ReflectEvoError
+from reflectevo.jsonl import read_jsonl, write_jsonl_atomic
+
+GRADERS = ("official", "robust")
+OUTCOMES = ("correct", "wrong", "parse_failure", "timeout")
+SPLITS = ("train", "validation", "test")
+
+# The observation strings of the paper's environments; the model sees them after an attempt.
+CORRECT_OBSERVATION = "Answer is CORRECT"
+INCORRECT_OBSERVATION = "Answer is INCORRECT"
+
+
+def check_grader(grader: str) -> str:
+    if grader not in GRADERS:
+        raise ValueError(f"unknown grader {grader!r}; choose one of {', '.join(GRADERS)}")
+    return grader
+
+
+@dataclass
+class Item:
+    """One benchmark question in the schema shared by all tasks.
+
+    ``question`` is the text that goes into the prompt (options included, as in the official
+    files); ``options`` repeats the option texts in letter order when they could be parsed;
+    ``tests`` and ``setup_code`` are for code tasks; ``split`` is the fixed role of an item whose
+    source assigns one (the built-in samples); ``source_id`` keeps an id the source file carried.
+    """
+
+    task: str
+    id: str
+    question: str
+    gold: str
+    options: list[str] = field(default_factory=list)
+    tests: list[str] = field(default_factory=list)
+    setup_code: str = ""
+    split: str | None = None
+    source_id: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, row: dict[str, Any], where: str) -> "Item":
+        """Build an item from a unified-schema row, with errors that name ``where`` (file:line)."""
+        required = {"task": str, "id": str, "question": str, "gold": str}
+        optional = {
+            "options": list,
+            "tests": list,
+            "setup_code": str,
+            "split": (str, type(None)),
+            "source_id": (str, type(None)),
+            "metadata": dict,
+        }
+        unknown = sorted(set(row) - set(required) - set(optional))
+        if unknown:
+            raise DataError(f"{where}: unknown field(s) {unknown}; the item schema has {sorted([*required, *optional])}")
+        for key, kind in required.items():
+            if key not in row:
+                raise DataError(f"{where}: missing required field {key!r}")
+            if not isinstance(row[key], kind):
+                raise DataError(f"{where}: field {key!r} must be a string, got {type(row[key]).__name__}")
+        for key, kind in optional.items():
+            if key in row and not isinstance(row[key], kind):
+                raise DataError(f"{where}: field {key!r} has the wrong type ({type(row[key]).__name__})")
+        for key in ("options", "tests"):
+            if not all(isinstance(value, str) for value in row.get(key, [])):
+                raise DataError(f"{where}: every entry of {key!r} must be a string")
+        if row.get("split") is not None and row["split"] not in SPLITS:
+            raise DataError(f"{where}: split must be one of {SPLITS} or null, got {row['split']!r}")
+        return cls(**row)
+
+
+@dataclass
+class Extraction:
+    """What was read out of a model output. ``answer`` is None when nothing usable was found."""
+
+    answer: str | None
+    method: str  # the rule that matched, e.g. "finish", "option_text", "boxed"; "none" on failure
+    reason: str = ""  # why parsing failed, for the record
+
+    @property
+    def ok(self) -> bool:
+        return self.answer is not None
+
+
+@dataclass
+class Verdict:
+    """The judgement of one output by one grader.
+
+    ``outcome`` is one of :data:`OUTCOMES`: a parse failure or a time-out is never folded into
+    "wrong", so callers can count them. ``feedback`` is the observation text the model may be
+    shown; ``details`` holds grader-specific evidence (normalised forms, F1, execution log).
+    """
+
+    outcome: str
+    grader: str
+    extracted: str | None
+    feedback: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def correct(self) -> bool:
+        return self.outcome == "correct"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FewShot:
+    """A worked example for the attempt prompt (written for this project)."""
+
+    question: str
+    thought: str
+    action: str
+
+
+def split_once(text: str, start: str, end: str) -> str | None:
+    """The paper's parse: the text after the first ``start`` up to the next ``end``.
+
+    Like ``text.split(start)[1].split(end)[0]``: with no ``end`` after ``start`` the rest of the
+    text is returned. None when ``start`` does not occur.
+    """
+    if start not in text:
+        return None
+    rest = text.split(start, 1)[1]
+    return rest.split(end, 1)[0]
+
+
+class Task:
+    """Base class of a benchmark task. Subclasses set the class attributes and the hooks below."""
+
+    name: ClassVar[str]
+    version: ClassVar[str]  # bump when loading, prompts or grading change what a number means
+    description: ClassVar[str]
+    answer_format: ClassVar[str]  # the instruction that tells the model how to write its answer
+    invalid_hint: ClassVar[str]  # the observation after an answer that could not be parsed
+    fewshots: ClassVar[tuple[FewShot, ...]]
+    official_file: ClassVar[str]  # file name of the paper's 500-item test set
+    hub_dataset: ClassVar[str]
+    needs_code_execution: ClassVar[bool] = False
+
+    # ---- loading -------------------------------------------------------------------------
+    def from_official_row(self, row: dict[str, Any], index: int, where: str) -> Item:
+        """Map one row of the paper's ``data_source`` JSONL to an item (``index`` counts from 0)."""
+        raise NotImplementedError
+
+    def from_hub_row(self, row: dict[str, Any], index: int, **context: Any) -> Item | None:
+        """Map one hub row to an item, or None for a row that cannot be graded (counted, not hidden)."""
+        raise NotImplementedError
+
+    def load_hub(self, split: str = "test", **options: Any) -> list[Item]:
+        """Load the hub dataset a user would name. Needs the ``datasets`` package and hub access."""
+        raise NotImplementedError
+
+    def load_official(self, path: str | Path) -> list[Item]:
+        """Load a JSONL file in the official ``data_source`` schema; ids follow the official loader."""
+        items = []
+        for index, (line_number, row) in enumerate(read_jsonl(path)):
+            items.append(self.from_official_row(row, index, where=f"{path}:{line_number}"))
+        return check_unique_ids(items, source=str(path))
+
+    def load_samples(self, split: str | None = None) -> list[Item]:
+        """The built-in sample items written for this project, optionally only one split."""
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+        resource = resources.files("reflectevo.data").joinpath("samples", f"{self.name}.jsonl")
+        with resources.as_file(resource) as path:
+            items = [Item.from_dict(row, where=f"{path}:{line}") for line, row in read_jsonl(path)]
+        for item in items:
+            if item.task != self.name:
+                raise DataError(f"sample {item.id} of {self.name} names task {item.task!r}")
+        check_unique_ids(items, source=f"built-in {self.name} samples")
+        return [item for item in items if split is None or item.split == split]
+
+    def load_file(self, path: str | Path) -> list[Item]:
+        """Load a JSONL file of either schema: unified items (as written by :func:`write_items`)
+        when its first row has ``task``, ``id``, ``question`` and ``gold``, else the official one."""
+        for _, row in read_jsonl(path):
+            if {"task", "id", "question", "gold"} <= set(row):
+                return self.load_items(path)
+            break
+        return self.load_official(path)
+
+    def item_from_answer(self, gold: str, question: str = "") -> Item:
+        """A one-off item for grading a single answer from the command line."""
+        raise ReflectEvoError(f"{self.name} cannot grade a bare answer (it needs the item's tests): give the item with --data FILE --id ID")
+
+    def load_items(self, path: str | Path) -> list[Item]:
+        """Load items saved in the unified schema (as written by :func:`write_items`)."""
+        items = [Item.from_dict(row, where=f"{path}:{line}") for line, row in read_jsonl(path)]
+        for item in items:
+            if item.task != self.name:
+                raise DataError(f"{path}: item {item.id} belongs to task {item.task!r}, not {self.name!r}")
+        return check_unique_ids(items, source=str(path))
+
+    # ---- answers -------------------------------------------------------------------------
+    def render_answer(self, answer: str) -> str:
+        """The action text that states ``answer`` in this task's answer syntax."""
+        raise NotImplementedError
+
+    def extract(self, text: str, grader: str = "official", item: Item | None = None) -> Extraction:
+        """Read the answer out of a model's action text under ``grader``'s rules."""
+        raise NotImplementedError
+
+    def judge(self, item: Item, extraction: Extraction, grader: str) -> Verdict:
+        """Judge a successful extraction (the answer is not None)."""
+        raise NotImplementedError
+
+    def grade(self, item: Item, text: str, grader: str = "official", sandbox: Any = None) -> Verdict:
+        """Extract and judge one output. Code tasks need a :class:`~reflectevo.sandbox.Sandbox`."""
+        check_grader(grader)
+        extraction = self.extract(text, grader=grader, item=item)
+        if not extraction.ok:
+            return self.parse_failure(extraction, grader)
+        return self.judge(item, extraction, grader)
+
+    def grade_many(
+        self, items: Sequence[Item], texts: Sequence[str], grader: str = "official", sandbox: Any = None
+    ) -> list[Verdict]:
+        """Grade many outputs (code tasks run them in parallel in the sandbox)."""
+        if len(items) != len(texts):
+            raise ValueError(f"{len(items)} items but {len(texts)} outputs")
+        return [self.grade(item, text, grader, sandbox) for item, text in zip(items, texts)]
+
+    def grade_both(self, item: Item, text: str, sandbox: Any = None) -> dict[str, Verdict]:
+        """Both verdicts for one output, so official under-counting can be measured per item."""
+        return {grader: self.grade(item, text, grader, sandbox) for grader in GRADERS}
+
+    # ---- helpers for subclasses ------------------------------------------------------------
+    def parse_failure(self, extraction: Extraction, grader: str) -> Verdict:
+        return Verdict(
+            outcome="parse_failure",
+            grader=grader,
+            extracted=None,
+            feedback=self.invalid_hint,
+            details={"method": extraction.method, "reason": extraction.reason},
+        )
+
+    @staticmethod
+    def verdict(ok: bool, grader: str, extraction: Extraction, **details: Any) -> Verdict:
+        return Verdict(
+            outcome="correct" if ok else "wrong",
+            grader=grader,
+            extracted=extraction.answer,
+            feedback=CORRECT_OBSERVATION if ok else INCORRECT_OBSERVATION,
+            details={"method": extraction.method, **details},
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """A short summary for ``reflectevo tasks``."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "description": self.description,
+            "answer_format": self.answer_format,
+            "official_file": self.official_file,
+            "hub_dataset": self.hub_dataset,
+            "runs_code": self.needs_code_execution,
+        }
+
+
+def check_unique_ids(items: list[Item], source: str) -> list[Item]:
+    seen: dict[str, int] = {}
+    for position, item in enumerate(items):
+        if item.id in seen:
+            raise DataError(
+                f"{source}: item id {item.id!r} appears twice (rows {seen[item.id] + 1} and {position + 1}); "
+                "ids must be unique within a task"
+            )
+        seen[item.id] = position
+    return items
+
+
+def write_items(items: Iterable[Item], path: str | Path) -> Path:
+    """Write items as unified-schema JSONL, atomically (see :func:`~reflectevo.jsonl.write_jsonl_atomic`)."""
+    return write_jsonl_atomic(path, (item.to_dict() for item in items))
+
+
+def require_fields(row: dict[str, Any], fields: dict[str, type | tuple[type, ...]], where: str) -> None:
+    """Check that a source row has the fields a mapper reads, with a clear error naming ``where``."""
+    for key, kind in fields.items():
+        if key not in row:
+            raise DataError(f"{where}: missing field {key!r} (this row has {sorted(row)})")
+        if not isinstance(row[key], kind):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise DataError(f"{where}: field {key!r} must be {names}, got {type(row[key]).__name__}")

@@ -1,0 +1,80 @@
+"""The graders against all 2,000 official test items: gold answers, wrong answers, reformatted answers.
+
+Skipped (with the reason) when the official files are absent, a failure under
+REFLECTEVO_REQUIRE_FULL_TESTS=1. `reflectevo check-graders` prints the same report.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from reflectevo.tasks import TASKS
+from reflectevo.tasks.selfcheck import check_graders, format_report
+
+
+@pytest.fixture(scope="session")
+def reports(official_items, sandbox):
+    reports = {name: check_graders(task, official_items[name], sandbox) for name, task in TASKS.items()}
+    for report in reports.values():
+        print(format_report(report))  # shown with `pytest -s`, and in the CI log on failure
+    return reports
+
+
+@pytest.mark.parametrize("task", ["logiqa", "math", "bigbench"])
+def test_every_gold_answer_grades_correct(reports, task):
+    for grader in ("official", "robust"):
+        stats = reports[task]["graders"][grader]
+        assert stats["gold_outcomes"] == {"correct": 500}, (grader, stats["gold_not_correct"][:10])
+
+
+def test_mbpp_reference_solutions_fail_exactly_where_expected(reports):
+    # The official harness ignores test_setup_code, so task 367's own solution fails its tests.
+    official, robust = reports["mbpp"]["graders"]["official"], reports["mbpp"]["graders"]["robust"]
+    assert official["gold_not_correct"] == ["367"]
+    assert official["gold_outcomes"] == {"correct": 499, "wrong": 1}  # no time-outs
+    assert robust["gold_not_correct"] == [] and robust["gold_outcomes"] == {"correct": 500}
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_every_wrong_answer_grades_wrong(reports, task):
+    for grader in ("official", "robust"):
+        stats = reports[task]["graders"][grader]
+        assert stats["wrong_graded_correct"] == [], (grader, stats["wrong_graded_correct"][:10])
+        assert "correct" not in stats["wrong_outcomes"]
+
+
+LETTER_VARIANTS = ["(B)", "B.", "Option B", "B)", "' B '", "B. text", "option text"]
+
+
+def test_option_letter_perturbations(reports):
+    """The official rule accepts none of these forms of the right letter; the robust one accepts them."""
+    expected = {
+        "logiqa": {kind: 500 for kind in LETTER_VARIANTS[:5]} | {"B. text": 479, "option text": 479},
+        "bigbench": {kind: 356 for kind in LETTER_VARIANTS},
+    }
+    for task, cases in expected.items():
+        table = reports[task]["perturbations"]
+        for kind, count in cases.items():
+            assert table[kind]["cases"] == count and table[kind]["official"] == 0, (task, kind)
+    assert all(reports["bigbench"]["perturbations"][kind]["robust"] == 356 for kind in LETTER_VARIANTS)
+    assert all(reports["logiqa"]["perturbations"][kind]["robust"] == 500 for kind in LETTER_VARIANTS[:5])
+    assert reports["logiqa"]["perturbations"]["B. text"]["robust"] == 479
+    # one LogiQA option text itself starts with "A.B and C ...", which reads as the letter A
+    assert reports["logiqa"]["perturbations"]["option text"]["robust"] == 478
+
+
+def test_free_text_perturbations(reports):
+    table = reports["bigbench"]["perturbations"]
+    assert table["UPPER CASE"] == {"cases": 144, "official": 144, "robust": 144, "disagree": 0}
+    for kind in ("The + answer", "answer + '.'", "quoted", "extra spaces"):
+        assert table[kind] == {"cases": 144, "official": 0, "robust": 144, "disagree": 144}, kind
+
+
+def test_math_perturbations(reports):
+    table = reports["math"]["perturbations"]
+    assert table["$...$"] == {"cases": 500, "official": 0, "robust": 500, "disagree": 500}
+    assert table["spaces"]["official"] == table["spaces"]["robust"] == 500
+    assert table["\\dfrac"]["official"] == table["\\dfrac"]["robust"] == table["\\dfrac"]["cases"] == 67
+    assert table["n.0"] == {"cases": 312, "official": 0, "robust": 312, "disagree": 312}
+    assert table["decimal"] == {"cases": 22, "official": 4, "robust": 22, "disagree": 18}
+    assert table["x = answer"]["official"] == 493 and table["x = answer"]["robust"] == 496

@@ -1,0 +1,357 @@
+"""The sandbox against hostile programs: each is contained, reported as failed, and the host unharmed.
+
+The containment tests need an isolation layer (namespaces, or root for a separate uid); without
+one they skip with the reason the sandbox gives, a failure under REFLECTEVO_REQUIRE_FULL_TESTS=1.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from reflectevo.errors import CodeExecutionNotAllowed, SandboxError
+from reflectevo.sandbox import MODES, UID_BASE, CodeJob, Sandbox, isolation_report
+from reflectevo.tasks import get_task
+
+TESTS = ["assert solution(2) == 4"]  # no hostile program defines a working solution()
+
+
+def job(source: str, tests=TESTS) -> CodeJob:
+    return CodeJob(program=textwrap.dedent(source), tests=tests)
+
+
+def own_pid_namespace() -> str:
+    return os.readlink("/proc/self/ns/pid")
+
+
+def sandbox_processes(before: set[int]) -> list[str]:
+    """Processes that appeared since ``before`` and belong to a sandbox, plus our zombie children."""
+    found = []
+    ours = own_pid_namespace()
+    sandbox_uids = range(UID_BASE, UID_BASE + 64) if os.geteuid() == 0 else ()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            status = (entry / "status").read_text()
+            stat = (entry / "stat").read_text()
+            namespace = os.readlink(entry / "ns" / "pid")
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        uid = int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if state == "Z" and int(ppid) == os.getpid():
+            found.append(f"zombie child {pid}")
+        elif pid not in before and (namespace != ours or uid in sandbox_uids):
+            found.append(f"stray process {pid} (uid {uid}, {namespace}): {stat[:80]}")
+    return found
+
+
+def all_pids() -> set[int]:
+    return {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}
+
+
+class LoopbackServer:
+    """A TCP server on the host's loopback that counts connections (it must see none)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def hostile(isolated_sandbox):
+    """A sandbox like the session one with a 2 s budget, so time-out cases stay cheap."""
+    return Sandbox(allow_code_execution=True, timeout_s=2.0, workers=isolated_sandbox.workers)
+
+
+@pytest.fixture(scope="module")
+def hostile_runs(hostile, tmp_path_factory):
+    """Run the whole hostile corpus once, in parallel, and look at the host afterwards."""
+    host_dir = tmp_path_factory.mktemp("host")
+    canary = host_dir / "canary.txt"
+    canary.write_text("keep me")
+    secret = "s3cr3t-" + secrets.token_hex(8)
+    os.environ["REFLECTEVO_TEST_SECRET"] = secret  # the host's environment holds a secret
+    server = LoopbackServer()
+    corpus = {
+        "infinite loop": "while True:\n    pass\n",
+        "SIGTERM ignored": """
+            import signal, time
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            while True:
+                time.sleep(0.01)
+            """,
+        "fork bomb": """
+            import os
+            while True:
+                try:
+                    os.fork()
+                except OSError:
+                    pass
+            """,
+        "memory hog": "hog = bytearray(16 * 1024 ** 3)\n",
+        "delete outside": f"""
+            import os, shutil
+            os.remove({str(canary)!r})
+            """,
+        "rmtree outside": f"import shutil\nshutil.rmtree({str(host_dir)!r})\n",
+        "write outside": f"""
+            import sys
+            for path in [{str(canary)!r}, {str(host_dir / 'new.txt')!r}, '/usr/evil.txt',
+                         sys.prefix + '/evil.txt', '/etc/evil.txt', '/root/evil.txt']:
+                try:
+                    open(path, 'w').write('owned')
+                except OSError:
+                    pass
+            raise SystemExit('tried every path')
+            """,
+        "open a socket": f"""
+            import socket
+            s = socket.create_connection(('127.0.0.1', {server.port}), timeout=1)
+            s.sendall(b'exfiltrate')
+            """,
+        "os._exit(0)": "import os\nos._exit(0)\n",
+        "sys.exit(0)": "import sys\nsys.exit(0)\n",
+        "print 100 MB": "import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(100):\n    sys.stdout.write(chunk)\n",
+        "read secrets": """
+            import os, glob
+            print(dict(os.environ))
+            for path in ['/proc/self/environ', '/proc/1/environ'] + glob.glob('/proc/*/environ'):
+                try:
+                    print(open(path, 'rb').read())
+                except OSError as exc:
+                    print(path, exc)
+            """,
+        "setsid daemon": """
+            import os, time
+            if os.fork() == 0:
+                os.setsid()
+                if os.fork() == 0:
+                    time.sleep(60)
+                os._exit(0)
+            """,
+        "kill everything": "import os, signal\nos.kill(-1, signal.SIGKILL)\nos.kill(os.getppid(), signal.SIGKILL)\n",
+        "forge a pass": """
+            import os, json
+            record = json.dumps({'event': 'done', 'status': 'passed', 'tests_passed': 1}) + '\\n'
+            print(record)
+            for fd in range(3, 64):
+                try:
+                    os.write(fd, record.encode())
+                except OSError:
+                    pass
+            os._exit(0)
+            """,
+    }
+    before = all_pids()
+    results = hostile.run_many([job(source) for source in corpus.values()])
+    server.close()
+    yield {
+        "results": dict(zip(corpus, results)),
+        "canary": canary,
+        "host_dir": host_dir,
+        "secret": secret,
+        "connections": server.connections,
+        "strays": sandbox_processes(before),
+    }
+    del os.environ["REFLECTEVO_TEST_SECRET"]
+
+
+def test_every_hostile_program_is_reported_failed(hostile_runs):
+    for name, result in hostile_runs["results"].items():
+        assert not result.passed and result.status != "passed", name
+        assert result.isolation in ("userns", "rootns", "uid"), name
+
+
+@pytest.mark.parametrize("name", ["infinite loop", "SIGTERM ignored"])
+def test_endless_programs_time_out(hostile_runs, name):
+    result = hostile_runs["results"][name]
+    assert result.status == "timeout" and result.error == "Execution timed out after 2 seconds."
+    assert result.official_error == result.error
+
+
+def test_fork_bomb_is_contained(hostile_runs):
+    assert hostile_runs["results"]["fork bomb"].status in ("timeout", "crashed", "error")
+
+
+def test_memory_hog_hits_the_address_space_limit(hostile_runs):
+    result = hostile_runs["results"]["memory hog"]
+    assert result.status == "error" and "MemoryError" in result.error
+
+
+def test_files_outside_the_sandbox_are_untouched(hostile_runs):
+    assert hostile_runs["canary"].read_text() == "keep me"
+    assert sorted(p.name for p in hostile_runs["host_dir"].iterdir()) == ["canary.txt"]
+    for path in ("/usr/evil.txt", sys.prefix + "/evil.txt", "/etc/evil.txt", "/root/evil.txt"):
+        assert not os.path.exists(path), path
+    for name in ("delete outside", "rmtree outside"):
+        assert hostile_runs["results"][name].status == "error"  # the host paths do not exist in there
+
+
+def test_no_network(hostile_runs):
+    assert hostile_runs["connections"] == 0
+    result = hostile_runs["results"]["open a socket"]
+    assert result.status == "error" and ("unreachable" in result.error or "refused" in result.error or "OSError" in result.error)
+
+
+def test_faked_passes_are_failures(hostile_runs):
+    results = hostile_runs["results"]
+    assert results["os._exit(0)"].status == "crashed" and results["os._exit(0)"].returncode == 0
+    assert "before the tests finished" in results["os._exit(0)"].error
+    assert results["sys.exit(0)"].status == "failed" and "SystemExit" in results["sys.exit(0)"].error
+    assert results["forge a pass"].status == "crashed"  # a report without this run's nonce is ignored
+
+
+def test_output_flood_is_cut_and_truncated(hostile_runs, hostile):
+    result = hostile_runs["results"]["print 100 MB"]
+    assert result.status == "output_limit" and result.output_truncated
+    assert len(result.stdout) <= hostile.capture_bytes
+
+
+def test_host_secrets_do_not_leak(hostile_runs):
+    result = hostile_runs["results"]["read secrets"]
+    assert "HOME" in result.stdout  # the program did print its environment
+    assert hostile_runs["secret"] not in result.stdout + result.stderr
+
+
+def test_nothing_survives_a_run(hostile_runs):
+    assert hostile_runs["results"]["setsid daemon"].status == "failed"
+    assert hostile_runs["strays"] == []
+
+
+def test_kill_minus_one_cannot_reach_the_host(hostile_runs):
+    assert hostile_runs["results"]["kill everything"].status in ("crashed", "failed", "error")
+    assert sandbox_processes(all_pids()) == []  # and we are still here to check
+
+
+# ---- ordinary programs ----------------------------------------------------------------------------
+
+
+def test_passing_program(sandbox):
+    result = sandbox.run(job("def solution(x):\n    return x * x\n"))
+    assert result.passed and result.tests_passed == 1 and result.tests_total == 1 and result.error == ""
+
+
+def test_first_failing_assert_is_reported(sandbox):
+    result = sandbox.run(job("def solution(x):\n    return x + 1\n", tests=["assert solution(1) == 2", "assert solution(2) == 4"]))
+    assert result.status == "failed" and result.tests_passed == 1
+    assert result.error == "Test failed: assert solution(2) == 4\nAssertionError"
+    assert result.official_error == "Test failed: "  # the paper's harness prints str(exception)
+
+
+def test_traceback_is_reported_for_a_broken_program(sandbox):
+    result = sandbox.run(job("def solution(x):\n    return x\nraise ValueError('boom')\n"))
+    assert result.status == "error"
+    assert "ValueError: boom" in result.error and 'File "<solution>", line 3' in result.error
+    assert result.official_error.startswith("Code execution error: Traceback")
+
+
+def test_setup_code_runs_after_the_program(sandbox):
+    program, tests = "def solution(x):\n    return x * factor\n", ["assert solution(2) == 4"]
+    assert not sandbox.run(CodeJob(program, tests)).passed  # official: no set-up code
+    assert sandbox.run(CodeJob(program, tests, setup_code="factor = 2", bare_namespace=False)).passed
+
+
+def test_work_directory_is_private_and_writable(sandbox):
+    program = "open('scratch.txt', 'w').write('ok')\ndef solution(x):\n    return len(open('scratch.txt').read()) * 2\n"
+    assert sandbox.run(job(program)).passed
+
+
+def test_run_many_keeps_job_order(sandbox):
+    jobs = [job(f"def solution(x):\n    return {value}\n") for value in (4, 5, 4, 0)]
+    assert [r.passed for r in sandbox.run_many(jobs)] == [True, False, True, False]
+
+
+def test_mbpp_grading_maps_outcomes(hostile):
+    task = get_task("mbpp")
+    item = task.load_samples("train")[0]  # square(n)
+    outputs = ["[BEGIN]\ndef square(n):\n    return n * n\n[END]", "[BEGIN]\nwhile True: pass\n[END]",
+               "[BEGIN]\ndef square(n):\n    return n\n[END]", "no code"]
+    outcomes = [v.outcome for v in task.grade_many([item] * 4, outputs, "official", hostile)]
+    assert outcomes == ["correct", "timeout", "wrong", "parse_failure"]
+    verdict = task.grade(item, outputs[2], "robust", hostile)
+    assert verdict.feedback == "Test failed: assert square(3) == 9\nAssertionError\nAnswer is INCORRECT"
+
+
+# ---- set-up, opt-in and the weaker modes ------------------------------------------------------------
+
+
+def test_running_code_needs_the_opt_in():
+    with pytest.raises(CodeExecutionNotAllowed, match="allow_code_execution=True"):
+        Sandbox()
+
+
+def test_bad_settings_are_rejected():
+    with pytest.raises(ValueError, match="unknown isolation mode"):
+        Sandbox(allow_code_execution=True, isolation="docker")
+    with pytest.raises(ValueError, match="timeout_s must be > 0"):
+        Sandbox(allow_code_execution=True, timeout_s=0)
+
+
+def test_isolation_report_names_the_active_layers(isolated_sandbox):
+    report = isolation_report()
+    assert report.mode == isolated_sandbox.isolation.mode
+    if report.mode in ("userns", "rootns"):
+        layers = report.layers
+        assert layers["mount_namespace"] and layers["pid_namespace"] and layers["network_namespace"]
+        assert layers["read_only_root"] is True
+        assert layers["user_namespace"] is (report.mode == "userns")
+    assert "sandbox mode: " + report.mode in report.describe()
+
+
+def test_no_isolation_can_be_required():
+    with pytest.raises(SandboxError, match="no isolation layer"):
+        Sandbox(allow_code_execution=True, isolation="none", require_isolation=True)
+
+
+def test_limits_only_mode_still_times_out_and_detects_early_exits():
+    weak = Sandbox(allow_code_execution=True, isolation="none", timeout_s=1.0)
+    assert not weak.isolation.isolated
+    assert weak.run(job("def solution(x):\n    return 4\n")).passed
+    assert weak.run(job("while True:\n    pass\n")).status == "timeout"
+    assert weak.run(job("import os\nos._exit(0)\n")).status == "crashed"
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m not in ("none",)])
+def test_each_isolating_mode_contains_writes(mode, tmp_path):
+    try:
+        box = Sandbox(allow_code_execution=True, isolation=mode, timeout_s=2.0)
+    except SandboxError as exc:
+        pytest.skip(f"{mode} mode is not available here: {exc}")
+    canary = tmp_path / "canary.txt"
+    canary.write_text("keep")
+    before = all_pids()
+    result = box.run(job(f"open({str(canary)!r}, 'w').write('owned')\nimport os\nif os.fork() == 0:\n    os.setsid()\n    import time; time.sleep(30)\n"))
+    assert not result.passed
+    assert canary.read_text() == "keep"
+    assert sandbox_processes(before) == []
