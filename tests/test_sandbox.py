@@ -355,3 +355,18 @@ def test_each_isolating_mode_contains_writes(mode, tmp_path):
     assert not result.passed
     assert canary.read_text() == "keep"
     assert sandbox_processes(before) == []
+
+
+def test_interpreter_under_tmp(tmp_path, isolated_sandbox):
+    """The new root is mounted over a directory in a private namespace: it must not hide Python."""
+    import subprocess
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    code = ("from reflectevo.sandbox import Sandbox, CodeJob\n"
+            "box = Sandbox(allow_code_execution=True)\n"
+            "print(box.isolation.mode, box.run(CodeJob('x = 1', ['assert x == 1'])).status)")
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(repo)}, timeout=120)
+    assert done.stdout.split() == [isolated_sandbox.isolation.mode, "passed"], done.stderr

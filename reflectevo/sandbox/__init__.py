@@ -25,8 +25,10 @@ hooks or restricted builtins are not used as a boundary: they are not one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 import secrets
 import selectors
 import shutil
@@ -34,12 +36,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from reflectevo.errors import CodeExecutionNotAllowed, SandboxError
 
@@ -192,8 +193,9 @@ class Sandbox:
         }
         self._binds = _python_binds()
         self._runner_source = RUNNER.read_text(encoding="utf-8")
-        self._free_slots = list(range(workers))
-        self._slot_lock = threading.Lock()
+        self._free_slots: queue.Queue[int] = queue.Queue()
+        for number in range(workers):
+            self._free_slots.put(number)
         self.isolation = self._choose_mode(isolation)
         if require_isolation and not self.isolation.isolated:
             raise SandboxError(
@@ -205,7 +207,7 @@ class Sandbox:
     def run(self, job: CodeJob) -> ExecutionResult:
         """Run one job; raises :class:`SandboxError` only when the sandbox itself broke."""
         with self._slot() as slot:
-            result, failure = self._execute(job, self.isolation.mode, slot)
+            result, failure, _ = self._execute(job, self.isolation.mode, slot)
         if failure:
             raise SandboxError(f"the sandbox ({self.isolation.mode} mode) could not start: {failure}")
         return result
@@ -226,29 +228,24 @@ class Sandbox:
             if mode in ("rootns", "uid") and os.geteuid() != 0:
                 tried[mode] = "needs root"
                 continue
-            result, failure = self._execute(probe, mode, slot=0, want_layers=True)
+            result, failure, layers = self._execute(probe, mode, slot=0)
             if failure is None and result.passed:
-                return IsolationReport(mode=mode, layers=self._last_layers, limits=dict(self.limits), tried=tried)
+                return IsolationReport(mode=mode, layers=layers, limits=dict(self.limits), tried=tried)
             tried[mode] = failure or f"probe program {result.status}: {result.error} {result.stderr.strip()[-300:]}".strip()
         raise SandboxError("no sandbox mode could run a trivial program:\n" + json.dumps(tried, indent=2))
 
-    def _slot(self):
-        sandbox = self
-
-        class Slot:
-            def __enter__(self) -> int:
-                with sandbox._slot_lock:
-                    self.number = sandbox._free_slots.pop() if sandbox._free_slots else 0
-                return self.number
-
-            def __exit__(self, *exc: object) -> None:
-                with sandbox._slot_lock:
-                    sandbox._free_slots.append(self.number)
-
-        return Slot()
+    @contextlib.contextmanager
+    def _slot(self) -> Iterator[int]:
+        """A worker slot number; as root, slot k runs its programs as host uid UID_BASE + k."""
+        number = self._free_slots.get()  # waits while all slots are busy: at most `workers` runs at once
+        try:
+            yield number
+        finally:
+            self._free_slots.put(number)
 
     # ---- one run -----------------------------------------------------------------------------
-    def _execute(self, job: CodeJob, mode: str, slot: int, want_layers: bool = False) -> tuple[ExecutionResult, str | None]:
+    def _execute(self, job: CodeJob, mode: str, slot: int) -> tuple[ExecutionResult, str | None, dict[str, Any]]:
+        """Run one job in ``mode``: (result, why the sandbox itself failed or None, active layers)."""
         nonce = secrets.token_hex(16)
         status_r, status_w = os.pipe()
         result_r, result_w = os.pipe()
@@ -318,9 +315,8 @@ class Sandbox:
             os.close(status_r)
             os.close(result_r)
         outcome["returncode"] = process.returncode
-        if want_layers:
-            self._last_layers = outcome.get("layers", {})
-        return self._result(outcome, nonce, job, mode, time.monotonic() - started)
+        result, failure = self._result(outcome, nonce, job, mode, time.monotonic() - started)
+        return result, failure, outcome.get("layers", {})
 
     def _collect(self, process: subprocess.Popen, status_r: int, result_r: int, started: float) -> dict[str, Any]:
         """Read output, status and results until the run ends, the deadline passes or output floods."""
@@ -366,8 +362,6 @@ class Sandbox:
                         break
                 elif len(buffers[name]) < 1024 * 1024:  # a sane bound on the report channels
                     buffers[name] += chunk
-            if deadline is None and not open_fds:
-                break
         selector.close()
         if outcome["timed_out"] or outcome["output_limit"] or outcome.get("setup_timed_out"):
             self._stop(process)

@@ -127,9 +127,26 @@ def _mirror(root, path):
     return os.path.join(root, path.lstrip("/"))
 
 
+BASE_CANDIDATES = ("/tmp", "/mnt", "/media", "/srv", "/opt", "/var/tmp", "/run", "/home")
+
+
+def choose_base(binds):
+    """A directory to mount the new root on that hides none of the paths still to be bound.
+
+    The tmpfs covers whatever lies below its mount point (in our private mount namespace only),
+    so a Python living under /tmp needs the new root to be assembled somewhere else.
+    """
+    for base in BASE_CANDIDATES:
+        if os.path.isdir(base) and not os.path.islink(base) and not any(
+            entry["path"] == base or entry["path"].startswith(base + "/") for entry in binds
+        ):
+            return base
+    raise RuntimeError(f"every candidate mount point {BASE_CANDIDATES} holds a path the program needs")
+
+
 def build_root(config, layers):
     """Assemble the program's file system in a fresh tmpfs and switch to it."""
-    root = "/tmp"  # a mount point in our private mount namespace; the host's /tmp is untouched
+    root = choose_base(config["binds"])  # a mount point in our private mount namespace; the host's copy is untouched
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount propagates back to the host
     mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,mode=755")
     method = None

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Sequence
 
-from reflectevo.errors import DataError, ReflectEvoError
+from reflectevo.errors import DataError
 from reflectevo.jsonl import read_jsonl, write_jsonl_atomic
 
 GRADERS = ("official", "robust")
@@ -132,6 +132,16 @@ class FewShot:
     action: str
 
 
+def official_finish(text: str) -> Extraction:
+    """The paper's ``Finish[...]`` parse (LogiQA, BIG-bench): after the first ``Finish[`` up to the next ``]``."""
+    argument = split_once(text, "Finish[", "]")
+    if argument is None:
+        return Extraction(None, "none", "no Finish[...] action")
+    if argument == "":
+        return Extraction(None, "none", "empty Finish[]")
+    return Extraction(argument, "finish")
+
+
 def split_once(text: str, start: str, end: str) -> str | None:
     """The paper's parse: the text after the first ``start`` up to the next ``end``.
 
@@ -200,8 +210,9 @@ class Task:
         return self.load_official(path)
 
     def item_from_answer(self, gold: str, question: str = "") -> Item:
-        """A one-off item for grading a single answer from the command line."""
-        raise ReflectEvoError(f"{self.name} cannot grade a bare answer (it needs the item's tests): give the item with --data FILE --id ID")
+        """A one-off item for grading a single answer from the command line (official rows are
+        ``{question, answer}`` for most tasks; the others override this)."""
+        return self.from_official_row({"question": question, "answer": gold}, 0, where="command line")
 
     def load_items(self, path: str | Path) -> list[Item]:
         """Load items saved in the unified schema (as written by :func:`write_items`)."""

@@ -18,7 +18,7 @@ import re
 from typing import Any
 
 from reflectevo.errors import DataError
-from reflectevo.tasks.base import Extraction, FewShot, Item, Task, Verdict, check_grader, require_fields, split_once
+from reflectevo.tasks.base import Extraction, FewShot, Item, Task, Verdict, check_grader, official_finish, require_fields
 from reflectevo.tasks.text import LETTERS, finish_argument_balanced, parse_options, read_option_letter, squad_normalize, token_f1
 
 _SINGLE_LETTER = re.compile(r"[A-Za-z]")
@@ -127,9 +127,6 @@ class BigBench(Task):
                 items.append(self.from_hub_row(dict(row), len(items), subtask=subtask))
         return items
 
-    def item_from_answer(self, gold: str, question: str = "") -> Item:
-        return self.from_official_row({"question": question, "answer": gold}, 0, where="command line")
-
     # ---- answers -------------------------------------------------------------------------
     def render_answer(self, answer: str) -> str:
         return f"Finish[{answer}]"
@@ -137,12 +134,7 @@ class BigBench(Task):
     def extract(self, text: str, grader: str = "official", item: Item | None = None) -> Extraction:
         check_grader(grader)
         if grader == "official":
-            argument = split_once(text, "Finish[", "]")
-            if argument is None:
-                return Extraction(None, "none", "no Finish[...] action")
-            if argument == "":
-                return Extraction(None, "none", "empty Finish[]")
-            return Extraction(argument, "finish")
+            return official_finish(text)
         argument = finish_argument_balanced(text)
         if argument is None:
             return Extraction(None, "none", "no Finish[...] action")

@@ -18,7 +18,7 @@ import re
 import textwrap
 from typing import Any, Sequence
 
-from reflectevo.errors import CodeExecutionNotAllowed, DataError
+from reflectevo.errors import CodeExecutionNotAllowed, DataError, ReflectEvoError
 from reflectevo.tasks.base import (
     CORRECT_OBSERVATION,
     INCORRECT_OBSERVATION,
@@ -115,6 +115,9 @@ class MBPP(Task):
         path = options.pop("path", self.hub_dataset)  # a mirror or local copy with the hub layout
         rows = load_dataset(path, config, split=split, **options)
         return [self.from_hub_row(dict(row), index) for index, row in enumerate(rows)]
+
+    def item_from_answer(self, gold: str, question: str = "") -> Item:
+        raise ReflectEvoError("mbpp cannot grade a bare answer (it needs the item's tests): give the item with --data FILE --id ID")
 
     # ---- answers -------------------------------------------------------------------------
     def render_answer(self, answer: str) -> str:
