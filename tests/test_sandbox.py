@@ -370,3 +370,42 @@ def test_interpreter_under_tmp(tmp_path, isolated_sandbox):
     done = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(repo)}, timeout=120)
     assert done.stdout.split() == [isolated_sandbox.isolation.mode, "passed"], done.stderr
+
+
+def test_separate_uid_mode_with_a_system_python(tmp_path):
+    """The no-namespace fallback for root: a separate uid. It needs an interpreter that uid may
+    read, so this runs the sandbox from the system Python (a venv under /root would not do)."""
+    import json
+    import subprocess
+
+    system_python = Path("/usr/bin/python3")
+    if os.geteuid() != 0 or not system_python.exists():
+        pytest.skip("needs root and a system Python at /usr/bin/python3")
+    version = subprocess.run([str(system_python), "-c", "import sys; print(sys.version_info >= (3, 11))"],
+                             capture_output=True, text=True).stdout.strip()
+    if version != "True":
+        pytest.skip("the system Python is older than 3.11")
+    canary = tmp_path / "canary.txt"
+    canary.write_text("keep")
+    programs = {
+        "write": f"open({str(canary)!r}, 'w').write('owned')",
+        "daemon": "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n",
+        "loop": "while True:\n    pass",
+        "pass": "def solution(x):\n    return x * 2",
+    }
+    script = (
+        "import json, sys\nfrom reflectevo.sandbox import Sandbox, CodeJob\n"
+        "box = Sandbox(allow_code_execution=True, isolation='uid', timeout_s=1.0, workers=2)\n"
+        "jobs = [CodeJob(p, ['assert solution(2) == 4']) for p in json.loads(sys.argv[1])]\n"
+        "print(json.dumps([r.status for r in box.run_many(jobs)]))"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    before = all_pids()
+    done = subprocess.run([str(system_python), "-c", script, json.dumps(list(programs.values()))],
+                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo)}, timeout=120)
+    if done.returncode != 0 and "no sandbox mode could run" in done.stderr:
+        pytest.skip(f"uid mode cannot start here: {done.stderr.strip()[-300:]}")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == ["error", "failed", "timeout", "passed"]
+    assert canary.read_text() == "keep"
+    assert sandbox_processes(before) == []

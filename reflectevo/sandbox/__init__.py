@@ -15,8 +15,8 @@ the working directory. So each run is built in layers, the strongest the operati
 2. limits: wall-clock timeout (default 5 s, as the paper), CPU seconds, address space, file
    size, process count, open files; captured output is truncated and a flood of output ends the run.
 3. clean-up: pid 1 of the namespace exiting takes every process of the run with it; without a
-   pid namespace the run's session (and, as root, every process of its uid) is killed; the
-   temporary directory is removed.
+   pid namespace the launcher, a child subreaper, kills every orphan the program left behind
+   (and, as root, every process of the run's uid); the temporary directory is removed.
 
 Running model-written code is opt-in: ``Sandbox(allow_code_execution=True)``; anything else
 raises :class:`~reflectevo.errors.CodeExecutionNotAllowed` before any work starts. Python audit
@@ -43,13 +43,13 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from reflectevo.errors import CodeExecutionNotAllowed, SandboxError
+from reflectevo.sandbox.launcher import SANDBOX_UID
 
 HERE = Path(__file__).resolve().parent
 LAUNCHER = HERE / "launcher.py"
 RUNNER = HERE / "runner.py"
 MODES = ("userns", "rootns", "uid", "none")  # strongest first
 UID_BASE = 61000  # as root, worker slot k runs programs as host uid 61000 + k (no other process uses these)
-SETUP_FAILED = 125  # launcher.py's exit code when it could not build the sandbox
 OPT_IN_HINT = (
     "Running model-written code needs an explicit opt-in: create the sandbox with "
     "Sandbox(allow_code_execution=True), or pass --allow-code-execution on the command line."
@@ -280,9 +280,9 @@ class Sandbox:
             "limits": self.limits,
             "workdir_mb": self.workdir_mb,
             "status_fd": status_w,
-            # inside a user namespace the program is uid 1000; otherwise it is the host uid itself
-            "program_uid": 1000 if mode == "userns" else host_uid,
-            "program_gid": 1000 if mode == "userns" else host_gid,
+            # inside a user namespace the program has a uid of its own; otherwise it is the host uid itself
+            "program_uid": SANDBOX_UID if mode == "userns" else host_uid,
+            "program_gid": SANDBOX_UID if mode == "userns" else host_gid,
             "host_program_uid": host_uid,
             "host_program_gid": host_gid,
             "host_workdir": host_workdir,
@@ -335,9 +335,13 @@ class Sandbox:
             now = time.monotonic()
             if deadline is None and b"\n" in buffers["status"]:
                 deadline = now + self.timeout_s  # the program's clock starts when the sandbox is ready
+            if process.poll() is not None:
+                # The launcher only exits after the program did. Without a pid namespace an escaped
+                # grandchild may still hold the pipes open: read what is already there, then stop.
+                deadline = now + 0.2 if deadline is None else min(deadline, now + 0.2)
             limit = deadline if deadline is not None else setup_deadline
             if now >= limit:
-                outcome["timed_out"] = deadline is not None
+                outcome["timed_out"] = process.poll() is None and deadline is not None
                 outcome["setup_timed_out"] = deadline is None
                 break
             for key, _ in selector.select(timeout=min(0.1, limit - now)):

@@ -30,7 +30,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_MOVE, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x2000, 0x4000, 0x40000
 MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 0x400, 0x800, 0x200000
 MNT_DETACH = 2
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 AT_FDCWD, AT_RECURSIVE = -100, 0x8000
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
 SYSCALLS = {"x86_64": {"pivot_root": 155}, "aarch64": {"pivot_root": 41}}
@@ -356,8 +356,43 @@ def run_namespaced(config, status):
     return _exit_code(wait_status)
 
 
+def kill_leftovers():
+    """Kill and reap every process the program left behind.
+
+    As a child subreaper we inherit every orphan of the program's process tree, including those
+    that called setsid() or double-forked, so killing our children until none are left ends them all.
+    """
+    me = os.getpid()
+    while True:
+        try:
+            with open(f"/proc/{me}/task/{me}/children") as handle:
+                children = [int(pid) for pid in handle.read().split()]
+        except OSError:  # no /proc children file: fall back to scanning for our children
+            children = []
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    try:
+                        with open(f"/proc/{entry}/stat") as handle:
+                            if int(handle.read().rsplit(")", 1)[1].split()[1]) == me:
+                                children.append(int(entry))
+                    except (OSError, ValueError, IndexError):
+                        pass
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            while os.waitpid(-1, 0):
+                pass
+        except ChildProcessError:
+            if not children:
+                return
+
+
 def run_plain(config, status):
     """No namespaces: a new session, and an unprivileged uid when we are root ("uid" mode)."""
+    prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of the program become our children, not init's
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     program = os.fork()
     if program == 0:
@@ -374,6 +409,7 @@ def run_plain(config, status):
     status.close()
     forward_stop_to(-program, signal.SIGKILL)  # the program's whole process group
     _, wait_status = os.waitpid(program, 0)
+    kill_leftovers()
     return _exit_code(wait_status)
 
 
