@@ -13,6 +13,7 @@ also come from a final ``\\boxed{}`` when the model forgot the ``Finish<<<>>>`` 
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Any
 
 from reflectevo.errors import DataError
@@ -236,8 +237,6 @@ class MATH(Task):
             raise
 
     def load_hub(self, split: str = "test", subjects: tuple[str, ...] = SUBJECTS, **options: Any) -> list[Item]:
-        import warnings
-
         from datasets import load_dataset
 
         unknown = sorted(set(subjects) - set(SUBJECTS))
@@ -255,7 +254,7 @@ class MATH(Task):
                 else:
                     items.append(item)
         if skipped:
-            warnings.warn(f"MATH {split}: skipped {skipped} rows whose solution has no \\boxed{{}} answer")
+            warnings.warn(f"MATH {split}: skipped {skipped} rows whose solution has no \\boxed{{}} answer", stacklevel=2)
         return items
 
     def item_from_answer(self, gold: str, question: str = "") -> Item:
