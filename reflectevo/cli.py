@@ -73,12 +73,13 @@ def _read_predictions(path: Path) -> dict[str, str]:
 def cmd_grade(args: argparse.Namespace) -> int:
     task = _task(args.task)
     graders = _graders(args.grader)
+    sandbox = _sandbox(args, [task.name])  # the opt-in check comes before anything else
     if args.predictions is not None:
         if args.data is None:
             raise ReflectEvoError("--predictions needs --data FILE with the items to grade against")
         if args.output is not None or args.gold is not None:
             raise ReflectEvoError("give either --predictions (a file of outputs) or --output (one output), not both")
-        return _grade_file(args, task, graders)
+        return _grade_file(args, task, graders, sandbox)
     if args.output is None:
         raise ReflectEvoError("nothing to grade: give --output TEXT, or --data FILE --predictions FILE")
     if args.gold is not None:
@@ -90,7 +91,6 @@ def cmd_grade(args: argparse.Namespace) -> int:
         item = items[args.id]
     else:
         raise ReflectEvoError("say what the answer is graded against: --gold GOLD, or --data FILE --id ID")
-    sandbox = _sandbox(args, [task.name])
     verdicts = [task.grade(item, args.output, grader, sandbox) for grader in graders]
     if args.json:
         print(json.dumps([verdict.to_dict() for verdict in verdicts], indent=2))
@@ -102,7 +102,7 @@ def cmd_grade(args: argparse.Namespace) -> int:
     return 0
 
 
-def _grade_file(args: argparse.Namespace, task, graders: list[str]) -> int:
+def _grade_file(args: argparse.Namespace, task, graders: list[str], sandbox) -> int:
     items = task.load_file(args.data)
     predictions = _read_predictions(args.predictions)
     unknown = sorted(set(predictions) - {item.id for item in items})
@@ -115,7 +115,6 @@ def _grade_file(args: argparse.Namespace, task, graders: list[str]) -> int:
             f"{args.predictions}: no prediction for {missing} of {len(items)} items "
             "(grade the subset with --allow-missing)"
         )
-    sandbox = _sandbox(args, [task.name])
     rows: list[dict[str, Any]] = []
     summary: dict[str, Counter] = {}
     for grader in graders:
@@ -144,10 +143,10 @@ def cmd_check_graders(args: argparse.Namespace) -> int:
     tasks = [_task(name) for name in names]
     if args.official_dir is None and not args.samples:
         raise ReflectEvoError("choose the items to check: --official-dir DIR (the paper's test files) or --samples")
+    sandbox = _sandbox(args, names)  # the opt-in check comes before anything else
     sources = {}
     for task in tasks:  # load everything first: a missing file fails before any code runs
         sources[task.name] = task.load_samples() if args.samples else task.load_official(Path(args.official_dir) / task.official_file)
-    sandbox = _sandbox(args, names)
     reports = []
     for task in tasks:
         report = check_graders(task, sources[task.name], sandbox)

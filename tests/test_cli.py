@@ -70,7 +70,7 @@ def test_grade_mbpp_needs_the_opt_in_and_then_runs(official_dir):
         (["grade", "gsm8k", "--gold", "1", "--output", "x"], "unknown task 'gsm8k'; known tasks: bigbench, logiqa, math, mbpp"),
         (["grade", "math", "--data", "/nonexistent/math.jsonl", "--id", "1", "--output", "x"], "data file not found: /nonexistent/math.jsonl"),
         (["grade", "math", "--output", "x"], "--gold GOLD, or --data FILE --id ID"),
-        (["grade", "mbpp", "--gold", "def f(): pass", "--output", "x"], "--data FILE --id ID"),
+        (["grade", "mbpp", "--gold", "def f(): pass", "--output", "x", "--allow-code-execution"], "--data FILE --id ID"),
         (["check-graders", "math"], "--official-dir DIR"),
     ],
 )

@@ -193,11 +193,7 @@ class Task:
             raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
         resource = resources.files("reflectevo.data").joinpath("samples", f"{self.name}.jsonl")
         with resources.as_file(resource) as path:
-            items = [Item.from_dict(row, where=f"{path}:{line}") for line, row in read_jsonl(path)]
-        for item in items:
-            if item.task != self.name:
-                raise DataError(f"sample {item.id} of {self.name} names task {item.task!r}")
-        check_unique_ids(items, source=f"built-in {self.name} samples")
+            items = self.load_items(path)
         return [item for item in items if split is None or item.split == split]
 
     def load_file(self, path: str | Path) -> list[Item]:
