@@ -409,3 +409,32 @@ def test_separate_uid_mode_with_a_system_python(tmp_path):
     assert json.loads(done.stdout) == ["error", "failed", "timeout", "passed"]
     assert canary.read_text() == "keep"
     assert sandbox_processes(before) == []
+
+
+def _sleepers(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_without_a_pid_namespace_living_process_chains_are_killed():
+    """A child that keeps a grandchild alive: killing the child orphans the grandchild to the
+    launcher, which must kill it too rather than wait for it."""
+    weak = Sandbox(allow_code_execution=True, isolation="none", timeout_s=3.0)
+    marker = "31.4159"  # a sleep length no other process on the machine uses
+    program = f"""
+        import os
+        if os.fork() == 0:
+            if os.fork() == 0:
+                os.execv("/bin/sleep", ["sleep", "{marker}"])
+            os.execv("/bin/sleep", ["sleep", "{marker}"])
+        """
+    result = weak.run(job(program))
+    assert result.status == "failed"  # not "timeout": the launcher did not hang on the grandchild
+    assert _sleepers(marker) == []

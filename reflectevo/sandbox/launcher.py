@@ -361,6 +361,8 @@ def kill_leftovers():
 
     As a child subreaper we inherit every orphan of the program's process tree, including those
     that called setsid() or double-forked, so killing our children until none are left ends them all.
+    Each round reaps only one child before looking again: killing a child re-parents its living
+    children to us, and those must be killed, not waited for.
     """
     me = os.getpid()
     while True:
@@ -377,17 +379,17 @@ def kill_leftovers():
                                 children.append(int(entry))
                     except (OSError, ValueError, IndexError):
                         pass
+        if not children:
+            return
         for pid in children:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         try:
-            while os.waitpid(-1, 0):
-                pass
+            os.waitpid(-1, 0)  # returns at once: every child was just sent SIGKILL
         except ChildProcessError:
-            if not children:
-                return
+            return
 
 
 def run_plain(config, status):
