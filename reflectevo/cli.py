@@ -5,6 +5,7 @@
     reflectevo grade logiqa --data logiqa_test.jsonl --predictions preds.jsonl --out graded.jsonl
     reflectevo check-graders --official-dir path/to/reflectevo-official --allow-code-execution
     reflectevo sandbox
+    reflectevo run params/quickstart.yaml [--stages 01,02 | --from 03] [--force] [--dry-run]
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import argparse
 import json
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from reflectevo.errors import DataError, ReflectEvoError
 
@@ -168,6 +170,14 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from reflectevo.runner import run_pipeline
+
+    stages = [name.strip() for name in args.stages.split(",") if name.strip()] if args.stages else None
+    return run_pipeline(args.params, stages=stages, start=args.start, force=args.force, dry_run=args.dry_run,
+                        notebooks=args.notebooks)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reflectevo", description="ReflectEvo: learning from self-reflection.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -208,6 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox = commands.add_parser("sandbox", help="show which isolation layers the code sandbox gets here")
     sandbox.add_argument("--json", action="store_true")
     sandbox.set_defaults(run=cmd_sandbox)
+
+    run = commands.add_parser("run", help="run the numbered notebooks of a recipe with papermill")
+    run.add_argument("params", help="a params file, e.g. params/quickstart.yaml")
+    run.add_argument("--stages", help="only these stages, comma-separated (01,02 or 01_data,02_reflect)")
+    run.add_argument("--from", dest="start", help="this stage and every later one")
+    run.add_argument("--force", action="store_true", help="rerun stages even when their identity matches")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the resolved params, the stage plan and one prompt per task; load no model")
+    run.add_argument("--notebooks", help="folder of the numbered notebooks (default: ./notebooks, else the source tree's)")
+    run.set_defaults(run=cmd_run)
     return parser
 
 

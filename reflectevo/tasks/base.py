@@ -164,6 +164,8 @@ class Task:
     invalid_hint: ClassVar[str]  # the observation after an answer that could not be parsed
     fewshots: ClassVar[tuple[FewShot, ...]]
     official_file: ClassVar[str]  # file name of the paper's 500-item test set
+    official_sha256: ClassVar[str | None] = None  # its sha256 at the paper's pinned commit
+    hub_splits: ClassVar[tuple[str, ...]] = ("test",)  # the splits load_hub can read
     hub_dataset: ClassVar[str]
     needs_code_execution: ClassVar[bool] = False
 

@@ -34,6 +34,8 @@ class BigBench(Task):
     )
     invalid_hint = "Invalid action. Give your answer as Finish[<answer>], for example Finish[B] or Finish[Paris]."
     official_file = "bigbench_test.jsonl"
+    official_sha256 = "d6673ddf3b6a06a362d974bd77678492aa75cd19b79033d473e9643e81cd341e"  # the file at the paper's commit 6634f923
+    hub_splits = ("train", "validation")
     hub_dataset = "tasksource/bigbench"
     fewshots = (
         FewShot(

@@ -187,6 +187,8 @@ class MATH(Task):
     )
     invalid_hint = "Invalid action. Give your final answer as Finish<<<answer>>>, for example Finish<<<12>>>."
     official_file = "math_test.jsonl"
+    official_sha256 = "291551a7ade17d6a4541c386752f7d7742f11258928878f71fe4e88977add68b"  # the file at the paper's commit 6634f923
+    hub_splits = ("train", "test")
     hub_dataset = "EleutherAI/hendrycks_math"
     fewshots = (
         FewShot(

@@ -47,6 +47,8 @@ class MBPP(Task):
     answer_format = "write your Python code after Action: between [BEGIN] and [END]"
     invalid_hint = "Invalid action. Put your complete Python code between [BEGIN] and [END] after Action:."
     official_file = "mbpp_test.jsonl"
+    official_sha256 = "d3605136eaa3d19d23496dd93d3623a637336768068f39835c1e6df44e9bfb81"  # the file at the paper's commit 6634f923
+    hub_splits = ("train", "validation", "test")
     hub_dataset = "google-research-datasets/mbpp"
     needs_code_execution = True
     fewshots = (

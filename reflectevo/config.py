@@ -1,0 +1,417 @@
+"""The params schema: one YAML file per recipe, nested by stage, validated before any model loads.
+
+Every default lives here, in the classes below, and nowhere else (not in notebook cells). A params
+file only states what differs from these defaults; a section it leaves out gets the defaults, and a
+section it states gets the defaults for the keys it leaves out. Unknown keys, wrong types and
+impossible values are rejected with the key path and, for a misspelt key, a "did you mean".
+
+    params = load_params("params/quickstart.yaml")              # a file
+    params = load_params(None, {"data": {"tasks": ["logiqa"]}})  # sections, as papermill injects them
+    params.data.tasks, params.hash(), params.section_hash(["data", "run.seed"])
+
+papermill replaces whole top-level sections, so :func:`load_params` does the same: a non-empty
+section passed in ``sections`` replaces that section of the file entirely.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from reflectevo.errors import ReflectEvoError
+
+SECTIONS = ("run", "model", "generation", "data", "reflect", "sft", "dpo", "eval", "analysis", "evolve")
+TASK_NAMES = ("logiqa", "math", "mbpp", "bigbench")  # checked against the task registry in load_params
+SFT_MODES = ("one_stage", "two_stage", "qa_pairs")
+DPO_PAIRS = ("d_pm", "d_pref")
+
+
+class ConfigError(ReflectEvoError):
+    """A params file or section that does not fit the schema (the message lists every problem)."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# ---- run ---------------------------------------------------------------------------------------
+class RunParams(Section):
+    name: str = "default"  # outputs/<name>/ holds everything the run writes
+    seed: int = Field(0, ge=0)  # the one seed every stage derives its own seeds from
+    output_dir: str = "outputs"  # relative to the working directory
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", value):
+            raise ValueError("must be a folder name: letters, digits, '.', '_' and '-', starting with a letter or digit")
+        return value
+
+
+# ---- model -------------------------------------------------------------------------------------
+class ModelParams(Section):
+    # A hub id or local folder, or a built-in stand-in: builtin:tiny (trained locally on CPU in
+    # about 2 minutes, for demos and tests), builtin:random-1b, builtin:random-8b (random weights,
+    # for speed and memory measurements only).
+    name: str = "builtin:tiny"
+    backend: Literal["auto", "unsloth", "transformers"] = "auto"  # auto: Unsloth on a CUDA GPU when installed
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    load_in_4bit: bool = False  # QLoRA-style NF4 weights (needs bitsandbytes and a CUDA GPU)
+    adapter: str | None = None  # a LoRA adapter folder to load on top of the base model
+    chat_template: str | None = None  # explicit fallback template for a base model that has none
+    max_seq_length: int = Field(2048, ge=32)
+    revision: str | None = None
+    trust_remote_code: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _four_bit_needs_a_gpu_model(self) -> ModelParams:
+        if self.load_in_4bit and self.device == "cpu":
+            raise ValueError("load_in_4bit needs a CUDA GPU; set device: auto or cuda, or load_in_4bit: false")
+        return self
+
+
+# ---- generation --------------------------------------------------------------------------------
+class GenerationParams(Section):
+    # transformers (default), unsloth (its inference path), replay (stored outputs by record key),
+    # vllm (optional extra); auto = unsloth when the model loaded through Unsloth, else transformers.
+    engine: Literal["auto", "transformers", "unsloth", "replay", "vllm"] = "auto"
+    batch_size: int | Literal["auto"] = 16  # sequences per batch; auto is computed once and recorded
+    max_new_tokens: int = Field(256, ge=1)  # per attempt (reflections have their own limit)
+    temperature: float = Field(0.0, ge=0.0)  # 0 = greedy, the paper's setting for answers
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # 0 = off
+    replay_from: str | None = None  # JSONL of stored outputs, for engine: replay
+    num_shards: int = Field(1, ge=1)  # split a generation stage into whole-batch shards ...
+    shard_index: int = Field(0, ge=0)  # ... and run only this one
+    vllm_gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be a positive integer or 'auto'")
+        return value
+
+    @model_validator(mode="after")
+    def _shard_in_range(self) -> GenerationParams:
+        if self.shard_index >= self.num_shards:
+            raise ValueError(f"shard_index {self.shard_index} must be below num_shards {self.num_shards}")
+        if self.engine == "replay" and not self.replay_from:
+            raise ValueError("engine: replay needs replay_from, the JSONL file of stored outputs")
+        return self
+
+
+# ---- data --------------------------------------------------------------------------------------
+class SplitSizes(Section):
+    train: int | None = Field(None, ge=1)
+    validation: int | None = Field(None, ge=1)
+    test: int | None = Field(None, ge=1)
+
+
+class SplitFractions(Section):
+    train: float = Field(0.8, ge=0.0, le=1.0)
+    validation: float = Field(0.1, ge=0.0, le=1.0)
+    test: float = Field(0.1, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitFractions:
+        total = self.train + self.validation + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + validation + test must sum to 1, got {total:g}")
+        return self
+
+
+class DataParams(Section):
+    tasks: list[str] = Field(default_factory=lambda: list(TASK_NAMES), min_length=1)
+    # Where items come from: samples (built-in, fixed roles), official (the paper's 500-item test
+    # files in official_dir, split by split_fractions), hub (the datasets a user would name).
+    source: Literal["samples", "official", "hub"] = "samples"
+    # A different source for the test split only; paper replication: source hub, test_source official.
+    test_source: Literal["samples", "official", "hub"] | None = None
+    official_dir: str | None = None  # folder with <task>_test.jsonl from the paper's repository
+    check_sha256: bool = True  # refuse official files that differ from the paper's commit 6634f923
+    max_items: SplitSizes = Field(default_factory=SplitSizes)  # per task and split, after a seeded shuffle
+    split_fractions: SplitFractions = Field(default_factory=SplitFractions)  # for sources without splits
+    hub_options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per task, passed to load_hub
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_unique_tasks(cls, value: list[str]) -> list[str]:
+        from reflectevo.tasks import task_names
+
+        known = task_names()
+        for name in value:
+            if name not in known:
+                raise ValueError(f"unknown task {name!r}{did_you_mean(name, known)}; known tasks: {', '.join(known)}")
+        if len(set(value)) != len(value):
+            raise ValueError("a task is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _official_needs_a_folder(self) -> DataParams:
+        if "official" in (self.source, self.test_source) and not self.official_dir:
+            raise ValueError("source or test_source 'official' needs official_dir, the folder with <task>_test.jsonl")
+        unknown = sorted(set(self.hub_options) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"hub_options names task(s) {unknown} that are not in tasks {self.tasks}")
+        return self
+
+
+# ---- reflect (notebook 02) -----------------------------------------------------------------------
+class JudgeParams(Section):
+    kind: Literal["self", "local", "openai"] = "self"  # self: no distillation from a superior model
+    model: str | None = None  # for kind local: a model name or folder; for openai: the model id
+    url: str | None = None  # for kind openai: the base URL of an OpenAI-compatible endpoint
+
+    @model_validator(mode="after")
+    def _needs(self) -> JudgeParams:
+        if self.kind == "local" and not self.model:
+            raise ValueError("judge kind 'local' needs model")
+        if self.kind == "openai" and not (self.url and self.model):
+            raise ValueError("judge kind 'openai' needs url and model")
+        return self
+
+
+class ReflectParams(Section):
+    split: Literal["train", "validation", "test"] = "train"  # the split reflections are generated on
+    fewshots: int = Field(3, ge=0, le=3)  # worked examples in the attempt prompt (0 for tiny models)
+    attempt_calls: Literal[1, 2] = 1  # 2 reproduces the paper's thought call then action call
+    grader: Literal["official", "robust"] = "official"
+    instructions: Literal["all", "random_k"] | list[str] = "random_k"  # or a fixed list of instruction keys
+    instructions_k: int = Field(2, ge=1, le=32)
+    samples_per_instruction: int = Field(2, ge=1)
+    temperature: float = Field(0.8, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(512, ge=1)
+    second_trial: Literal["reflection", "reflection_and_attempt"] = "reflection_and_attempt"
+    judge: JudgeParams = Field(default_factory=JudgeParams)
+
+    @model_validator(mode="after")
+    def _sampling(self) -> ReflectParams:
+        if self.samples_per_instruction > 1 and self.temperature == 0:
+            raise ValueError("samples_per_instruction > 1 needs temperature > 0 (greedy samples are identical)")
+        return self
+
+
+# ---- sft and dpo (notebooks 03, 04) ----------------------------------------------------------------
+class LoraParams(Section):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"], min_length=1)
+
+
+class TrainParams(Section):
+    lora: LoraParams = Field(default_factory=LoraParams)
+    learning_rate: float = Field(1e-3, gt=0.0)
+    epochs: float = Field(5.0, gt=0.0)
+    max_steps: int | None = Field(None, ge=1)  # overrides epochs when set (smoke runs)
+    per_device_batch_size: int = Field(16, ge=1)
+    gradient_accumulation_steps: int = Field(4, ge=1)
+    max_length: int = Field(2048, ge=32)
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    gradient_checkpointing: bool = True
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class SFTParams(TrainParams):
+    modes: list[Literal["one_stage", "two_stage", "qa_pairs"]] = Field(default_factory=lambda: ["one_stage"])
+
+    @field_validator("modes")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("a mode is listed twice")
+        return value
+
+
+class DPOParams(TrainParams):
+    pairs: list[Literal["d_pm", "d_pref"]] = Field(default_factory=lambda: ["d_pm"])
+    beta: float = Field(0.01, gt=0.0)
+    learning_rate: float = Field(5e-7, gt=0.0)
+    epochs: float = Field(1.0, gt=0.0)
+    per_device_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(32, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+
+    @field_validator("pairs")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("a pair type is listed twice")
+        return value
+
+
+# ---- eval, analysis, evolve (notebooks 05, 06; self-evolution) ---------------------------------------
+class EvalParams(Section):
+    split: Literal["validation", "test"] = "test"
+    protocols: list[Literal["oracle", "self_verify", "always_reflect"]] = Field(default_factory=lambda: ["oracle"], min_length=1)
+    graders: list[Literal["official", "robust"]] = Field(default_factory=lambda: ["official", "robust"], min_length=1)
+    max_new_tokens: int = Field(512, ge=1)
+    bootstrap_samples: int = Field(1000, ge=0)  # for confidence intervals; 0 turns them off
+
+
+class AnalysisParams(Section):
+    figure_format: Literal["png", "svg", "pdf"] = "png"
+    dpi: int = Field(120, ge=50, le=600)
+
+
+class EvolveParams(Section):
+    rounds: int = Field(1, ge=1)  # 1: the plain single-round layout
+    generator: str = "best_on_validation"  # which variant generates the next round's reflections
+
+
+class Params(Section):
+    """All sections of a params file; each one defaults to its schema defaults."""
+
+    run: RunParams = Field(default_factory=RunParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    generation: GenerationParams = Field(default_factory=GenerationParams)
+    data: DataParams = Field(default_factory=DataParams)
+    reflect: ReflectParams = Field(default_factory=ReflectParams)
+    sft: SFTParams = Field(default_factory=SFTParams)
+    dpo: DPOParams = Field(default_factory=DPOParams)
+    eval: EvalParams = Field(default_factory=EvalParams)
+    analysis: AnalysisParams = Field(default_factory=AnalysisParams)
+    evolve: EvolveParams = Field(default_factory=EvolveParams)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved params, every default filled in (what the manifest records)."""
+        return self.model_dump(mode="json")
+
+    def hash(self) -> str:
+        return canonical_hash(self.to_dict())
+
+    def section_hash(self, paths: list[str] | tuple[str, ...]) -> str:
+        """The hash of the named sections or dotted keys (``"data"``, ``"run.seed"``)."""
+        resolved = self.to_dict()
+        picked = {}
+        for path in paths:
+            value: Any = resolved
+            for part in path.split("."):
+                value = value[part]
+            picked[path] = value
+        return canonical_hash(picked)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+def canonical_hash(value: Any) -> str:
+    """sha256 of a canonical JSON rendering (sorted keys, no whitespace): equal data, equal hash."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def did_you_mean(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# ---- loading -----------------------------------------------------------------------------------
+def read_params_file(path: str | Path) -> dict[str, Any]:
+    """Read a params YAML file into its top-level sections (not yet validated)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a params file is a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}")
+    return data
+
+
+def load_params(path: str | Path | None = None, sections: Mapping[str, Any] | None = None) -> Params:
+    """Validate a params file and/or sections into :class:`Params`.
+
+    ``sections`` are top-level sections as papermill injects them; a non-empty one replaces the
+    file's section whole (an empty dict or None means "not given"). Raises :class:`ConfigError`
+    listing every problem with its key path.
+    """
+    raw: dict[str, Any] = dict(read_params_file(path)) if path is not None else {}
+    source = str(path) if path is not None else "params"
+    for name, value in (sections or {}).items():
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown section {name!r}{did_you_mean(name, SECTIONS)}; the sections are {', '.join(SECTIONS)}")
+        if value in (None, {}):
+            continue
+        raw[name] = value
+    return validate_params(raw, source)
+
+
+def validate_params(raw: Mapping[str, Any], source: str = "params") -> Params:
+    for name, value in raw.items():
+        if name in SECTIONS and value is None:
+            raise ConfigError(f"{source}: section {name!r} is empty; remove it or give it keys")
+    try:
+        return Params.model_validate(dict(raw))
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    problems: dict[str, list[str]] = {}  # key path -> messages (a union type gives one per branch)
+    for error in exc.errors():
+        location = _schema_location(error["loc"])
+        path = ".".join(str(part) for part in location) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            parent = _fields_at(location[:-1])
+            hint = did_you_mean(location[-1], parent)
+            where = ".".join(str(p) for p in location[:-1]) or "the top level"
+            message = f"unknown key{hint}; keys allowed in {where}: {', '.join(parent)}"
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            got = error.get("input")
+            if not isinstance(got, (dict, list)) and not message.endswith(")"):
+                message += f" (got {got!r})"
+        problems.setdefault(path, [])
+        if message not in problems[path]:
+            problems[path].append(message)
+    lines = [f"{source}: {len(problems)} problem(s) in the params"]
+    lines += [f"  {path}: {' -- or -- '.join(messages)}" for path, messages in problems.items()]
+    return "\n".join(lines)
+
+
+def _schema_location(loc: tuple[Any, ...]) -> list[Any]:
+    """The key path of an error, without pydantic's union-branch tags (``int``, ``literal['auto']``)."""
+    return [part for part in loc if not (isinstance(part, str) and _BRANCH_TAG.fullmatch(part))]
+
+
+_BRANCH_TAG = re.compile(r"(int|float|str|bool|none|(list|dict|literal|tuple|set)\[.*\])")
+
+
+def _fields_at(location: list[Any]) -> list[str]:
+    """The keys allowed at a location of the schema, for "did you mean" and the allowed-keys list."""
+    model: Any = Params
+    for part in location:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        annotation = field.annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return list(model.model_fields) if model is not None else []

@@ -1,0 +1,473 @@
+"""Run directories: where a run's outputs live, its manifest, atomic writes and the writer lock.
+
+    outputs/<run>/
+      manifest.json      resolved params and hashes, versions, git commit, device, seeds,
+                         input-data hashes, task and prompt versions, per-stage status and times
+      notebooks/         executed copies of the numbered notebooks
+      figures/           every plot a stage saves
+      data/ reflect/ sft/ dpo/ eval/    one folder per stage
+      .lock              who is writing this run (pid, host, start time)
+
+Every file is written whole through a temporary file and a rename (:func:`atomic_write_bytes`), so a
+reader or a resumed run never sees half a file. A second writer is refused with a message that says
+who holds the lock; a lock left behind by a process that no longer exists is taken over.
+
+The numbered stages (:data:`STAGES`) each read some params sections and depend on earlier stages.
+A stage's *identity* is the hash of the sections it reads plus the identities of the stages it
+depends on: ``reflectevo run`` skips a stage whose recorded identity matches, so changing an eval
+setting never reruns generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Self
+
+from reflectevo.config import Params, canonical_hash
+from reflectevo.errors import ReflectEvoError
+
+# The environment variable through which ``reflectevo run`` lets the notebooks it starts write
+# into the run it has locked (they join its lock instead of being refused by it).
+LOCK_TOKEN_ENV = "REFLECTEVO_RUN_TOKEN"
+MANIFEST = "manifest.json"
+SUBDIRS = ("notebooks", "figures")
+PACKAGES = (
+    "reflectevo", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers",
+    "unsloth", "vllm", "bitsandbytes", "papermill", "pydantic", "math-verify",
+)
+
+
+class RunLockedError(ReflectEvoError):
+    """Another live process is writing this run."""
+
+
+class StageError(ReflectEvoError):
+    """A stage cannot start (a stage it depends on has not finished) or did not finish properly."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    key: str  # "01_data": notebook file stem and manifest key
+    number: str  # "01"
+    folder: str  # the stage's folder in the run directory
+    reads: tuple[str, ...]  # params sections or dotted keys whose change reruns the stage
+    depends: tuple[str, ...]  # numbers of the stages it reads outputs of
+
+    @property
+    def notebook(self) -> str:
+        return f"{self.key}.ipynb"
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("01_data", "01", "data", ("run.seed", "data"), ()),
+    Stage("02_reflect", "02", "reflect", ("run.seed", "model", "generation", "reflect"), ("01",)),
+    Stage("03_sft", "03", "sft", ("run.seed", "model", "sft"), ("02",)),
+    Stage("04_dpo", "04", "dpo", ("run.seed", "model", "dpo"), ("02",)),
+    Stage("05_eval", "05", "eval", ("run.seed", "model", "generation", "eval"), ("01", "03", "04")),
+    Stage("06_analysis", "06", "figures", ("analysis",), ("02", "05")),
+)
+
+
+def get_stage(name: str) -> Stage:
+    """A stage by number ("01") or key ("01_data")."""
+    for stage in STAGES:
+        if name in (stage.number, stage.key):
+            return stage
+    raise StageError(f"unknown stage {name!r}; the stages are {', '.join(s.key for s in STAGES)}")
+
+
+# ---- atomic files ------------------------------------------------------------------------------
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, value: Any) -> Path:
+    return atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Build a folder under a temporary name; it replaces ``path`` only if the block succeeds."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+# ---- the writer lock ---------------------------------------------------------------------------
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (field 22 of /proc/<pid>/stat), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _alive(owner: dict[str, Any]) -> bool:
+    if owner.get("host") != socket.gethostname():
+        return True  # another machine's process: we cannot tell, so we must not take over
+    pid = int(owner.get("pid", -1))
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    started = _process_start(pid)
+    return started is None or owner.get("pid_start") in (None, started)
+
+
+class RunLock:
+    """The ``.lock`` file of a run directory: one writer at a time, stale locks taken over."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self.owned = False
+        self.token: str | None = None
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        # Serialises check-and-take between processes racing for the same lock.
+        with open(self.path.with_name(".lock.guard"), "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(guard, fcntl.LOCK_UN)
+
+    def read(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def acquire(self, command: str = "") -> str:
+        """Take the lock, or join it when this process was started by its holder. Returns a note."""
+        joining = os.environ.get(LOCK_TOKEN_ENV)
+        with self._guard():
+            owner = self.read()
+            note = "lock taken"
+            if owner is not None:
+                if joining and owner.get("token") == joining:
+                    self.token = joining
+                    return "joined the lock of the process that started this one"
+                if owner and _alive(owner):
+                    raise RunLockedError(
+                        f"run {self.path.parent} is being written by pid {owner.get('pid')} on {owner.get('host')} "
+                        f"since {owner.get('since')} ({owner.get('command') or 'unknown command'}). Wait for it to "
+                        f"finish, or stop it; if that process is gone on another machine, delete {self.path}."
+                    )
+                note = f"took over a stale lock (pid {owner.get('pid')} on {owner.get('host')} is gone)"
+            self.token = uuid.uuid4().hex
+            record = {
+                "pid": os.getpid(),
+                "pid_start": _process_start(os.getpid()),
+                "host": socket.gethostname(),
+                "since": now(),
+                "command": command,
+                "token": self.token,
+            }
+            atomic_write_json(self.path, record)
+            self.owned = True
+            return note
+
+    def release(self) -> None:
+        if not self.owned:
+            return
+        with self._guard():
+            owner = self.read()
+            if owner and owner.get("token") == self.token:
+                self.path.unlink(missing_ok=True)
+        self.owned = False
+
+
+# ---- environment facts for the manifest --------------------------------------------------------
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit(start: Path | None = None) -> dict[str, Any]:
+    """The commit of the source tree the package was imported from (None outside a git checkout)."""
+    where = start or Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, check=False, timeout=10)
+        if commit.returncode != 0:
+            return {"commit": None, "dirty": None}
+        status = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, check=False, timeout=10)
+        return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def device_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "cuda": None}
+    if "torch" in sys.modules or _installed("torch"):
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["cuda"] = {
+                "device": torch.cuda.get_device_name(0),
+                "count": torch.cuda.device_count(),
+                "memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
+                "cuda_version": torch.version.cuda,
+            }
+    return info
+
+
+def _installed(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def versions_of_tasks_and_prompts(task_names: list[str]) -> dict[str, Any]:
+    from reflectevo.prompts import PROMPT_VERSION
+    from reflectevo.tasks import get_task
+
+    return {"tasks": {name: get_task(name).version for name in task_names}, "prompts": PROMPT_VERSION}
+
+
+# ---- the run directory -------------------------------------------------------------------------
+class RunDir:
+    """One run's folder. Open it with :func:`open_run`; use it as a context manager or call close()."""
+
+    def __init__(self, params: Params, root: Path):
+        self.params = params
+        self.path = root
+        self.lock = RunLock(root)
+
+    # -- paths
+    def stage_dir(self, stage: str) -> Path:
+        path = self.path / get_stage(stage).folder
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def figures(self) -> Path:
+        return self.path / "figures"
+
+    @property
+    def notebooks(self) -> Path:
+        return self.path / "notebooks"
+
+    # -- manifest
+    def manifest(self) -> dict[str, Any]:
+        return read_manifest(self.path)
+
+    def update_manifest(self, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """Read, change and rewrite the manifest atomically, serialised between processes."""
+        with open(self.path / ".manifest.guard", "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            try:
+                manifest = read_manifest(self.path)
+                change(manifest)
+                atomic_write_json(self.path / MANIFEST, manifest)
+                return manifest
+            finally:
+                fcntl.flock(guard, fcntl.LOCK_UN)
+
+    def record(self, key: str, value: Any) -> None:
+        """Store a top-level manifest entry (e.g. the model actually loaded)."""
+        self.update_manifest(lambda m: m.__setitem__(key, value))
+
+    def add_event(self, event: dict[str, Any]) -> None:
+        """Append an event (an out-of-memory back-off, a lock take-over) to the manifest."""
+        self.update_manifest(lambda m: m.setdefault("events", []).append({"time": now(), **event}))
+
+    # -- stages
+    def stage_identity(self, stage: str) -> str:
+        """Hash of the params the stage reads and the identities of the stages it depends on."""
+        spec = get_stage(stage)
+        stages = self.manifest().get("stages", {})
+        upstream = {}
+        for number in spec.depends:
+            dep = get_stage(number)
+            entry = stages.get(dep.key, {})
+            upstream[dep.key] = entry.get("identity") if entry.get("status") == "done" else None
+        return canonical_hash({"params": self.params.section_hash(spec.reads), "upstream": upstream})
+
+    def begin_stage(self, stage: str, *, require_upstream: bool = True) -> StageRun:
+        spec = get_stage(stage)
+        stages = self.manifest().get("stages", {})
+        if require_upstream:
+            missing = [get_stage(n).key for n in spec.depends if stages.get(get_stage(n).key, {}).get("status") != "done"]
+            # 05_eval can evaluate the base model without 03/04; only 01 is indispensable there.
+            if spec.key == "05_eval":
+                missing = [key for key in missing if key == "01_data"]
+            if missing:
+                raise StageError(f"stage {spec.key} needs {', '.join(missing)} to have finished in {self.path} first")
+        identity = self.stage_identity(stage)
+        self.stage_dir(stage)
+
+        def start(manifest: dict[str, Any]) -> None:
+            manifest.setdefault("stages", {})[spec.key] = {
+                "status": "running",
+                "identity": identity,
+                "params_hash": self.params.section_hash(spec.reads),
+                "started": now(),
+                "pid": os.getpid(),
+            }
+
+        self.update_manifest(start)
+        return StageRun(self, spec, identity, time.monotonic())
+
+    def close(self) -> None:
+        self.lock.release()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class StageRun:
+    """A stage in progress: ``finish`` records its outputs (with hashes) and marks it done."""
+
+    run: RunDir
+    spec: Stage
+    identity: str
+    started: float
+
+    @property
+    def dir(self) -> Path:
+        return self.run.path / self.spec.folder
+
+    def finish(self, outputs: list[str | Path] = (), **extra: Any) -> dict[str, Any]:
+        files = {}
+        for output in outputs:
+            path = Path(output)
+            for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+                if file.is_file() and not file.name.startswith("."):
+                    files[str(file.relative_to(self.run.path))] = {"sha256": file_sha256(file), "bytes": file.stat().st_size}
+        seconds = round(time.monotonic() - self.started, 2)
+
+        def done(manifest: dict[str, Any]) -> None:
+            entry = manifest.setdefault("stages", {}).setdefault(self.spec.key, {})
+            entry.update(status="done", identity=self.identity, finished=now(), seconds=seconds, outputs=files, **extra)
+
+        return self.run.update_manifest(done)["stages"][self.spec.key]
+
+    def fail(self, reason: str) -> None:
+        def failed(manifest: dict[str, Any]) -> None:
+            entry = manifest.setdefault("stages", {}).setdefault(self.spec.key, {})
+            entry.update(status="failed", finished=now(), reason=reason)
+
+        self.run.update_manifest(failed)
+
+
+def read_manifest(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError as exc:
+        raise ReflectEvoError(f"{path} is not valid JSON ({exc}); it is only ever replaced whole, so it was edited by hand") from None
+
+
+def open_run(params: Params, *, params_file: str | Path | None = None, command: str = "") -> RunDir:
+    """Create or reopen ``outputs/<run.name>/``, take (or join) its lock and refresh the manifest."""
+    root = params.run_dir
+    root.mkdir(parents=True, exist_ok=True)
+    for sub in SUBDIRS:
+        (root / sub).mkdir(exist_ok=True)
+    run = RunDir(params, root)
+    note = run.lock.acquire(command or " ".join(sys.argv[:3]))
+    try:
+        facts = {
+            "run": params.run.name,
+            "params": params.to_dict(),
+            "params_hash": params.hash(),
+            "params_file": None if params_file is None else {"path": str(params_file), "sha256": file_sha256(params_file)},
+            "seeds": {"run": params.run.seed},
+            "packages": package_versions(),
+            "git": git_commit(),
+            "device": device_info(),
+            "versions": versions_of_tasks_and_prompts(params.data.tasks),
+            "updated": now(),
+        }
+
+        def refresh(manifest: dict[str, Any]) -> None:
+            manifest.setdefault("created", now())
+            manifest.update(facts)
+
+        run.update_manifest(refresh)
+        if note.startswith("took over"):
+            run.add_event({"kind": "lock", "note": note})
+    except BaseException:
+        run.close()
+        raise
+    return run

@@ -1,0 +1,186 @@
+"""Run directories: atomic files, the writer lock (refusal, stale take-over, joining), the manifest
+and stage bookkeeping. Processes are real: a second writer is another Python process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from reflectevo.config import load_params
+from reflectevo.runs import (
+    LOCK_TOKEN_ENV,
+    RunLockedError,
+    StageError,
+    atomic_directory,
+    atomic_write_json,
+    atomic_write_text,
+    open_run,
+    read_manifest,
+)
+
+
+@pytest.fixture
+def params(tmp_path):
+    return load_params(None, {"run": {"name": "t", "output_dir": str(tmp_path / "outputs")}})
+
+
+def test_atomic_write_leaves_the_old_file_when_the_rename_fails(tmp_path, monkeypatch):
+    target = tmp_path / "f.json"
+    atomic_write_json(target, {"v": 1})
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(target, "new")
+    monkeypatch.undo()
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]  # no temporary file left behind
+
+
+def test_atomic_directory_replaces_only_on_success(tmp_path):
+    folder = tmp_path / "ds"
+    with atomic_directory(folder) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(RuntimeError), atomic_directory(folder) as tmp:
+        (tmp / "a").write_text("2")
+        raise RuntimeError("killed halfway")
+    assert (folder / "a").read_text() == "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+HOLD = textwrap.dedent(
+    """
+    import sys, time
+    from reflectevo.config import load_params
+    from reflectevo.runs import open_run
+    params = load_params(None, {"run": {"name": "t", "output_dir": sys.argv[1]}})
+    run = open_run(params, command="holder")
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[2]))
+    """
+)
+
+
+def start_holder(output_dir: Path, seconds: float) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(output_dir), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_second_writer_is_refused_with_who_holds_the_lock(params, tmp_path):
+    holder = start_holder(tmp_path / "outputs", 30)
+    try:
+        with pytest.raises(RunLockedError) as info:
+            open_run(params)
+        message = str(info.value)
+        assert f"pid {holder.pid}" in message and "holder" in message and "Wait for it" in message
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_stale_lock_is_taken_over_and_recorded(params, tmp_path):
+    holder = start_holder(tmp_path / "outputs", 30)
+    holder.kill()  # dies holding the lock, as a killed kernel does
+    holder.wait()
+    run = open_run(params)
+    try:
+        events = run.manifest()["events"]
+        assert events[-1]["kind"] == "lock" and f"pid {holder.pid}" in events[-1]["note"]
+        assert json.loads((run.path / ".lock").read_text())["pid"] == os.getpid()
+    finally:
+        run.close()
+    assert not (run.path / ".lock").exists()
+
+
+def test_a_process_started_by_the_holder_joins_its_lock(params, monkeypatch):
+    run = open_run(params)
+    try:
+        monkeypatch.setenv(LOCK_TOKEN_ENV, run.lock.token)
+        joined = open_run(params)
+        assert not joined.lock.owned
+        joined.close()  # a joiner never releases the holder's lock
+        assert (run.path / ".lock").exists()
+        monkeypatch.delenv(LOCK_TOKEN_ENV)
+        with pytest.raises(RunLockedError):
+            open_run(params)
+    finally:
+        run.close()
+
+
+def test_manifest_records_the_facts_a_number_needs(params, tmp_path):
+    params_file = tmp_path / "p.yaml"
+    params_file.write_text("run: {name: t}\n")
+    with open_run(params, params_file=params_file) as run:
+        manifest = run.manifest()
+    for key in ("params", "params_hash", "params_file", "packages", "git", "device", "seeds", "versions", "created"):
+        assert key in manifest, key
+    assert manifest["params"]["data"]["tasks"] == params.data.tasks
+    assert manifest["params_hash"] == params.hash()
+    assert len(manifest["params_file"]["sha256"]) == 64
+    assert manifest["packages"]["pydantic"] and manifest["packages"]["python"]
+    assert manifest["versions"]["tasks"]["logiqa"] and manifest["versions"]["prompts"]
+    assert manifest["seeds"]["run"] == params.run.seed
+    assert {"notebooks", "figures"} <= {p.name for p in run.path.iterdir()}
+
+
+def test_stage_bookkeeping(params):
+    with open_run(params) as run:
+        with pytest.raises(StageError, match="needs 01_data"):
+            run.begin_stage("02_reflect")
+        stage = run.begin_stage("01")
+        assert run.manifest()["stages"]["01_data"]["status"] == "running"
+        out = stage.dir / "items.jsonl"
+        atomic_write_text(out, '{"a": 1}\n')
+        entry = stage.finish(outputs=[out], counts={"x": 1})
+        assert entry["status"] == "done" and entry["counts"] == {"x": 1}
+        assert entry["outputs"] == {"data/items.jsonl": {"sha256": entry["outputs"]["data/items.jsonl"]["sha256"], "bytes": 9}}
+        assert entry["identity"] == run.stage_identity("01_data")
+        reflect = run.begin_stage("02_reflect")  # its upstream has finished now
+        reflect.fail("deliberate")
+        assert read_manifest(run.path)["stages"]["02_reflect"]["status"] == "failed"
+
+
+def test_identity_follows_the_params_a_stage_reads(params, tmp_path):
+    with open_run(params) as run:
+        run.begin_stage("01_data").finish()
+        identity_01, identity_02 = run.stage_identity("01_data"), run.stage_identity("02_reflect")
+    other_eval = load_params(None, {"run": params.run.model_dump(), "eval": {"max_new_tokens": 3}})
+    other_data = load_params(None, {"run": params.run.model_dump(), "data": {"tasks": ["math"]}})
+    with open_run(other_eval) as run:
+        assert run.stage_identity("01_data") == identity_01
+        assert run.stage_identity("02_reflect") == identity_02  # an eval setting never reruns generation
+    with open_run(other_data) as run:
+        assert run.stage_identity("01_data") != identity_01
+
+
+CONCURRENT = textwrap.dedent(
+    """
+    import sys
+    from reflectevo.config import load_params
+    from reflectevo.runs import RunDir
+    params = load_params(None, {"run": {"name": "t", "output_dir": sys.argv[1]}})
+    run = RunDir(params, params.run_dir)
+    for i in range(40):
+        run.add_event({"kind": "test", "writer": sys.argv[2], "i": i})
+    """
+)
+
+
+def test_concurrent_manifest_updates_lose_nothing(params, tmp_path):
+    params.run_dir.mkdir(parents=True)
+    writers = [subprocess.Popen([sys.executable, "-c", CONCURRENT, str(tmp_path / "outputs"), str(w)]) for w in range(2)]
+    deadline = time.monotonic() + 120
+    for writer in writers:
+        assert writer.wait(timeout=max(1, deadline - time.monotonic())) == 0
+    events = read_manifest(params.run_dir)["events"]
+    assert sorted((e["writer"], e["i"]) for e in events) == [(str(w), i) for w in range(2) for i in range(40)]
