@@ -63,3 +63,15 @@ def isolated_sandbox(sandbox):
     if not sandbox.isolation.isolated:
         skip_or_fail("no sandbox isolation layer on this machine (no namespaces and not root):\n" + sandbox.isolation.describe())
     return sandbox
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The folder of builtin:tiny, the default build, made once per pytest run.
+
+    With a cold cache (CI) this trains it, about 2 minutes on 2 cores; afterwards it comes from
+    the user cache (``reflectevo.models.cache_dir()``) and costs nothing.
+    """
+    from reflectevo.standin import tiny_model_dir as build_or_find
+
+    return build_or_find()

@@ -1,0 +1,404 @@
+"""Loading a model and its tokenizer the way the params' ``model`` section describes.
+
+    backend = select_backend(params.model.backend)   # first, before transformers/trl/peft are imported
+    loaded = load_model(params.model)                # LoadedModel: model, tokenizer, info for the manifest
+
+``model.name`` is a hub id, a local folder, or a built-in stand-in (``builtin:tiny``,
+``builtin:random-1b``, ``builtin:random-8b``; see :mod:`reflectevo.standin`). Two backends load
+models: Unsloth (on a CUDA GPU, when installed) and plain transformers + peft. Every way a load can
+fail that a user can fix (a missing folder or adapter, 4-bit without a GPU, a base model without a
+chat template) raises :class:`ModelLoadError` with what was tried and what to change.
+
+Nothing heavy is imported at module import: torch, transformers and Unsloth are imported inside the
+functions, in the order Unsloth needs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from reflectevo.errors import ReflectEvoError
+
+if TYPE_CHECKING:
+    from reflectevo.config import ModelParams
+
+BACKENDS = ("auto", "unsloth", "transformers")
+BUILTIN_PREFIX = "builtin:"
+# Imported before Unsloth, these modules miss some of its patches.
+PATCHED_BY_UNSLOTH = ("transformers", "trl", "peft")
+
+# The fallback for base models without a chat template (``model.chat_template: chatml``). The
+# {% generation %} markers let TRL compute assistant-only losses with it.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}"
+    "{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+class ModelLoadError(ReflectEvoError, RuntimeError):
+    """A model, tokenizer or adapter could not be loaded as configured; the message says what to change."""
+
+
+class UnknownModelError(ModelLoadError, LookupError):
+    """A ``builtin:`` name that does not exist; the message lists the known ones."""
+
+
+class BackendUnavailable(ModelLoadError):
+    """The requested backend cannot run here (Unsloth not installed, or no CUDA GPU)."""
+
+
+def cache_dir() -> Path:
+    """Where built models and tokenizers are kept: ``$REFLECTEVO_CACHE``, else
+    ``$XDG_CACHE_HOME/reflectevo``, else ``~/.cache/reflectevo``. Not created here."""
+    configured = os.environ.get("REFLECTEVO_CACHE")
+    if configured:
+        return Path(configured).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "reflectevo"
+
+
+# ---- backend -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BackendChoice:
+    name: str  # "unsloth" or "transformers"
+    reason: str  # why, for the run manifest
+
+
+def choose_backend(prefer: str = "auto") -> BackendChoice:
+    """Pick the backend, and import Unsloth when it is picked (it must come before transformers).
+
+    ``auto`` uses Unsloth only when the package is installed *and* a CUDA GPU is visible: on a CPU,
+    Unsloth is never imported, because its CPU mode patches transformers and TRL for the whole
+    process. An explicit ``unsloth`` that cannot work raises :class:`BackendUnavailable`.
+    """
+    if prefer not in BACKENDS:
+        raise ValueError(f"unknown backend {prefer!r}; choose one of {', '.join(BACKENDS)}")
+    if prefer == "transformers":
+        return BackendChoice("transformers", "requested")
+
+    import torch  # torch may precede Unsloth; transformers, trl and peft should not
+
+    installed = "unsloth" in sys.modules or importlib.util.find_spec("unsloth") is not None
+    has_gpu = torch.cuda.is_available()
+    if not (installed and has_gpu):
+        why = "the unsloth package is not installed" if not installed else "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+        if prefer == "unsloth":
+            fix = (
+                "install the gpu extra (pip install 'reflectevo[gpu]') on a machine with a CUDA GPU"
+                if not installed
+                else "run on a CUDA GPU (Unsloth's CPU mode patches transformers and TRL globally, so it is not used)"
+            )
+            raise BackendUnavailable(f"model.backend is 'unsloth' but {why}; {fix}, or set model.backend to auto or transformers")
+        return BackendChoice("transformers", f"auto: {why}")
+
+    if "unsloth" in sys.modules:
+        return BackendChoice("unsloth", "unsloth was already imported in this process, and a CUDA GPU is visible")
+    early = [name for name in PATCHED_BY_UNSLOTH if name in sys.modules]
+    if early:
+        warnings.warn(
+            f"{', '.join(early)} imported before unsloth: Unsloth's patches will be partial. "
+            "Select the backend before anything imports them (in a notebook: the first cell after the parameters).",
+            stacklevel=2,
+        )
+    try:
+        import unsloth  # noqa: F401  (patches transformers, trl and peft on import)
+    except Exception as exc:  # ImportError for missing pieces, NotImplementedError without an accelerator
+        if prefer == "unsloth":
+            raise BackendUnavailable(f"model.backend is 'unsloth' but importing it failed: {type(exc).__name__}: {exc}") from exc
+        return BackendChoice("transformers", f"auto: importing unsloth failed ({type(exc).__name__}: {exc})")
+    return BackendChoice("unsloth", "requested" if prefer == "unsloth" else "auto: unsloth is installed and a CUDA GPU is visible")
+
+
+def select_backend(prefer: str = "auto") -> str:
+    """``"unsloth"`` or ``"transformers"`` (see :func:`choose_backend`, which also gives the reason)."""
+    return choose_backend(prefer).name
+
+
+# ---- devices and dtypes ------------------------------------------------------------------------
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` is ``cuda`` when a CUDA GPU is visible, else ``cpu``."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("model.device is 'cuda' but no CUDA GPU is visible; set model.device to auto or cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``auto`` is bfloat16 on a CUDA GPU that supports it, else float32."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    return "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+
+
+# ---- loading -----------------------------------------------------------------------------------
+@dataclass
+class LoadedModel:
+    """A loaded model and tokenizer, with what the run manifest should record about them."""
+
+    model: Any
+    tokenizer: Any
+    backend: str
+    name: str  # model.name as configured
+    source: str  # the folder or hub id the weights came from ("config" for random built-ins)
+    dtype: str
+    device: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def load_model(params: ModelParams, *, for_training: bool = False) -> LoadedModel:
+    """Load the model and tokenizer that ``params`` (the ``model`` section) names.
+
+    The tokenizer comes back ready for batched generation: a chat template (its own, else
+    ``params.chat_template``), a pad token (eos when it has none, noted in ``info``) and left
+    padding. ``for_training`` puts the model in training mode and makes an adapter trainable.
+    """
+    from reflectevo import standin
+
+    started = time.perf_counter()
+    name = params.name
+    random_builtin = name in standin.RANDOM_SHAPES
+    if name.startswith(BUILTIN_PREFIX) and name not in standin.BUILTIN_MODELS:
+        raise UnknownModelError(f"unknown built-in model {name!r}; known: {', '.join(standin.BUILTIN_MODELS)}")
+
+    # checks that cost nothing come before anything is built or loaded
+    adapter = _adapter_folder(params.adapter) if params.adapter else None
+    if random_builtin:
+        if params.backend == "unsloth":
+            raise BackendUnavailable(
+                f"{name} cannot load through Unsloth: its weights are created from the config, and Unsloth's loader "
+                "reads weights from disk; set model.backend to auto or transformers"
+            )
+        if params.load_in_4bit:
+            raise ModelLoadError(f"{name} has random weights created in place; load_in_4bit is for pretrained weights, set it to false")
+        choice = BackendChoice("transformers", "random built-ins are created from their config with transformers")
+    elif params.device == "cpu":
+        if params.backend == "unsloth":
+            raise BackendUnavailable("model.backend 'unsloth' needs a CUDA GPU but model.device is 'cpu'; set model.backend to auto or transformers")
+        choice = BackendChoice("transformers", "model.device is cpu")
+    else:
+        choice = choose_backend(params.backend)
+    device = resolve_device(params.device)
+    dtype = resolve_dtype(params.dtype, device)
+    if params.load_in_4bit:
+        _check_four_bit(device)
+
+    builtin_info: dict[str, Any] = {}
+    if random_builtin:
+        model, tokenizer = standin.random_model(name, device=device, dtype=dtype)
+        source, source_kind = "config", "builtin"
+        builtin_info = standin.random_model_info(name)
+    else:
+        if name == standin.TINY:
+            folder = standin.tiny_model_dir()
+            source, source_kind = str(folder), "builtin"
+            builtin_info = standin.read_standin_json(folder)
+            builtin_info["quality"] = builtin_info["quality"]["overall"]  # the manifest needs no sample outputs
+        else:
+            source, source_kind = _resolve_source(name)
+        loader = _load_with_unsloth if choice.name == "unsloth" else _load_with_transformers
+        model, tokenizer = loader(params, source, source_kind, device, dtype)
+
+    template_source = ensure_chat_template(tokenizer, params.chat_template, name)
+    pad_note = _ensure_pad_token(tokenizer)
+    tokenizer.padding_side = "left"  # batched generation appends to the right end of every row
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    if adapter is not None:
+        model = _attach_adapter(model, adapter, for_training)
+    _set_mode(model, choice.name, for_training)
+
+    info = {
+        "name": name,
+        "source": source,
+        "source_kind": source_kind,
+        "revision": params.revision if source_kind == "hub" else None,
+        "backend": choice.name,
+        "backend_reason": choice.reason,
+        "dtype": dtype,
+        "device": str(getattr(model, "device", device)),
+        "load_in_4bit": params.load_in_4bit,
+        "adapter": str(adapter) if adapter else None,
+        "for_training": for_training,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "vocab_size": len(tokenizer),
+        "chat_template_source": template_source,
+        "pad_token": pad_note,
+        "eos_token": tokenizer.eos_token,
+        "max_seq_length": params.max_seq_length,
+        "load_seconds": round(time.perf_counter() - started, 2),
+        "versions": _versions(),
+    }
+    if builtin_info:
+        info["builtin"] = builtin_info
+    return LoadedModel(model, tokenizer, choice.name, name, source, dtype, device, info)
+
+
+def _resolve_source(name: str) -> tuple[str, str]:
+    """A local folder (returned as an absolute path) or a hub id; a path that does not exist is an error."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path.resolve()), "local"
+    if path.exists():
+        raise ModelLoadError(f"model.name {name!r} is a file, not a model folder ({path.resolve()})")
+    # hub ids are "name" or "org/name"; anything else can only have meant a folder
+    looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_like_path:
+        raise ModelLoadError(f"model folder not found: {path.resolve()} (model.name {name!r} is a path, so the model hub was not tried)")
+    return name, "hub"
+
+
+def _from_pretrained(loader: Any, source: str, source_kind: str, what: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained`` with an error that says which places were tried."""
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:  # transformers reports unreachable or missing repos as OSError
+        if source_kind != "hub":
+            raise ModelLoadError(f"could not load the {what} from {source}: {exc}") from exc
+        revision = kwargs.get("revision")
+        raise ModelLoadError(
+            f"could not load the {what} of {source!r}: there is no local folder {Path(source).resolve()}, and the model hub "
+            f"(repository {source!r}, revision {revision or 'main'}) could not provide it: {exc}"
+        ) from exc
+
+
+def _load_with_transformers(params: ModelParams, source: str, source_kind: str, device: str, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    common = {"revision": params.revision, "trust_remote_code": params.trust_remote_code}
+    tokenizer = _from_pretrained(AutoTokenizer, source, source_kind, "tokenizer", **common)
+    model_kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), **common}
+    if params.load_in_4bit:
+        model_kwargs["quantization_config"] = _four_bit_config()
+        model_kwargs["device_map"] = {"": torch.cuda.current_device()}
+    elif device == "cuda":
+        model_kwargs["device_map"] = {"": torch.cuda.current_device()}
+    model = _from_pretrained(AutoModelForCausalLM, source, source_kind, "model", **model_kwargs)
+    return model, tokenizer
+
+
+def _load_with_unsloth(params: ModelParams, source: str, source_kind: str, device: str, dtype: str):
+    import torch
+    from unsloth import FastLanguageModel
+
+    try:
+        return FastLanguageModel.from_pretrained(
+            model_name=source,
+            max_seq_length=params.max_seq_length,
+            dtype=getattr(torch, dtype),
+            load_in_4bit=params.load_in_4bit,
+            revision=params.revision,
+            trust_remote_code=params.trust_remote_code,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"Unsloth could not load {source!r} ({source_kind}): {exc}") from exc
+
+
+def _four_bit_config():
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    # NF4 with double quantisation and bf16 compute: the QLoRA recipe
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def _check_four_bit(device: str) -> None:
+    if device != "cuda":
+        raise ModelLoadError("model.load_in_4bit needs a CUDA GPU, and none is visible here; set load_in_4bit to false")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError("model.load_in_4bit needs the bitsandbytes package: pip install 'reflectevo[gpu]', or set load_in_4bit to false")
+
+
+def _adapter_folder(adapter: str) -> Path:
+    path = Path(adapter).expanduser().resolve()
+    if not path.is_dir():
+        raise ModelLoadError(f"adapter folder not found: {path} (model.adapter {adapter!r})")
+    if not (path / "adapter_config.json").is_file():
+        raise ModelLoadError(f"{path} is not a LoRA adapter folder: it has no adapter_config.json")
+    return path
+
+
+def _attach_adapter(model: Any, adapter: Path, for_training: bool) -> Any:
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter), is_trainable=for_training)
+
+
+def _set_mode(model: Any, backend: str, for_training: bool) -> None:
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        (FastLanguageModel.for_training if for_training else FastLanguageModel.for_inference)(model)
+    else:
+        model.train(for_training)
+
+
+def ensure_chat_template(tokenizer: Any, fallback: str | None, model_name: str = "the model") -> str:
+    """Give the tokenizer a chat template and say where it came from.
+
+    Its own template wins; otherwise ``fallback`` (``model.chat_template``): a Jinja template, or
+    ``"chatml"`` for :data:`CHATML_TEMPLATE`. With neither, a base model cannot be prompted the way
+    the pipeline prompts, so this raises.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        return "tokenizer"
+    if not fallback:
+        raise ModelLoadError(
+            f"{model_name} has no chat template (its tokenizer defines none); set model.chat_template to a Jinja "
+            "chat template, or to 'chatml' for the built-in ChatML template"
+        )
+    named = fallback.strip().lower() == "chatml"
+    tokenizer.chat_template = CHATML_TEMPLATE if named else fallback
+    try:  # a broken template should fail here, not at the first prompt
+        tokenizer.apply_chat_template([{"role": "user", "content": "ping"}], tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # jinja2 raises several types
+        raise ModelLoadError(f"model.chat_template does not render: {type(exc).__name__}: {exc}") from exc
+    return "model.chat_template: chatml" if named else "model.chat_template"
+
+
+def _ensure_pad_token(tokenizer: Any) -> str:
+    if tokenizer.pad_token is not None:
+        return tokenizer.pad_token
+    if tokenizer.eos_token is None:
+        raise ModelLoadError("the tokenizer has neither a pad token nor an eos token, so batches cannot be padded")
+    tokenizer.pad_token = tokenizer.eos_token
+    return f"{tokenizer.eos_token} (eos; the tokenizer had no pad token)"
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("torch", "transformers", "peft", "unsloth", "bitsandbytes"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return found
