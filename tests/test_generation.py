@@ -1,0 +1,403 @@
+"""The generation engines on a tiny random-weight Llama built here: no hub, no network, CPU only.
+
+The model's text is noise, but it is deterministic noise, which is what these tests need: batching,
+seeding, resume, sharding and stops are checked by comparing outputs byte for byte.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from reflectevo.config import GenerationParams
+from reflectevo.generation import (
+    DuplicateKeyError,
+    GenerationError,
+    GenerationOutput,
+    GenerationRequest,
+    GenerationSettings,
+    ReplayEngine,
+    ReplayMissingError,
+    SettingsError,
+    StoreMismatchError,
+    TransformersEngine,
+    batch_seed,
+    load_store,
+    make_engine,
+    merge_shards,
+    plan_batches,
+    read_outputs,
+    write_outputs,
+)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+SPECIALS = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>"]
+SAMPLING = GenerationSettings(n=2, temperature=1.0, max_new_tokens=12, seed=7)
+GREEDY = GenerationSettings(max_new_tokens=16)
+
+
+def build_tiny(folder: Path) -> None:
+    """A byte-level BPE tokenizer with a chat template and a 2-layer random Llama, saved to ``folder``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    corpus = [inspect.getdoc(json), inspect.getdoc(textwrap), "Thought: it is B.\nAction: Finish[B]"] * 3
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainer=trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIALS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|pad|>", eos_token="<|end|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    # a wide initialisation spreads the logits, so greedy choices are far from ties
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=None, initializer_range=0.3)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(tiny_dir).eval(), AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def make_requests(count: int, prefix: str = "q") -> list[GenerationRequest]:
+    """Prompts of uneven lengths, so batches need real left padding."""
+    return [GenerationRequest(f"{prefix}{i:03d}", [{"role": "user", "content": "word " * (i * 7 % 23) + f"question {i}?"}])
+            for i in range(count)]
+
+
+def engine(tiny, **options) -> TransformersEngine:
+    model, tokenizer = tiny
+    return TransformersEngine(model, tokenizer, progress=False, **options)
+
+
+def as_bytes(outputs: list[GenerationOutput], path: Path) -> bytes:
+    return write_outputs(path, outputs).read_bytes()
+
+
+# ---- settings and requests ---------------------------------------------------------------------
+@pytest.mark.parametrize("bad, message", [
+    ({"n": 2, "temperature": 0.0}, "need temperature > 0"),
+    ({"n": 0}, "n must be a positive integer"),
+    ({"temperature": -0.5}, "temperature must be >= 0"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_k": -1}, "top_k"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+    ({"max_new_tokens": 8, "min_new_tokens": 9}, "min_new_tokens"),
+    ({"stop": ("",)}, "stop strings"),
+    ({"seed": -1}, "seed"),
+])
+def test_invalid_settings_are_rejected(bad, message):
+    with pytest.raises(SettingsError, match=message):
+        GenerationSettings(**bad)
+
+
+def test_settings_follow_the_params_section_and_record_stop_as_a_list():
+    params = GenerationParams(temperature=0.7, top_p=0.9, max_new_tokens=33)
+    settings = GenerationSettings.from_params(params, n=3, stop=["\nObservation"], seed=5)
+    assert (settings.temperature, settings.top_p, settings.max_new_tokens, settings.n) == (0.7, 0.9, 33, 3)
+    assert settings.to_dict()["stop"] == ["\nObservation"] and settings.stop == ("\nObservation",)
+
+
+def test_duplicate_keys_are_an_error(tiny):
+    requests = make_requests(3) + [make_requests(2)[1]]
+    with pytest.raises(DuplicateKeyError, match="q001"):
+        engine(tiny).generate(requests, GREEDY, stage="s")
+    with pytest.raises(DuplicateKeyError):
+        ReplayEngine([]).generate(requests, GREEDY, stage="s")
+
+
+def test_plan_is_length_sorted_with_ties_by_key_and_seeds_depend_on_first_key():
+    keys = ["b", "a", "c", "d", "e"]
+    ids = [[1, 2], [1, 2], [1, 2, 3], [1], [1, 2, 3, 4]]
+    plan = plan_batches(keys, keys, ids, 2)
+    assert [batch.keys for batch in plan] == [("e", "c"), ("a", "b"), ("d",)]
+    assert batch_seed(0, "s", "a") != batch_seed(0, "s", "b") != batch_seed(1, "s", "b")
+    assert batch_seed(0, "s", "a") == batch_seed(0, "s", "a") < 2**64
+
+
+# ---- what an output says -----------------------------------------------------------------------
+def test_outputs_record_prompt_settings_and_counts(tiny):
+    tokenizer = tiny[1]
+    requests = make_requests(5)
+    outputs = engine(tiny, batch_size=4).generate(requests, GREEDY, stage="first", seed=3)
+    assert [o.key for o in outputs] == [r.key for r in requests]  # request order, not plan order
+    for request, output in zip(requests, outputs):
+        prompt = tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+        assert output.prompt == prompt and output.prompt.endswith("<|assistant|>\n")
+        assert output.prompt_tokens == len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        assert output.settings == {**GREEDY.to_dict(), "seed": 3}
+        assert (output.engine, output.stage, output.sample) == ("transformers", "first", 0)
+        assert output.finish_reason == "length" and output.new_tokens == GREEDY.max_new_tokens
+    assert sorted({o.batch for o in outputs}) == [0, 1]
+
+
+def test_batched_greedy_equals_one_by_one(tiny):
+    requests = make_requests(13)
+    batched = engine(tiny, batch_size=8).generate(requests, GREEDY, stage="s")
+    single = engine(tiny, batch_size=1).generate(requests, GREEDY, stage="s")
+    assert len({o.prompt_tokens for o in batched}) > 5  # uneven lengths: padding really happened
+    assert [o.text for o in batched] == [o.text for o in single]
+    assert all(len(o.text) > 0 for o in batched)
+
+
+def test_stop_string_cuts_the_text_and_ends_the_row_early(tiny):
+    request = make_requests(4)[3:]
+    free = engine(tiny).generate(request, GREEDY, stage="s")[0]
+    stop = next(m.group() for m in re.finditer(r"[A-Za-z]{2,}", free.text) if m.start() >= 2)  # a word the model writes
+    stopped = engine(tiny).generate(request, GenerationSettings(max_new_tokens=16, stop=("zzzq", stop)), stage="s")[0]
+    assert stopped.text == free.text[:free.text.index(stop)]
+    assert stopped.finish_reason == "stop" and stopped.new_tokens < free.new_tokens
+
+
+def test_eos_and_length_finish_reasons(tiny):
+    model, tokenizer = tiny
+    request = make_requests(2)[1:]
+    free = engine(tiny).generate(request, GREEDY, stage="s")[0]
+    assert free.finish_reason == "length" and free.new_tokens == GREEDY.max_new_tokens
+    # a copy of the model whose end-of-sequence token is a token it writes anyway (first seen at `at`)
+    prompt_ids = tokenizer(free.prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    written = model.generate(prompt_ids, max_new_tokens=16, do_sample=False)[0, prompt_ids.shape[1]:].tolist()
+    at = next(i for i in range(2, 16) if written[i] not in written[:i])
+    ending = copy.deepcopy(model)
+    ending.generation_config.eos_token_id = written[at]
+    ended = TransformersEngine(ending, tokenizer, progress=False).generate(request, GREEDY, stage="s")[0]
+    assert ended.finish_reason == "eos" and ended.new_tokens == at + 1
+    assert free.text.startswith(ended.text) and len(ended.text) < len(free.text)
+    # min_new_tokens keeps that token from ending the row before the minimum
+    forced = TransformersEngine(ending, tokenizer, progress=False).generate(
+        request, GenerationSettings(max_new_tokens=16, min_new_tokens=16), stage="s")[0]
+    assert forced.finish_reason == "length" and forced.new_tokens == 16
+
+
+def test_samples_differ_and_are_reproducible(tiny):
+    requests = make_requests(3)
+    first = engine(tiny, batch_size=4).generate(requests, SAMPLING, stage="s")
+    again = engine(tiny, batch_size=4).generate(requests, SAMPLING, stage="s")
+    other_seed = engine(tiny, batch_size=4).generate(requests, SAMPLING, stage="s", seed=8)
+    assert [(o.key, o.sample) for o in first] == [(r.key, s) for r in requests for s in (0, 1)]
+    assert first == again
+    for request in requests:
+        texts = [o.text for o in first if o.key == request.key]
+        assert len(set(texts)) == 2
+    assert [o.text for o in first] != [o.text for o in other_seed]
+
+
+# ---- out-of-memory back-off --------------------------------------------------------------------
+def oom_above(tiny, limit: int):
+    """The same model, but its forward pass raises CUDA's out-of-memory error above ``limit`` rows."""
+    from transformers import LlamaForCausalLM
+
+    class OutOfMemoryAbove(LlamaForCausalLM):
+        def forward(self, input_ids=None, **kwargs):
+            if input_ids is not None and input_ids.shape[0] > limit:
+                raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (more than {limit} rows)")
+            return super().forward(input_ids=input_ids, **kwargs)
+
+    model = OutOfMemoryAbove(tiny[0].config).eval()
+    model.load_state_dict(tiny[0].state_dict())
+    return model
+
+
+def test_out_of_memory_halves_the_batch_and_records_it(tiny, tmp_path):
+    requests = make_requests(10)
+    reference = engine(tiny, batch_size=8).generate(requests, GREEDY, stage="s")
+    backing_off = TransformersEngine(oom_above(tiny, 2), tiny[1], batch_size=8, progress=False)
+    outputs = backing_off.generate(requests, GREEDY, stage="first", store_dir=tmp_path / "store")
+    assert [o.text for o in outputs] == [o.text for o in reference]  # greedy: same texts in smaller batches
+    assert backing_off.events == [
+        {"event": "oom_backoff", "stage": "first", "batch": 0, "old_size": 8, "new_size": 4},
+        {"event": "oom_backoff", "stage": "first", "batch": 0, "old_size": 4, "new_size": 2},
+    ]  # the second plan batch starts at the size that fitted
+    assert backing_off.describe()["events"] == backing_off.events
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        TransformersEngine(oom_above(tiny, 0), tiny[1], batch_size=4, progress=False).generate(requests, GREEDY, stage="s")
+
+
+# ---- store: resume, damage, mismatch ------------------------------------------------------------
+CHILD = """
+import json, sys, time
+from transformers import AutoTokenizer, LlamaForCausalLM
+from reflectevo.generation import GenerationRequest, GenerationSettings, TransformersEngine
+
+class SlowEngine(TransformersEngine):  # slow enough that the parent can kill it between batches
+    def run_batch(self, *args, **kwargs):
+        time.sleep(0.4)
+        return super().run_batch(*args, **kwargs)
+
+model_dir, job = sys.argv[1], json.loads(open(sys.argv[2]).read())
+engine = SlowEngine(LlamaForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir),
+                    batch_size=job["batch_size"], progress=False)
+requests = [GenerationRequest(r["key"], r["messages"]) for r in job["requests"]]
+engine.generate(requests, GenerationSettings(**job["settings"]), stage="reflect", store_dir=job["store"])
+"""
+
+
+def test_killed_run_resumes_to_the_same_bytes(tiny, tiny_dir, tmp_path):
+    requests = make_requests(16)
+    store = tmp_path / "killed"
+    job = {"batch_size": 4, "settings": SAMPLING.to_dict(), "store": str(store),
+           "requests": [{"key": r.key, "messages": r.messages} for r in requests]}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    (tmp_path / "child.py").write_text(CHILD)
+    child = subprocess.Popen([sys.executable, str(tmp_path / "child.py"), str(tiny_dir), str(tmp_path / "job.json")],
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(store.glob("batch-*.jsonl")):
+        assert child.poll() is None, f"the child ended before committing a batch:\n{child.stderr.read()}"
+        assert time.monotonic() < deadline, "no batch was committed within 120 s"
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    child.stderr.close()
+    committed = sorted(p.name for p in store.glob("batch-*.jsonl"))
+    assert 1 <= len(committed) < 8  # 16 prompts x 2 samples in batches of 4 sequences: 8 batches
+    stray = store / f".batch-00007{committed[0][len('batch-00000'):]}.half.tmp"  # a writer killed mid-write
+    stray.write_text('{"key": "q000", "text": "not a result"')
+
+    resumed_engine = engine(tiny, batch_size=4)
+    resumed = resumed_engine.generate(requests, SAMPLING, stage="reflect", store_dir=store)
+    uninterrupted = engine(tiny, batch_size=4).generate(requests, SAMPLING, stage="reflect", store_dir=tmp_path / "whole")
+    assert resumed_engine.stats["reflect"]["batches_resumed"] == len(committed)
+    assert not stray.exists()
+    assert as_bytes(resumed, tmp_path / "a.jsonl") == as_bytes(uninterrupted, tmp_path / "b.jsonl")
+    for path in sorted((tmp_path / "whole").glob("batch-*.jsonl")):
+        assert (store / path.name).read_bytes() == path.read_bytes()
+
+
+def test_damaged_batch_file_is_generated_again(tiny, tmp_path):
+    requests = make_requests(6)
+    first = engine(tiny, batch_size=2).generate(requests, GREEDY, stage="s", store_dir=tmp_path)
+    damaged = next(tmp_path.glob("batch-00001-*.jsonl"))
+    intact = damaged.read_bytes()
+    damaged.write_bytes(intact[:-10])  # cut inside the last line
+    rerun = engine(tiny, batch_size=2)
+    assert rerun.generate(requests, GREEDY, stage="s", store_dir=tmp_path) == first
+    assert damaged.read_bytes() == intact and rerun.stats["s"]["batches_run"] == 1
+
+
+def test_store_of_another_plan_is_an_error_unless_forced(tiny, tmp_path):
+    requests = make_requests(6)
+    engine(tiny, batch_size=2).generate(requests, GREEDY, stage="s", store_dir=tmp_path)
+    with pytest.raises(StoreMismatchError, match=r"settings.*new run name.*--force"):
+        engine(tiny, batch_size=2).generate(requests, GenerationSettings(max_new_tokens=5), stage="s", store_dir=tmp_path)
+    renamed = make_requests(5) + [GenerationRequest("other", requests[5].messages)]
+    with pytest.raises(StoreMismatchError, match="record keys or prompts"):
+        engine(tiny, batch_size=2).generate(renamed, GREEDY, stage="s", store_dir=tmp_path)
+    with pytest.raises(StoreMismatchError, match="batch size"):
+        engine(tiny, batch_size=3).generate(requests, GREEDY, stage="s", store_dir=tmp_path)
+    (tmp_path / "plan.json").unlink()  # batch files alone still have to match the plan's keys
+    with pytest.raises(StoreMismatchError, match="do not belong to this plan"):
+        engine(tiny, batch_size=3).generate(requests, GREEDY, stage="s", store_dir=tmp_path)
+    short = GenerationSettings(max_new_tokens=5)
+    forced = engine(tiny, batch_size=3).generate(requests, short, stage="s", store_dir=tmp_path, force=True)
+    assert forced == engine(tiny, batch_size=3).generate(requests, short, stage="s")
+    assert load_store(tmp_path) != [] and all(o.settings["max_new_tokens"] == 5 for o in load_store(tmp_path))
+
+
+# ---- shards ------------------------------------------------------------------------------------
+def test_two_shards_merged_equal_one_run(tiny, tmp_path):
+    requests = make_requests(11)
+    single = engine(tiny, batch_size=4).generate(requests, SAMPLING, stage="s")
+    parts = [engine(tiny, batch_size=4, num_shards=2, shard_index=k).generate(requests, SAMPLING, stage="s", store_dir=tmp_path)
+             for k in (0, 1)]
+    assert {o.batch % 2 for o in parts[0]} == {0} and {o.batch % 2 for o in parts[1]} == {1}
+    merged = merge_shards(parts, requests)
+    assert as_bytes(merged, tmp_path / "merged.jsonl") == as_bytes(single, tmp_path / "single.jsonl")
+    assert merge_shards([load_store(tmp_path)], requests) == single  # both shards wrote into one folder
+    with pytest.raises(GenerationError, match="in no shard"):
+        merge_shards(parts[:1], requests)
+    with pytest.raises(GenerationError, match="explicit batch_size"):
+        engine(tiny, batch_size="auto", num_shards=2)
+
+
+def test_auto_batch_size_on_cpu_is_fixed_and_recorded(tiny):
+    auto = engine(tiny, batch_size="auto")
+    assert auto.batch_size == 16 and auto.events == [{"event": "batch_size_auto", "batch_size": 16, "how": "CPU default"}]
+
+
+# ---- replay and the factory ----------------------------------------------------------------------
+def test_replay_serves_stored_outputs_by_key(tiny, tmp_path):
+    requests = make_requests(4)
+    stored = engine(tiny, batch_size=2).generate(requests, SAMPLING, stage="s", store_dir=tmp_path / "store")
+    write_outputs(tmp_path / "out.jsonl", stored)
+    assert read_outputs(tmp_path / "out.jsonl") == stored
+    shuffled = list(reversed(requests))
+    from_file = ReplayEngine.from_path(tmp_path / "out.jsonl").generate(shuffled, SAMPLING, stage="s")
+    assert from_file == sorted(stored, key=lambda o: (-int(o.key[1:]), o.sample))
+    assert ReplayEngine.from_path(tmp_path / "store").generate(requests, SAMPLING, stage="s") == stored
+    replay = make_engine(GenerationParams(engine="replay", replay_from=str(tmp_path / "out.jsonl")))
+    with pytest.raises(ReplayMissingError, match="'q004' sample 0 \\(12 missing"):
+        replay.generate(make_requests(10), SAMPLING, stage="s")
+
+
+def test_replay_of_scripted_rows_fills_in_the_rest():
+    scripted = ReplayEngine([{"key": "a", "text": "Thought: x\nAction: Finish[B]"},
+                             {"key": "b", "text": "Action: Finish[C]", "finish_reason": "length"}])
+    a, b = scripted.generate([GenerationRequest("a", []), GenerationRequest("b", [])], GREEDY, stage="first")
+    assert (a.text, a.finish_reason, a.engine, a.stage, a.settings) == ("Thought: x\nAction: Finish[B]", "eos", "replay", "first", GREEDY.to_dict())
+    assert b.finish_reason == "length"
+    with pytest.raises(DuplicateKeyError, match="'a' sample 0"):
+        ReplayEngine([{"key": "a", "text": "1"}, {"key": "a", "text": "2"}])
+
+
+def test_make_engine_needs_a_model_for_model_engines():
+    with pytest.raises(GenerationError, match="needs a loaded model"):
+        make_engine(GenerationParams())
+
+
+def test_make_engine_follows_the_loaded_backend(tiny_dir, tiny):
+    from reflectevo.config import ModelParams
+    from reflectevo.models import load_model
+
+    loaded = load_model(ModelParams(name=str(tiny_dir), device="cpu"))
+    auto = make_engine(GenerationParams(batch_size=4), loaded, progress=False)
+    assert isinstance(auto, TransformersEngine) and auto.describe()["model"] == str(tiny_dir)
+    assert auto.max_seq_length == 512  # the model's positions bound the params' 2048
+    requests = make_requests(5)
+    assert [o.text for o in auto.generate(requests, GREEDY, stage="s")] == [o.text for o in engine(tiny).generate(requests, GREEDY, stage="s")]
+    with pytest.raises(GenerationError, match="loaded through Unsloth"):
+        make_engine(GenerationParams(engine="unsloth"), loaded)
+
+
+def test_vllm_engine_contract(tiny_dir):
+    pytest.importorskip("vllm")
+    if not torch.cuda.is_available():
+        pytest.skip("vLLM needs a CUDA GPU")
+    from reflectevo.generation import VLLMEngine
+
+    vllm_engine = VLLMEngine(str(tiny_dir), batch_size=4, progress=False, gpu_memory_utilization=0.3)
+    requests = make_requests(5)
+    outputs = vllm_engine.generate(requests, SAMPLING, stage="s")
+    assert [(o.key, o.sample) for o in outputs] == [(r.key, s) for r in requests for s in (0, 1)]
+    assert all(o.finish_reason in ("eos", "stop", "length") and o.new_tokens <= 12 for o in outputs)
+    assert vllm_engine.generate(requests, SAMPLING, stage="s") == outputs  # per-request seeds
