@@ -168,8 +168,8 @@ def run_pipeline(params_file: str | Path, *, stages: list[str] | None = None, st
                  force: bool = False, dry_run: bool = False, notebooks: str | Path | None = None,
                  out: Printer = print) -> int:
     """Run the planned stages; returns the process exit status (0 ok, 1 a stage failed)."""
+    params = load_params(params_file)  # errors name the file as the user wrote it
     params_path = Path(params_file).resolve()
-    params = load_params(params_path)
     folder = notebooks_dir(notebooks)
     plan = make_plan(params, folder, stages, start, force)
     if dry_run:

@@ -1,0 +1,99 @@
+"""The numbered notebooks: their shared cell conventions, and real executions under papermill (raw
+``papermill -f``) and under ``reflectevo run``, with the recipes CI uses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from reflectevo.config import SECTIONS
+from reflectevo.runs import read_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+BIN = Path(sys.executable).parent
+
+
+def code_cells(notebook):
+    return [cell for cell in notebook.cells if cell.cell_type == "code"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_conventions(path):
+    notebook = nbformat.read(path, as_version=4)
+    assert notebook.metadata["kernelspec"]["name"] == "python3"
+    for cell in code_cells(notebook):
+        assert cell.outputs == [] and cell.execution_count is None, "commit notebooks without outputs"
+    parameters, setup, config = code_cells(notebook)[:3]
+    assert parameters.metadata.get("tags") == ["parameters"]
+    declared = {line.split("=")[0].strip() for line in parameters.source.splitlines() if "=" in line and not line.startswith("#")}
+    assert declared == set(SECTIONS) | {"params_file", "install_source"}
+    for line in parameters.source.splitlines():
+        if line.split("=")[0].strip() in SECTIONS:
+            assert line.split("=", 1)[1].split("#")[0].strip() == "{}", "sections are empty by default"
+    assert "install_source" in setup.source and "setup()" in setup.source
+    assert "configure(params_file" in config.source and all(f"{s}={s}" in config.source for s in SECTIONS)
+    kinds = [cell.cell_type for cell in notebook.cells]
+    assert kinds[0] == "markdown" and kinds.count("markdown") >= len(code_cells(notebook)) // 2, "narrative between cells"
+
+
+def test_raw_papermill_with_the_smoke_recipe(tmp_path):
+    out = tmp_path / "executed.ipynb"
+    result = subprocess.run(
+        [str(BIN / "papermill"), str(REPO / "notebooks" / "01_data.ipynb"), str(out), "-f", str(REPO / "params" / "smoke.yaml"),
+         "-k", "python3", "--no-progress-bar"],
+        cwd=tmp_path, capture_output=True, text=True, check=False, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "outputs" / "smoke"
+    entry = read_manifest(run_dir)["stages"]["01_data"]
+    assert entry["status"] == "done"
+    assert entry["counts"]["logiqa"] == {"train": 4, "validation": 2, "test": 2}
+    assert (run_dir / "figures" / "01_question_lengths.png").stat().st_size > 10_000
+    for task in ("logiqa", "math", "mbpp", "bigbench"):
+        lines = (run_dir / "data" / task / "train.jsonl").read_text().splitlines()
+        assert len(lines) == 4 and all(json.loads(line)["split"] == "train" for line in lines)
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(run_dir / "data" / "dataset"))
+    assert (dataset["train"].num_rows, dataset["validation"].num_rows, dataset["test"].num_rows) == (16, 8, 8)
+    assert not (run_dir / ".lock").exists()
+
+
+def test_reflectevo_run_quickstart_stage_01_then_skip(tmp_path):
+    command = [str(BIN / "reflectevo"), "run", str(REPO / "params" / "quickstart.yaml"), "--stages", "01",
+               "--notebooks", str(REPO / "notebooks")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False, timeout=600, env=env)
+    assert first.returncode == 0, first.stdout + first.stderr[-3000:]
+    assert "[1/1] 01_data: running (not run yet)" in first.stdout and "01_data: done" in first.stdout
+    run_dir = tmp_path / "outputs" / "quickstart"
+    manifest = read_manifest(run_dir)
+    assert manifest["stages"]["01_data"]["counts"]["math"] == {"train": 12, "validation": 4, "test": 4}
+    assert manifest["params_file"]["path"].endswith("quickstart.yaml")
+    assert (run_dir / "notebooks" / "01_data.ipynb").is_file()
+    executed = nbformat.read(run_dir / "notebooks" / "01_data.ipynb", as_version=4)
+    assert any(cell.get("outputs") for cell in code_cells(executed))
+
+    second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False, timeout=600, env=env)
+    assert second.returncode == 0 and "01_data: skipped" in second.stdout
+
+
+def test_bad_params_fail_in_the_config_cell(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: {name: bad}\ndata:\n  tasks: [logiqa]\n  source: official\n")
+    out = tmp_path / "executed.ipynb"
+    result = subprocess.run(
+        [str(BIN / "papermill"), str(REPO / "notebooks" / "01_data.ipynb"), str(out), "-f", str(bad), "-k", "python3",
+         "--no-progress-bar"],
+        cwd=tmp_path, capture_output=True, text=True, check=False, timeout=600,
+    )
+    assert result.returncode != 0
+    assert "ConfigError" in result.stderr and "needs official_dir" in result.stderr
+    assert not (tmp_path / "outputs").exists()  # refused before the run directory was touched
