@@ -6,7 +6,7 @@ Heavy dependencies are imported inside the functions that need them.
 
 __version__ = "0.1.0"
 
-from reflectevo.errors import (  # noqa: E402  (re-exported for users)
+from reflectevo.errors import (
     CodeExecutionNotAllowed,
     DataError,
     ReflectEvoError,
@@ -15,10 +15,10 @@ from reflectevo.errors import (  # noqa: E402  (re-exported for users)
 )
 
 __all__ = [
-    "__version__",
     "CodeExecutionNotAllowed",
     "DataError",
     "ReflectEvoError",
     "SandboxError",
     "UnknownTaskError",
+    "__version__",
 ]

@@ -15,7 +15,7 @@ import pytest
 def reflectevo(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     script = Path(sys.executable).with_name("reflectevo")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "reflectevo"]
-    return subprocess.run(command + list(args), capture_output=True, text=True, cwd=cwd, timeout=600)
+    return subprocess.run(command + list(args), capture_output=True, text=True, check=False, cwd=cwd, timeout=600)
 
 
 def test_entry_point_is_installed():

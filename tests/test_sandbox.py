@@ -367,7 +367,7 @@ def test_interpreter_under_tmp(tmp_path, isolated_sandbox):
             "box = Sandbox(allow_code_execution=True)\n"
             "print(box.isolation.mode, box.run(CodeJob('x = 1', ['assert x == 1'])).status)")
     repo = Path(__file__).resolve().parents[1]
-    done = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True,
+    done = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, check=False,
                           env={**os.environ, "PYTHONPATH": str(repo)}, timeout=120)
     assert done.stdout.split() == [isolated_sandbox.isolation.mode, "passed"], done.stderr
 
@@ -382,7 +382,7 @@ def test_separate_uid_mode_with_a_system_python(tmp_path):
     if os.geteuid() != 0 or not system_python.exists():
         pytest.skip("needs root and a system Python at /usr/bin/python3")
     version = subprocess.run([str(system_python), "-c", "import sys; print(sys.version_info >= (3, 11))"],
-                             capture_output=True, text=True).stdout.strip()
+                             capture_output=True, text=True, check=False).stdout.strip()
     if version != "True":
         pytest.skip("the system Python is older than 3.11")
     canary = tmp_path / "canary.txt"
@@ -402,7 +402,7 @@ def test_separate_uid_mode_with_a_system_python(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     before = all_pids()
     done = subprocess.run([str(system_python), "-c", script, json.dumps(list(programs.values()))],
-                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo)}, timeout=120)
+                          capture_output=True, text=True, check=False, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo)}, timeout=120)
     if done.returncode != 0 and "no sandbox mode could run" in done.stderr:
         pytest.skip(f"uid mode cannot start here: {done.stderr.strip()[-300:]}")
     assert done.returncode == 0, done.stderr

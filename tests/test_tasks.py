@@ -5,9 +5,28 @@ from __future__ import annotations
 import pytest
 
 from reflectevo.errors import CodeExecutionNotAllowed, UnknownTaskError
-from reflectevo.tasks import GRADERS, OUTCOMES, TASKS, Item, check_code_execution, get_task, register_task, task_names
-from reflectevo.tasks.math import hendrycks_equal, hendrycks_normalize, last_boxed, unbox
-from reflectevo.tasks.text import parse_options, read_option_letter, squad_normalize, token_f1
+from reflectevo.tasks import (
+    GRADERS,
+    OUTCOMES,
+    TASKS,
+    Item,
+    check_code_execution,
+    get_task,
+    register_task,
+    task_names,
+)
+from reflectevo.tasks.math import (
+    hendrycks_equal,
+    hendrycks_normalize,
+    last_boxed,
+    unbox,
+)
+from reflectevo.tasks.text import (
+    parse_options,
+    read_option_letter,
+    squad_normalize,
+    token_f1,
+)
 
 LOGIQA_QUESTION = "Passage.\nWhich must be true?\nA.Red wins.\nB.Blue wins.\nC.Nobody wins.\nD.Both win."
 

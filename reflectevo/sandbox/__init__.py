@@ -37,10 +37,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from reflectevo.errors import CodeExecutionNotAllowed, SandboxError
 from reflectevo.sandbox.launcher import SANDBOX_UID
@@ -495,4 +496,4 @@ def isolation_report(isolation: str = "auto") -> IsolationReport:
     return _PROBE_CACHE[key]
 
 
-__all__ = ["CodeJob", "ExecutionResult", "IsolationReport", "Sandbox", "isolation_report", "MODES"]
+__all__ = ["MODES", "CodeJob", "ExecutionResult", "IsolationReport", "Sandbox", "isolation_report"]

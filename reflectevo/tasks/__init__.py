@@ -6,10 +6,19 @@ adding one line to :data:`TASKS` below (see the README, "Adding a task").
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from reflectevo.errors import CodeExecutionNotAllowed, UnknownTaskError
-from reflectevo.tasks.base import GRADERS, OUTCOMES, SPLITS, Extraction, FewShot, Item, Task, Verdict
+from reflectevo.tasks.base import (
+    GRADERS,
+    OUTCOMES,
+    SPLITS,
+    Extraction,
+    FewShot,
+    Item,
+    Task,
+    Verdict,
+)
 from reflectevo.tasks.bigbench import BigBench
 from reflectevo.tasks.logiqa import LogiQA
 from reflectevo.tasks.math import MATH

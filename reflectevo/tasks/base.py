@@ -9,10 +9,11 @@ of formatting, and :meth:`Task.grade_both` returns both verdicts for one output.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Any, ClassVar
 
 from reflectevo.errors import DataError
 from reflectevo.jsonl import read_jsonl, write_jsonl_atomic
@@ -57,7 +58,7 @@ class Item:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, row: dict[str, Any], where: str) -> "Item":
+    def from_dict(cls, row: dict[str, Any], where: str) -> Item:
         """Build an item from a unified-schema row, with errors that name ``where`` (file:line)."""
         required = {"task": str, "id": str, "question": str, "gold": str}
         optional = {

@@ -18,8 +18,24 @@ import re
 from typing import Any
 
 from reflectevo.errors import DataError
-from reflectevo.tasks.base import Extraction, FewShot, Item, Task, Verdict, check_grader, official_finish, require_fields
-from reflectevo.tasks.text import LETTERS, finish_argument_balanced, parse_options, read_option_letter, squad_normalize, token_f1
+from reflectevo.tasks.base import (
+    Extraction,
+    FewShot,
+    Item,
+    Task,
+    Verdict,
+    check_grader,
+    official_finish,
+    require_fields,
+)
+from reflectevo.tasks.text import (
+    LETTERS,
+    finish_argument_balanced,
+    parse_options,
+    read_option_letter,
+    squad_normalize,
+    token_f1,
+)
 
 _SINGLE_LETTER = re.compile(r"[A-Za-z]")
 

@@ -14,8 +14,22 @@ from __future__ import annotations
 from typing import Any
 
 from reflectevo.errors import DataError
-from reflectevo.tasks.base import Extraction, FewShot, Item, Task, Verdict, check_grader, official_finish, require_fields
-from reflectevo.tasks.text import LETTERS, finish_argument_balanced, parse_options, read_option_letter
+from reflectevo.tasks.base import (
+    Extraction,
+    FewShot,
+    Item,
+    Task,
+    Verdict,
+    check_grader,
+    official_finish,
+    require_fields,
+)
+from reflectevo.tasks.text import (
+    LETTERS,
+    finish_argument_balanced,
+    parse_options,
+    read_option_letter,
+)
 
 N_OPTIONS = 4
 

@@ -17,7 +17,16 @@ import warnings
 from typing import Any
 
 from reflectevo.errors import DataError
-from reflectevo.tasks.base import Extraction, FewShot, Item, Task, Verdict, check_grader, require_fields, split_once
+from reflectevo.tasks.base import (
+    Extraction,
+    FewShot,
+    Item,
+    Task,
+    Verdict,
+    check_grader,
+    require_fields,
+    split_once,
+)
 
 SUBJECTS = (  # the configurations of EleutherAI/hendrycks_math, in the order they are concatenated
     "algebra",

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import re
 import textwrap
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from reflectevo.errors import CodeExecutionNotAllowed, DataError, ReflectEvoError
 from reflectevo.tasks.base import (
