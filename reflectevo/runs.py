@@ -345,6 +345,24 @@ class RunDir:
         """Append an event (an out-of-memory back-off, a lock take-over) to the manifest."""
         self.update_manifest(lambda m: m.setdefault("events", []).append({"time": now(), **event}))
 
+    def record_engine(self, stage: str, engine: Any) -> None:
+        """Store how a stage generated: the engine's description (batch size and how it was chosen,
+        shards) and its per-stage statistics; each of its events (an automatic batch size, an
+        out-of-memory back-off, which changes batch composition) also goes to the manifest's events."""
+        described = engine.describe()
+        events = described.pop("events", [])
+        stats = getattr(engine, "stats", {})
+
+        def change(manifest: dict[str, Any]) -> None:
+            manifest.setdefault("generation", {})[stage] = {**described, "stats": stats}
+            recorded = manifest.setdefault("events", [])
+            for event in events:
+                entry = {"kind": "generation", "stage": stage, **event}
+                if entry not in [{k: v for k, v in e.items() if k != "time"} for e in recorded]:
+                    recorded.append({"time": now(), **entry})
+
+        self.update_manifest(change)
+
     # -- stages
     def stage_identity(self, stage: str) -> str:
         """Hash of the params the stage reads and the identities of the stages it depends on."""

@@ -184,3 +184,22 @@ def test_concurrent_manifest_updates_lose_nothing(params, tmp_path):
         assert writer.wait(timeout=max(1, deadline - time.monotonic())) == 0
     events = read_manifest(params.run_dir)["events"]
     assert sorted((e["writer"], e["i"]) for e in events) == [(str(w), i) for w in range(2) for i in range(40)]
+
+
+def test_generation_events_reach_the_manifest(params):
+    from reflectevo.generation import (
+        GenerationRequest,
+        GenerationSettings,
+        ReplayEngine,
+    )
+
+    engine = ReplayEngine([{"key": "a", "text": "Thought: x\nAction: Finish[A]"}])
+    engine.generate([GenerationRequest("a", [{"role": "user", "content": "q"}])], GenerationSettings(), stage="first_trial")
+    engine.events.append({"event": "oom_backoff", "batch": 3, "from": 8, "to": 4})
+    with open_run(params) as run:
+        run.record_engine("02_reflect/first_trial", engine)
+        run.record_engine("02_reflect/first_trial", engine)  # recording again does not duplicate events
+        manifest = run.manifest()
+    assert manifest["generation"]["02_reflect/first_trial"]["engine"] == "replay"
+    backoffs = [e for e in manifest["events"] if e.get("event") == "oom_backoff"]
+    assert len(backoffs) == 1 and backoffs[0]["from"] == 8 and backoffs[0]["stage"] == "02_reflect/first_trial"
