@@ -201,6 +201,20 @@ class ReflectParams(Section):
     second_trial: Literal["reflection", "reflection_and_attempt"] = "reflection_and_attempt"
     judge: JudgeParams = Field(default_factory=JudgeParams)
 
+    @field_validator("instructions")
+    @classmethod
+    def _known_instruction_keys(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list):
+            from reflectevo.prompts import get_instruction
+
+            if not value:
+                raise ValueError("a fixed list of instruction keys cannot be empty")
+            for key in value:
+                get_instruction(key)
+            if len(set(value)) != len(value):
+                raise ValueError("an instruction key is listed twice")
+        return value
+
     @model_validator(mode="after")
     def _sampling(self) -> ReflectParams:
         if self.samples_per_instruction > 1 and self.temperature == 0:

@@ -115,6 +115,8 @@ def test_wrong_types_name_the_key():
         ({"run": {"name": "../elsewhere"}}, "run.name: must be a folder name"),
         ({"reflect": {"temperature": 0.0}}, "needs temperature > 0"),
         ({"reflect": {"judge": {"kind": "openai"}}}, "needs url and model"),
+        ({"reflect": {"instructions": ["1-1-1", "3-1-1"]}}, "unknown reflection instruction '3-1-1'"),
+        ({"reflect": {"instructions": []}}, "cannot be empty"),
         ({"sft": {"learning_rate": 0}}, "sft.learning_rate"),
         ({"sft": {"modes": ["one_stage", "one_stage"]}}, "listed twice"),
         ({"dpo": {"pairs": ["d_pm", "dpref"]}}, "dpo.pairs.1"),

@@ -1,0 +1,88 @@
+"""The prompts: golden snapshots make every edit of a prompt visible in review, and the reflection
+instruction pool has its 32 keyed instructions and seeded, per-question assignment.
+
+After an intended prompt change, regenerate the snapshots with ``REFLECTEVO_UPDATE_GOLDEN=1 pytest
+tests/test_prompts.py``, bump the version constant in ``reflectevo/prompts.py`` and review the diff.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from reflectevo.prompts import (
+    INSTRUCTIONS,
+    assign_instructions,
+    attempt_prompt,
+    get_instruction,
+    reflection_prompt,
+    second_trial_prompt,
+)
+from reflectevo.tasks import get_task, task_names
+
+GOLDEN = Path(__file__).parent / "golden"
+UPDATE = os.environ.get("REFLECTEVO_UPDATE_GOLDEN") == "1"
+ATTEMPT = "Thought: The options look alike, so I pick the first.\nAction: Finish[A]"
+
+
+def rendered_prompts() -> dict[str, str]:
+    prompts = {}
+    for name in task_names():
+        task = get_task(name)
+        item = task.load_samples("train")[0]
+        prompts[f"attempt-{name}-0shot"] = attempt_prompt(task, item, fewshots=0)
+        prompts[f"attempt-{name}-3shot"] = attempt_prompt(task, item, fewshots=3)
+    task = get_task("logiqa")
+    item = task.load_samples("train")[0]
+    prompts["reflection-logiqa-1-3-2"] = reflection_prompt(item, ATTEMPT, "Answer is INCORRECT", get_instruction("1-3-2"))
+    reflection = "I picked an option without reading it. Check which option follows from both statements."
+    prompts["second-trial-logiqa-reflection"] = second_trial_prompt(task, item, reflection)
+    prompts["second-trial-logiqa-reflection-and-attempt"] = second_trial_prompt(
+        task, item, reflection, previous=(ATTEMPT, "Answer is INCORRECT"))
+    return prompts
+
+
+@pytest.mark.parametrize("name", sorted(rendered_prompts()))
+def test_prompt_matches_its_golden_snapshot(name):
+    text = rendered_prompts()[name]
+    path = GOLDEN / f"{name}.txt"
+    if UPDATE:
+        path.write_text(text, encoding="utf-8")
+    assert path.is_file(), f"no snapshot {path.name}: run with REFLECTEVO_UPDATE_GOLDEN=1 and review it"
+    assert text == path.read_text(encoding="utf-8"), f"{name} changed: review, bump the prompt version, update the snapshot"
+
+
+def test_no_snapshot_is_left_without_a_prompt():
+    assert {path.stem for path in GOLDEN.glob("*.txt")} == set(rendered_prompts())
+
+
+def test_the_pool_has_32_distinct_keyed_instructions():
+    assert len(INSTRUCTIONS) == 32
+    assert next(iter(INSTRUCTIONS)) == "1-1-1" and list(INSTRUCTIONS)[-1] == "2-8-2"
+    assert len({instruction.text for instruction in INSTRUCTIONS.values()}) == 32
+    with pytest.raises(ValueError, match=r"unknown reflection instruction '1-1-3' \(did you mean '1-1-\d'\?\)"):
+        get_instruction("1-1-3")
+
+
+def test_instruction_assignment_is_seeded_per_question():
+    first = assign_instructions("random_k", 4, seed=0, task="math", item_id="s01")
+    assert first == assign_instructions("random_k", 4, seed=0, task="math", item_id="s01")
+    assert len(set(first)) == 4 and all(key in INSTRUCTIONS for key in first)
+    others = {tuple(assign_instructions("random_k", 4, seed=s, task="math", item_id="s01")) for s in range(10)}
+    assert len(others) > 1  # the seed matters
+    assert assign_instructions("all", 1, 0, "math", "s01") == list(INSTRUCTIONS)
+    assert assign_instructions(["2-8-2", "1-1-1"], 1, 0, "math", "s01") == ["2-8-2", "1-1-1"]
+    with pytest.raises(ValueError, match="listed twice"):
+        assign_instructions(["1-1-1", "1-1-1"], 1, 0, "math", "s01")
+    with pytest.raises(ValueError, match="unknown instruction policy"):
+        assign_instructions("some", 1, 0, "math", "s01")
+
+
+def test_reflection_prompt_never_shows_the_gold_answer():
+    task = get_task("math")
+    for item in task.load_samples("train"):
+        prompt = reflection_prompt(item, "Thought: x\nAction: Finish<<<0>>>", "Answer is INCORRECT", get_instruction("2-1-1"))
+        assert f"<<<{item.gold}>>>" not in prompt
+        assert prompt.endswith(get_instruction("2-1-1").plan)
