@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +51,3 @@ def configure(params_file: str | None = None, *, select_model_backend: bool = Tr
         print(f"model backend: {backend}")
     print(f"run {params.run.name!r} (seed {params.run.seed}) -> {params.run_dir}; params hash {params.hash()[:12]}")
     return params
-
-
-def in_colab() -> bool:
-    return "google.colab" in sys.modules
