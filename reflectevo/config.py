@@ -158,9 +158,7 @@ class DataParams(Section):
         for name in value:
             if name not in known:
                 raise ValueError(f"unknown task {name!r}{did_you_mean(name, known)}; known tasks: {', '.join(known)}")
-        if len(set(value)) != len(value):
-            raise ValueError("a task is listed twice")
-        return value
+        return reject_duplicates(value, "a task")
 
     @model_validator(mode="after")
     def _official_needs_a_folder(self) -> DataParams:
@@ -205,14 +203,9 @@ class ReflectParams(Section):
     @classmethod
     def _known_instruction_keys(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list):
-            from reflectevo.prompts import get_instruction
+            from reflectevo.prompts import check_instruction_keys
 
-            if not value:
-                raise ValueError("a fixed list of instruction keys cannot be empty")
-            for key in value:
-                get_instruction(key)
-            if len(set(value)) != len(value):
-                raise ValueError("an instruction key is listed twice")
+            check_instruction_keys(value)
         return value
 
     @model_validator(mode="after")
@@ -250,9 +243,7 @@ class SFTParams(TrainParams):
     @field_validator("modes")
     @classmethod
     def _unique(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise ValueError("a mode is listed twice")
-        return value
+        return reject_duplicates(value, "a mode")
 
 
 class DPOParams(TrainParams):
@@ -267,9 +258,7 @@ class DPOParams(TrainParams):
     @field_validator("pairs")
     @classmethod
     def _unique(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise ValueError("a pair type is listed twice")
-        return value
+        return reject_duplicates(value, "a pair type")
 
 
 # ---- eval, analysis, evolve (notebooks 05, 06; self-evolution) ---------------------------------------
@@ -326,6 +315,19 @@ class Params(Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 64-bit seed derived from the run seed and names ("|"-joined, sha256), so that each use
+    (a task's split, one question's instructions) has its own stream and never shifts another's."""
+    digest = hashlib.sha256("|".join(str(part) for part in parts).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def reject_duplicates(values: list[Any], what: str) -> list[Any]:
+    if len(set(values)) != len(values):
+        raise ValueError(f"{what} is listed twice")
+    return values
 
 
 def canonical_hash(value: Any) -> str:

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from reflectevo.config import SECTIONS, Params, load_params
+from reflectevo.config import Params, load_params
 
 
 def setup(quiet: bool = True) -> Path:
@@ -40,9 +40,6 @@ def configure(params_file: str | None = None, *, select_model_backend: bool = Tr
     schema fills every key a section leaves out. The backend is selected here, before any cell
     imports transformers, because Unsloth has to be imported first to patch it.
     """
-    unknown = sorted(set(sections) - set(SECTIONS))
-    if unknown:
-        raise TypeError(f"configure() got unknown section(s) {unknown}; the sections are {', '.join(SECTIONS)}")
     params = load_params(params_file, sections)
     if select_model_backend:
         from reflectevo.models import select_backend

@@ -14,7 +14,6 @@ manifest and the built-in stand-in model is rebuilt automatically when its corpu
 from __future__ import annotations
 
 import difflib
-import hashlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -120,6 +119,15 @@ def get_instruction(key: str) -> Instruction:
         raise ValueError(f"unknown reflection instruction {key!r}{hint}; keys are 'V-E-P' with V in 1-2, E in 1-8, P in 1-2") from None
 
 
+def check_instruction_keys(keys: Sequence[str]) -> list[str]:
+    """A fixed list of instruction keys: not empty, every key in the pool, none twice."""
+    from reflectevo.config import reject_duplicates
+
+    if not keys:
+        raise ValueError("a fixed list of instruction keys cannot be empty")
+    return reject_duplicates([get_instruction(key).key for key in keys], "an instruction key")
+
+
 def assign_instructions(policy: str | Sequence[str], k: int, seed: int, task: str, item_id: str) -> list[str]:
     """The instruction keys used for one question: ``all`` 32, ``random_k`` (k keys drawn with a
     seed derived from the run seed, the task and the item id, so the choice for one question never
@@ -129,15 +137,13 @@ def assign_instructions(policy: str | Sequence[str], k: int, seed: int, task: st
     if policy == "random_k":
         if not 1 <= k <= len(INSTRUCTIONS):
             raise ValueError(f"instructions_k must be between 1 and {len(INSTRUCTIONS)}, got {k}")
-        digest = hashlib.sha256(f"{seed}|{task}|{item_id}|instructions".encode()).digest()
-        chosen = random.Random(int.from_bytes(digest[:8], "big")).sample(list(INSTRUCTIONS), k)
+        from reflectevo.config import derive_seed
+
+        chosen = random.Random(derive_seed(seed, task, item_id, "instructions")).sample(list(INSTRUCTIONS), k)
         return sorted(chosen, key=list(INSTRUCTIONS).index)
     if isinstance(policy, str):
         raise ValueError(f"unknown instruction policy {policy!r}; use 'all', 'random_k' or a list of keys")  # noqa: TRY004  (a wrong value, not a wrong type)
-    keys = [get_instruction(key).key for key in policy]
-    if len(set(keys)) != len(keys):
-        raise ValueError("an instruction key is listed twice")
-    return keys
+    return check_instruction_keys(policy)
 
 
 # ---- reflection and second-trial prompts ---------------------------------------------------------

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from reflectevo.config import Params, canonical_hash, load_params
+from reflectevo.config import Params, load_params
 from reflectevo.errors import ReflectEvoError
 from reflectevo.runs import (
     LOCK_TOKEN_ENV,
@@ -24,6 +24,7 @@ from reflectevo.runs import (
     Stage,
     StageError,
     get_stage,
+    identity_of,
     open_run,
     read_manifest,
 )
@@ -58,7 +59,7 @@ def expected_identities(params: Params, available: set[str]) -> dict[str, str]:
         for number in stage.depends:
             dep = get_stage(number)
             upstream[dep.key] = identities.get(dep.key) if dep.key in available else None
-        identities[stage.key] = canonical_hash({"params": params.section_hash(stage.reads), "upstream": upstream})
+        identities[stage.key] = identity_of(params, stage, upstream)
     return identities
 
 
@@ -198,7 +199,7 @@ def run_pipeline(params_file: str | Path, *, stages: list[str] | None = None, st
                 if running.exists():
                     os.replace(running, failed)
                 where = describe_failure(exc)
-                mark_failed(run, planned.stage, where)
+                run.mark_stage_failed(planned.stage.key, where)
                 out(f"{prefix}: FAILED in {planned.stage.notebook}, {where}\n"
                     f"  executed notebook kept at {failed}")
                 return 1
@@ -234,9 +235,3 @@ def exec_count(exc) -> str:
     return str(exc.exec_count) if exc.exec_count is not None else " "
 
 
-def mark_failed(run, stage: Stage, reason: str) -> None:
-    def failed(manifest: dict) -> None:
-        entry = manifest.setdefault("stages", {}).setdefault(stage.key, {})
-        entry.update(status="failed", reason=reason)
-
-    run.update_manifest(failed)

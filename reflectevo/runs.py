@@ -84,6 +84,11 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
+def identity_of(params: Params, stage: Stage, upstream: dict[str, str | None]) -> str:
+    """A stage's identity: the hash of the params it reads and of its upstream stages' identities."""
+    return canonical_hash({"params": params.section_hash(stage.reads), "upstream": upstream})
+
+
 def get_stage(name: str) -> Stage:
     """A stage by number ("01") or key ("01_data")."""
     for stage in STAGES:
@@ -365,15 +370,21 @@ class RunDir:
 
     # -- stages
     def stage_identity(self, stage: str) -> str:
-        """Hash of the params the stage reads and the identities of the stages it depends on."""
+        """The stage's identity from the identities its upstream stages recorded when they finished."""
         spec = get_stage(stage)
         stages = self.manifest().get("stages", {})
         upstream = {}
         for number in spec.depends:
-            dep = get_stage(number)
-            entry = stages.get(dep.key, {})
-            upstream[dep.key] = entry.get("identity") if entry.get("status") == "done" else None
-        return canonical_hash({"params": self.params.section_hash(spec.reads), "upstream": upstream})
+            entry = stages.get(get_stage(number).key, {})
+            upstream[get_stage(number).key] = entry.get("identity") if entry.get("status") == "done" else None
+        return identity_of(self.params, spec, upstream)
+
+    def mark_stage_failed(self, stage: str, reason: str) -> None:
+        def failed(manifest: dict[str, Any]) -> None:
+            entry = manifest.setdefault("stages", {}).setdefault(get_stage(stage).key, {})
+            entry.update(status="failed", finished=now(), reason=reason)
+
+        self.update_manifest(failed)
 
     def begin_stage(self, stage: str, *, require_upstream: bool = True) -> StageRun:
         spec = get_stage(stage)
@@ -439,11 +450,7 @@ class StageRun:
         return self.run.update_manifest(done)["stages"][self.spec.key]
 
     def fail(self, reason: str) -> None:
-        def failed(manifest: dict[str, Any]) -> None:
-            entry = manifest.setdefault("stages", {}).setdefault(self.spec.key, {})
-            entry.update(status="failed", finished=now(), reason=reason)
-
-        self.run.update_manifest(failed)
+        self.run.mark_stage_failed(self.spec.key, reason)
 
 
 def read_manifest(run_dir: str | Path) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reflectevo.config import DataParams
+from reflectevo.config import DataParams, derive_seed
 from reflectevo.errors import DataError, DataFileNotFound
 from reflectevo.jsonl import read_jsonl
 from reflectevo.runs import atomic_directory, atomic_write_json, file_sha256
@@ -50,8 +50,7 @@ class TaskData:
 
 def split_seed(seed: int, task: str, purpose: str) -> int:
     """A seed per (run seed, task, purpose), so adding a task never reshuffles another one."""
-    digest = hashlib.sha256(f"{seed}|{task}|{purpose}".encode()).digest()
-    return int.from_bytes(digest[:8], "big")
+    return derive_seed(seed, task, purpose)
 
 
 def load_official_checked(task_name: str, official_dir: str | Path, check_sha256: bool = True) -> tuple[list[Item], str]:
