@@ -162,6 +162,14 @@ class Batch:
         return f"batch-{self.index:05d}-{digest}.jsonl"
 
 
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+    """The prompt string of ``messages`` under the model's chat template. A last assistant message is a
+    prefix the model continues (the paper's two-call attempt pre-fills "Thought: " and "Action: ")."""
+    if messages and messages[-1].get("role") == "assistant":
+        return tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 def check_requests(requests: Sequence[GenerationRequest]) -> list[GenerationRequest]:
     seen: set[str] = set()
     duplicates = []
@@ -370,7 +378,7 @@ class TransformersEngine(BatchedEngine):
         return size
 
     def render(self, messages: list[dict[str, Any]]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return render_chat(self.tokenizer, messages)
 
     def tokenize(self, prompts: list[str]) -> list[list[int]]:
         # the chat template already holds any BOS the model wants
@@ -486,7 +494,7 @@ class VLLMEngine(BatchedEngine):
         return AUTO_MAX_BATCH
 
     def render(self, messages: list[dict[str, Any]]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return render_chat(self.tokenizer, messages)
 
     def tokenize(self, prompts: list[str]) -> list[list[int]]:
         return self.tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +62,31 @@ def attempt_prompt(task: Task, item: Item, fewshots: int = 0) -> str:
 def attempt_messages(task: Task, item: Item, fewshots: int = 0) -> list[dict[str, Any]]:
     """The chat messages of a first attempt (one user turn; the model's chat template wraps it)."""
     return [{"role": "user", "content": attempt_prompt(task, item, fewshots)}]
+
+
+# The paper's attempt takes two calls (method.md §1.3): the thought with the answer pre-filled as
+# "Thought: ", then the action with the thought in the prompt and "Action: " pre-filled. Our
+# prefixes end before the space: byte-level BPE tokenizers attach a space to the word after it,
+# so a prompt ending in a bare space asks for a token sequence the model rarely saw.
+THOUGHT_PREFIX = "Thought:"
+ACTION_PREFIX = "Action:"
+THOUGHT_STOP = ("\nAction", "Action:", *ATTEMPT_STOP)
+
+
+def thought_messages(user: str) -> list[dict[str, Any]]:
+    """Call 1 of a two-call attempt: the assistant turn starts with ``Thought: ``."""
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": THOUGHT_PREFIX}]
+
+
+def action_messages(user: str, thought: str) -> list[dict[str, Any]]:
+    """Call 2 of a two-call attempt: the thought is given, the assistant turn goes on at ``Action: ``."""
+    return [{"role": "user", "content": user},
+            {"role": "assistant", "content": f"{THOUGHT_PREFIX} {thought.strip()}\n{ACTION_PREFIX}"}]
+
+
+def join_two_calls(thought: str, action: str) -> str:
+    """The attempt text of a two-call attempt, in the same shape as a one-call attempt."""
+    return f"{THOUGHT_PREFIX} {thought.strip()}\n{ACTION_PREFIX} {action.strip()}"
 
 
 # ---- reflection: the instruction pool ----------------------------------------------------------
@@ -110,13 +136,27 @@ INSTRUCTIONS: dict[str, Instruction] = {
 }
 
 
+# The instruction of the generic reflection prompt, outside the pool: no verify style, error kind or
+# plan level is imposed. It is the reflection prompt at test time and of the training datasets by
+# default, so that a reflector is trained and evaluated on one template (method.md §8.1.2).
+GENERIC_INSTRUCTION = Instruction(
+    "generic",
+    "Find the step where the failed attempt went wrong.",
+    "Say in a sentence or two why it was wrong.",
+    "Then state a short plan for a better attempt.",
+)
+
+
 def get_instruction(key: str) -> Instruction:
+    if key == GENERIC_INSTRUCTION.key:
+        return GENERIC_INSTRUCTION
     try:
         return INSTRUCTIONS[key]
     except KeyError:
         close = difflib.get_close_matches(key, list(INSTRUCTIONS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown reflection instruction {key!r}{hint}; keys are 'V-E-P' with V in 1-2, E in 1-8, P in 1-2") from None
+        raise ValueError(f"unknown reflection instruction {key!r}{hint}; keys are 'V-E-P' with V in 1-2, E in 1-8, P in 1-2, "
+                         "or 'generic'") from None
 
 
 def check_instruction_keys(keys: Sequence[str]) -> list[str]:
@@ -183,3 +223,64 @@ def second_trial_prompt(task: Task, item: Item, reflection: str, fewshots: int =
     parts.append(block)
     parts.append(f"Question: {item.question}")
     return "\n\n".join(parts)
+
+
+# ---- one-stage learning: reflection and new attempt in one answer (method.md §5.2) ---------------
+ONE_STAGE_SUFFIX = (
+    "After the reflection, answer the question again: write a line with only Answer:, then a line "
+    "starting with Thought: and a line starting with Action: in which you {answer_format}."
+)
+ONE_STAGE_SEPARATOR = "\nAnswer:\n"
+
+
+def one_stage_prompt(task: Task, item: Item, attempt: str, feedback: str, instruction: Instruction) -> str:
+    """The reflection prompt, extended to ask for the new attempt after the reflection."""
+    suffix = ONE_STAGE_SUFFIX.format(answer_format=task.answer_format)
+    return f"{reflection_prompt(item, attempt, feedback, instruction)}\n\n{suffix}"
+
+
+def one_stage_completion(reflection: str, attempt: str) -> str:
+    """The target of one-stage learning: the reflection, then ``Answer:``, then the corrected attempt."""
+    return f"{reflection.strip()}\n{ONE_STAGE_SEPARATOR}{attempt.strip()}"
+
+
+def split_one_stage(text: str) -> tuple[str, str | None]:
+    """(reflection, attempt) of a one-stage answer; the attempt is None when ``Answer:`` is missing."""
+    head, separator, tail = text.partition(ONE_STAGE_SEPARATOR.strip("\n"))
+    if not separator:
+        return text.strip(), None
+    return head.strip(), tail.strip()
+
+
+# ---- judging reflections (Dpref) ------------------------------------------------------------------
+# Dpref ranks successful reflections of one failed attempt (method.md §3.4). The paper used a stronger
+# model with an unreleased prompt; this prompt is ours. The judge sees both reflections, never the
+# gold answer, and ends with one verdict line; each pair is judged in both orders by default, so a
+# judge that prefers a position rather than a reflection produces no pair.
+JUDGE_VERSION = "judge-1"
+JUDGE_INTRO = (
+    "Two reflections were written on the same failed attempt at the question below, and both led to a "
+    "correct second attempt. Decide which reflection is better: the one that finds the real mistake more "
+    "precisely and gives the clearer, more useful plan. Do not prefer a reflection for its length or its "
+    "position. End with exactly one line: Verdict: A, Verdict: B or Verdict: tie."
+)
+VERDICTS = ("A", "B", "tie")
+_VERDICT = re.compile(r"Verdict:\s*\**\s*(A|B|tie)\b", re.IGNORECASE)
+
+
+def judge_prompt(item: Item, attempt: str, feedback: str, reflection_a: str, reflection_b: str) -> str:
+    """The user message that asks a judge to compare two reflections on one failed attempt."""
+    return (
+        f"{JUDGE_INTRO}\n\nQuestion: {item.question}\n\n"
+        f"Failed attempt:\n{failed_trial(attempt, feedback)}\n\n"
+        f"Reflection A:\n{reflection_a.strip()}\n\nReflection B:\n{reflection_b.strip()}"
+    )
+
+
+def parse_verdict(text: str) -> str | None:
+    """``"A"``, ``"B"`` or ``"tie"`` from a judge's answer (its last verdict line), None when it gave none."""
+    found = _VERDICT.findall(text)
+    if not found:
+        return None
+    verdict = found[-1]
+    return "tie" if verdict.lower() == "tie" else verdict.upper()

@@ -13,12 +13,21 @@ from pathlib import Path
 import pytest
 
 from reflectevo.prompts import (
+    GENERIC_INSTRUCTION,
     INSTRUCTIONS,
+    action_messages,
     assign_instructions,
     attempt_prompt,
     get_instruction,
+    join_two_calls,
+    judge_prompt,
+    one_stage_completion,
+    one_stage_prompt,
+    parse_verdict,
     reflection_prompt,
     second_trial_prompt,
+    split_one_stage,
+    thought_messages,
 )
 from reflectevo.tasks import get_task, task_names
 
@@ -41,6 +50,10 @@ def rendered_prompts() -> dict[str, str]:
     prompts["second-trial-logiqa-reflection"] = second_trial_prompt(task, item, reflection)
     prompts["second-trial-logiqa-reflection-and-attempt"] = second_trial_prompt(
         task, item, reflection, previous=(ATTEMPT, "Answer is INCORRECT"))
+    prompts["reflection-logiqa-generic"] = reflection_prompt(item, ATTEMPT, "Answer is INCORRECT", GENERIC_INSTRUCTION)
+    prompts["one-stage-logiqa-generic"] = one_stage_prompt(task, item, ATTEMPT, "Answer is INCORRECT", GENERIC_INSTRUCTION)
+    prompts["judge-logiqa"] = judge_prompt(item, ATTEMPT, "Answer is INCORRECT", reflection,
+                                           "I should have read the options. Next time, compare each one with the text.")
     return prompts
 
 
@@ -86,3 +99,29 @@ def test_reflection_prompt_never_shows_the_gold_answer():
         prompt = reflection_prompt(item, "Thought: x\nAction: Finish<<<0>>>", "Answer is INCORRECT", get_instruction("2-1-1"))
         assert f"<<<{item.gold}>>>" not in prompt
         assert prompt.endswith(get_instruction("2-1-1").plan)
+
+
+def test_judge_verdicts_are_parsed_from_the_last_verdict_line():
+    assert parse_verdict("A is sharper.\nVerdict: A") == "A"
+    assert parse_verdict("Verdict: b") == "B" and parse_verdict("Verdict: **B**") == "B"
+    assert parse_verdict("Verdict: Tie") == "tie"
+    assert parse_verdict("First Verdict: A, but on reflection Verdict: B") == "B"
+    assert parse_verdict("Reflection A is better.") is None  # no verdict line: a parse failure, counted
+    assert parse_verdict("Verdict: Both") is None
+
+
+def test_one_stage_answers_split_into_reflection_and_attempt():
+    text = one_stage_completion("I misread option B.", "Thought: C fits.\nAction: Finish[C]")
+    assert split_one_stage(text) == ("I misread option B.", "Thought: C fits.\nAction: Finish[C]")
+    assert split_one_stage("Only a reflection.") == ("Only a reflection.", None)
+
+
+def test_two_call_attempts_prefill_the_assistant_turn():
+    assert thought_messages("Q")[-1] == {"role": "assistant", "content": "Thought:"}
+    assert action_messages("Q", " think ")[-1]["content"] == "Thought: think\nAction:"
+    assert join_two_calls(" think", " Finish[B] ") == "Thought: think\nAction: Finish[B]"
+
+
+def test_the_generic_instruction_is_outside_the_pool_but_resolvable():
+    assert GENERIC_INSTRUCTION.key not in INSTRUCTIONS and get_instruction("generic") is GENERIC_INSTRUCTION
+    assert "generic" not in assign_instructions("all", 2, 0, "logiqa", "x")
