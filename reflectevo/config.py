@@ -53,6 +53,8 @@ class RunParams(Section):
     name: str = "default"  # outputs/<name>/ holds everything the run writes
     seed: int = Field(0, ge=0)  # the one seed every stage derives its own seeds from
     output_dir: str = "outputs"  # relative to the working directory
+    # MBPP is graded by running model-written code in the sandbox (reflectevo.sandbox): an explicit opt-in
+    allow_code_execution: bool = False
 
     @field_validator("name")
     @classmethod
@@ -174,7 +176,12 @@ class DataParams(Section):
 class JudgeParams(Section):
     kind: Literal["self", "local", "openai"] = "self"  # self: no distillation from a superior model
     model: str | None = None  # for kind local: a model name or folder; for openai: the model id
-    url: str | None = None  # for kind openai: the base URL of an OpenAI-compatible endpoint
+    url: str | None = None  # for kind openai: the base URL of an OpenAI-compatible endpoint (…/v1)
+    api_key_env: str = "OPENAI_API_KEY"  # for kind openai: the environment variable holding the key, if any
+    both_orders: bool = True  # judge every pair as (A, B) and (B, A); only agreeing verdicts make a pair
+    max_pairs_per_question: int = Field(16, ge=1)  # pairs of successful reflections judged per question (seeded choice)
+    max_new_tokens: int = Field(64, ge=1)
+    timeout_s: float = Field(120.0, gt=0)  # for kind openai: per request
 
     @model_validator(mode="after")
     def _needs(self) -> JudgeParams:
@@ -198,6 +205,9 @@ class ReflectParams(Section):
     max_new_tokens: int = Field(512, ge=1)
     second_trial: Literal["reflection", "reflection_and_attempt"] = "reflection_and_attempt"
     judge: JudgeParams = Field(default_factory=JudgeParams)
+    # the reflection prompt of the training datasets: "generic" (the test-time prompt, so a reflector is
+    # trained and evaluated on one template) or "as_generated" (the instruction-bearing prompt, as the paper's SFT)
+    training_prompt: Literal["generic", "as_generated"] = "generic"
 
     @field_validator("instructions")
     @classmethod
