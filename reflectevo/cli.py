@@ -6,6 +6,7 @@
     reflectevo check-graders --official-dir path/to/reflectevo-official --allow-code-execution
     reflectevo sandbox
     reflectevo run params/quickstart.yaml [--stages 01,02 | --from 03] [--force] [--dry-run]
+    reflectevo serve MODEL [--host 127.0.0.1] [--port 8000]
 """
 
 from __future__ import annotations
@@ -178,6 +179,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                         notebooks=args.notebooks)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from reflectevo.config import ModelParams
+    from reflectevo.serve import serve
+
+    serve(ModelParams(name=args.model, device=args.device, dtype=args.dtype), host=args.host, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reflectevo", description="ReflectEvo: learning from self-reflection.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -228,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print the resolved params, the stage plan and one prompt per task; load no model")
     run.add_argument("--notebooks", help="folder of the numbered notebooks (default: ./notebooks, else the source tree's)")
     run.set_defaults(run=cmd_run)
+
+    serve = commands.add_parser("serve", help="serve a model on an OpenAI-compatible endpoint (e.g. as a judge)")
+    serve.add_argument("model", help="a hub id, a local folder or a built-in (builtin:tiny), as model.name")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1; the server has no authentication)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    serve.set_defaults(run=cmd_serve)
     return parser
 
 

@@ -1,0 +1,225 @@
+"""A judge behind any OpenAI-compatible ``/v1/chat/completions`` endpoint, with the standard library only.
+
+    judge = OpenAIJudge("http://127.0.0.1:8000/v1", "my-judge", cache_path=run_dir / "openai-replies.jsonl")
+    replies = judge.complete(requests)  # one JudgeReply per request, in order
+
+Requests run concurrently; 429s, 5xx answers and dropped connections are retried with exponential
+back-off; anything else (a refused connection, another 4xx, a reply without text) is a
+:class:`~reflectevo.judges.JudgeError` that names the URL, the status and what to fix.
+
+The resume cache is an append-only JSONL file: one line per answered request, written and fsynced
+as soon as the answer arrives, so a killed run loses at most the requests in flight. A rerun
+answers from it whatever it finds with the same key and the same (model, messages, max_tokens).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from reflectevo.generation import GenerationRequest, check_requests
+from reflectevo.judges import JudgeError, JudgeReply
+
+log = logging.getLogger(__name__)
+
+BODY_EXCERPT_CHARS = 300  # of an error answer, quoted in the JudgeError
+MAX_BACKOFF_S = 30.0
+
+
+class OpenAIJudge:
+    """Greedy chat completions from an OpenAI-compatible endpoint (vLLM, llama.cpp, ``reflectevo serve``, ...)."""
+
+    def __init__(self, url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 120.0,
+                 max_new_tokens: int = 64, cache_path: str | Path | None = None, max_workers: int = 8,
+                 retries: int = 3, backoff_s: float = 1.0) -> None:
+        parts = urllib.parse.urlsplit(url or "")
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise JudgeError(f"judge url {url!r} is not an http(s) URL; give the endpoint's base URL, "
+                             "e.g. http://127.0.0.1:8000/v1 (the part before /chat/completions)")
+        if not model:
+            raise JudgeError("an OpenAI-compatible judge needs the model id the endpoint serves (reflect.judge.model)")
+        self.url = url.rstrip("/")
+        self.endpoint = f"{self.url}/chat/completions"
+        self.model = model
+        self.name = f"openai:{model}@{self.url}"
+        self.api_key_env = api_key_env
+        self.timeout_s, self.max_new_tokens = timeout_s, max_new_tokens
+        self.max_workers, self.retries, self.backoff_s = max(1, max_workers), max(0, retries), backoff_s
+        self.cache_path = Path(cache_path) if cache_path is not None else None
+        self.served = {"cache": 0, "endpoint": 0}
+        self._lock = threading.Lock()  # guards the counters and the cache file
+
+    def describe(self) -> dict[str, Any]:
+        """For the run manifest: where the judge is, and how many answers came from the cache."""
+        return {"judge": self.name, "url": self.url, "model": self.model, "max_new_tokens": self.max_new_tokens,
+                "cache_path": str(self.cache_path) if self.cache_path else None,
+                "from_cache": self.served["cache"], "from_endpoint": self.served["endpoint"]}
+
+    def complete(self, requests: Sequence[GenerationRequest]) -> list[JudgeReply]:
+        """One reply per request, in request order; the first request that fails stops the rest."""
+        requests = check_requests(requests)
+        cached = self._read_cache()
+        texts: dict[str, str] = {}
+        missing = []
+        for request in requests:
+            entry = cached.get(request.key)
+            if entry is not None and entry[0] == self._fingerprint(request.messages):
+                texts[request.key] = entry[1]
+            else:
+                missing.append(request)
+        self.served["cache"] += len(texts)
+        if missing:
+            with ThreadPoolExecutor(max_workers=min(self.max_workers, len(missing))) as pool:
+                futures = [pool.submit(self._answer, request) for request in missing]
+                try:
+                    for request, future in zip(missing, futures):
+                        texts[request.key] = future.result()
+                except BaseException:
+                    # answers still in flight are cached when they arrive; the rest are not sent
+                    pool.shutdown(cancel_futures=True)
+                    raise
+        return [JudgeReply(r.key, texts[r.key], self._prompt(r.messages), self.name) for r in requests]
+
+    # ---- one request ---------------------------------------------------------------------------
+    def _prompt(self, messages: list[dict[str, Any]]) -> str:
+        return json.dumps(messages, ensure_ascii=False)
+
+    def _fingerprint(self, messages: list[dict[str, Any]]) -> str:
+        identity = json.dumps([self.model, messages, self.max_new_tokens], ensure_ascii=False, sort_keys=True)
+        return hashlib.sha256(identity.encode("utf-8")).hexdigest()
+
+    def _answer(self, request: GenerationRequest) -> str:
+        body = {"model": self.model, "messages": request.messages, "temperature": 0,
+                "max_tokens": self.max_new_tokens, "n": 1}
+        reply = self._post(json.dumps(body, ensure_ascii=False).encode("utf-8"))
+        text = _content(reply)
+        if text is None:
+            raise JudgeError(f"{self.endpoint} answered without choices[0].message.content: "
+                             f"{_excerpt(json.dumps(reply, ensure_ascii=False))}; is it an OpenAI-compatible chat endpoint?")
+        with self._lock:
+            self.served["endpoint"] += 1
+            self._append_cache(request.key, self._fingerprint(request.messages), text)
+        return text
+
+    def _post(self, data: bytes) -> Any:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        for attempt in range(self.retries + 1):
+            retry_after = None
+            try:
+                with urllib.request.urlopen(urllib.request.Request(self.endpoint, data=data, headers=headers, method="POST"),
+                                            timeout=self.timeout_s) as response:
+                    raw = response.read()
+                try:
+                    return json.loads(raw)
+                except ValueError:
+                    raise JudgeError(f"{self.endpoint} answered {response.status} with something that is not JSON: "
+                                     f"{_excerpt(raw)}; is the url the endpoint's /v1 base?") from None
+            except urllib.error.HTTPError as exc:
+                excerpt = _excerpt(exc.read())
+                if exc.code != 429 and exc.code < 500:
+                    raise JudgeError(f"{self.endpoint} answered HTTP {exc.code}: {excerpt}; "
+                                     f"{_fix_for_status(exc.code, self.api_key_env)}") from None
+                why = f"HTTP {exc.code}: {excerpt}"
+                retry_after = _seconds(exc.headers.get("Retry-After"))
+            except urllib.error.URLError as exc:  # urlopen wraps what fails while connecting and sending
+                why = self._connection_trouble(exc.reason)
+            except (ConnectionError, TimeoutError, http.client.IncompleteRead) as exc:  # while reading the answer
+                why = self._connection_trouble(exc)
+            except http.client.HTTPException as exc:
+                raise JudgeError(f"{self.endpoint} did not answer in HTTP ({type(exc).__name__}: {exc}); "
+                                 "check reflect.judge.url (scheme and port)") from None
+            if attempt == self.retries:
+                kept = " (the answers so far are cached)" if self.cache_path else ""
+                raise JudgeError(f"{self.endpoint} failed {self.retries + 1} times, last with {why}; "
+                                 f"the server is overloaded or failing: check its log, then rerun{kept}")
+            delay = min(MAX_BACKOFF_S, retry_after if retry_after is not None else self.backoff_s * 2**attempt)
+            log.warning("judge request to %s failed (%s); retrying in %.1f s", self.endpoint, why, delay)
+            time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _connection_trouble(self, reason: Any) -> str:
+        """Why a connection failed, when retrying may help; a JudgeError when it will not."""
+        if isinstance(reason, ConnectionRefusedError):
+            raise JudgeError(f"{self.endpoint}: connection refused; is the server running and the url right? "
+                             "(serve a local model with `reflectevo serve MODEL`)")
+        if isinstance(reason, TimeoutError):
+            raise JudgeError(f"{self.endpoint}: no answer within {self.timeout_s:g} s; "
+                             "raise reflect.judge.timeout_s or lower max_new_tokens")
+        if isinstance(reason, (ConnectionError, http.client.IncompleteRead)):  # reset, aborted, broken pipe
+            return f"connection dropped ({type(reason).__name__}: {reason})"
+        raise JudgeError(f"{self.endpoint}: cannot connect ({reason}); check reflect.judge.url")
+
+    # ---- the resume cache ------------------------------------------------------------------------
+    def _read_cache(self) -> dict[str, tuple[str, str]]:
+        """key -> (fingerprint, text); the last line of a key wins. A torn last line is cut off."""
+        if self.cache_path is None or not self.cache_path.is_file():
+            return {}
+        raw = self.cache_path.read_bytes()
+        complete_end = raw.rfind(b"\n") + 1
+        if complete_end < len(raw):  # a write killed half-way; cut it so the next append starts a clean line
+            log.warning("%s: ignoring a torn last line (%d bytes)", self.cache_path, len(raw) - complete_end)
+            with open(self.cache_path, "r+b") as handle:
+                handle.truncate(complete_end)
+        entries = {}
+        for number, line in enumerate(raw[:complete_end].decode("utf-8", errors="replace").splitlines(), 1):
+            try:
+                row = json.loads(line)
+                entries[str(row["key"])] = (str(row["sha256"]), str(row["text"]))
+            except (ValueError, KeyError, TypeError):
+                log.warning("%s:%d: ignoring a damaged cache line", self.cache_path, number)
+        return entries
+
+    def _append_cache(self, key: str, fingerprint: str, text: str) -> None:
+        if self.cache_path is None:
+            return
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"key": key, "sha256": fingerprint, "text": text}, ensure_ascii=False) + "\n"
+        with open(self.cache_path, "a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _content(reply: Any) -> str | None:
+    """choices[0].message.content of a chat completion, None when the reply has no such string."""
+    try:
+        content = reply["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return content if isinstance(content, str) else None
+
+
+def _excerpt(body: bytes | str) -> str:
+    text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
+    text = " ".join(text.split())
+    return repr(text[:BODY_EXCERPT_CHARS] + ("..." if len(text) > BODY_EXCERPT_CHARS else ""))
+
+
+def _fix_for_status(status: int, api_key_env: str) -> str:
+    if status in (401, 403):
+        return f"set the API key in ${api_key_env} (reflect.judge.api_key_env names the variable)"
+    if status == 404:
+        return "check reflect.judge.url (the base ending in /v1) and reflect.judge.model (an id from GET /v1/models)"
+    return "the endpoint rejected the request; check reflect.judge.model and max_new_tokens against what it serves"
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
