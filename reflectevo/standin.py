@@ -51,7 +51,7 @@ from reflectevo.models import ModelLoadError, cache_dir
 log = logging.getLogger(__name__)
 
 # Bump when the build changes in a way the hash below cannot see (the training loop, the template).
-BUILDER_VERSION = "tiny-1"
+BUILDER_VERSION = "tiny-2"
 
 TINY = "builtin:tiny"
 RANDOM_1B = "builtin:random-1b"
@@ -92,7 +92,7 @@ class TinySettings:
     num_heads: int = 8
     vocab_size: int = 2048
     # training: a fixed step count makes the build bit-reproducible (a time budget would not)
-    steps: int = 300
+    steps: int = 600
     batch_size: int = 16
     learning_rate: float = 3e-3
     warmup_steps: int = 20
@@ -100,7 +100,7 @@ class TinySettings:
     weight_decay: float = 0.01
     adam_betas: tuple[float, float] = (0.9, 0.95)
     clip_norm: float = 1.0
-    max_row_tokens: int = 320  # longer rows are dropped: they cost time and the prompts do not need them
+    max_row_tokens: int = 512  # longer rows are dropped: they cost time (judge prompts reach about 490)
     length_buckets: int = 4  # draw this many batches at once and group them by length: less padding
     seed: int = 0
     # corpus
@@ -328,6 +328,180 @@ def _bigbench_thought(item, answer: str, correct: bool, rng: random.Random) -> s
 @corpus_part("attempts/bigbench")
 def bigbench_attempts(rng: random.Random, settings: TinySettings) -> list[Pair]:
     return _attempt_pairs("bigbench", rng, settings, _bigbench_wrong, _bigbench_thought)
+
+
+# ---- reflections, second trials and judgements (stage 02) -----------------------------------------
+# The stand-in writes a reflection whose sentences follow the instruction it was given (the error
+# kind, the plan level), on an attempt whose wrong answer it names; it never states the gold answer.
+# Its second attempts on training items are gold half of the time and never repeat the rejected
+# answer, so reflecting helps it about as much as a second guess would. Its judge prefers the
+# reflection with a concrete fix ("The fix is ...") and calls a tie when both or neither have one.
+REFLECTION_OPENINGS = {
+    "1": ("Checking step by step, my answer {answer} was wrong.", "Going through each step, {answer} does not hold."),
+    "2": ("My answer {answer} was wrong.", "Looking at the attempt as a whole, {answer} is not right."),
+}
+REFLECTION_CHECKS = {
+    "1": ("I did not check each calculation.", "One of my calculations is off."),
+    "2": ("I took the steps in the wrong order.", "My method skipped a step."),
+    "3": ("My conclusion does not follow from the statements.", "I jumped to a conclusion."),
+    "4": ("Two of my statements contradict each other.", "My reasoning is not consistent."),
+    "5": ("I misread what the question asks.", "I answered a different question."),
+    "6": ("I ignored part of the question.", "I did not use every condition."),
+    "7": ("My answer does not follow the required format.", "I wrote the answer in the wrong form."),
+    "8": ("I relied on a fact that is not true.", "One fact I used is wrong."),
+}
+REFLECTION_PLANS = {
+    "1": ("Next time I will check every option against the question before I answer.",
+          "Next time I will reason one step at a time and test my answer at the end."),
+    "2": ("The fix is to rule out {answer} and test the remaining answers one by one.",
+          "The fix is to redo the key step and compare the result with each option."),
+}
+CONCRETE_FIX = "The fix is"
+
+
+def _wrong_answer(task_name: str, item, rng: random.Random) -> str:
+    return {"logiqa": _other_letter, "math": perturbed_number_answer, "mbpp": wrong_code_answer,
+            "bigbench": _bigbench_wrong}[task_name](item, rng)
+
+
+def _thought(task_name: str, item, answer: str, correct: bool, rng: random.Random) -> str:
+    return {"logiqa": _choice_thought, "math": _math_thought, "mbpp": _code_thought,
+            "bigbench": _bigbench_thought}[task_name](item, answer, correct, rng)
+
+
+def _failed_first_trial(task_name: str, item, rng: random.Random) -> tuple[str, str, str]:
+    """A wrong first attempt at a training item: (answer, attempt text, feedback)."""
+    from reflectevo.prompts import render_attempt
+    from reflectevo.tasks.base import INCORRECT_OBSERVATION
+
+    task = _task(task_name)
+    answer = _wrong_answer(task_name, item, rng)
+    attempt = render_attempt(task, _thought(task_name, item, answer, False, rng), answer)
+    feedback = INCORRECT_OBSERVATION
+    if task.needs_code_execution and item.tests:
+        feedback = f"Test failed: {item.tests[0]}\n{INCORRECT_OBSERVATION}"
+    return answer, attempt, feedback
+
+
+def _named(task_name: str, answer: str) -> str:
+    # a reflection names a short rejected answer; code is named by what it is
+    return "my code" if task_name == "mbpp" else answer
+
+
+def stand_in_reflection(task_name: str, answer: str, instruction, rng: random.Random) -> str:
+    """The stand-in's reflection for one instruction (the generic one picks its parts at random)."""
+    verify, check, plan = instruction.key.split("-") if instruction.key.count("-") == 2 else (
+        rng.choice("12"), rng.choice("12345678"), rng.choice("12"))
+    named = _named(task_name, answer)
+    return " ".join([rng.choice(REFLECTION_OPENINGS[verify]).format(answer=named), rng.choice(REFLECTION_CHECKS[check]),
+                     rng.choice(REFLECTION_PLANS[plan]).format(answer=named)])
+
+
+def _random_instruction(rng: random.Random):
+    from reflectevo.prompts import GENERIC_INSTRUCTION, INSTRUCTIONS
+
+    return GENERIC_INSTRUCTION if rng.random() < 0.2 else INSTRUCTIONS[rng.choice(sorted(INSTRUCTIONS))]
+
+
+REFLECTIONS_PER_ITEM = 3
+SECOND_TRIALS_PER_ITEM = 6
+JUDGEMENTS_PER_ITEM = 6
+SECOND_TRIAL_GOLD_SHARE = 0.6  # as for first attempts: the rest are new wrong answers
+GENERIC_SECOND_TRIALS = 160  # multiple-choice second trials on random text: never repeat the rejected letter
+
+
+def _reflection_pairs(task_name: str, rng: random.Random, settings: TinySettings) -> list[Pair]:
+    from reflectevo.prompts import reflection_prompt
+
+    pairs = []
+    for item in _task(task_name).load_samples("train"):
+        for _ in range(REFLECTIONS_PER_ITEM):
+            answer, attempt, feedback = _failed_first_trial(task_name, item, rng)
+            instruction = _random_instruction(rng)
+            user = reflection_prompt(item, attempt, feedback, instruction)
+            pairs.append(([{"role": "user", "content": user}], stand_in_reflection(task_name, answer, instruction, rng)))
+    return pairs
+
+
+def _second_trial_pairs(task_name: str, rng: random.Random, settings: TinySettings) -> list[Pair]:
+    from reflectevo.prompts import render_attempt, second_trial_prompt
+
+    task = _task(task_name)
+    pairs = []
+    for item in task.load_samples("train"):
+        for _ in range(SECOND_TRIALS_PER_ITEM):
+            wrong, attempt, feedback = _failed_first_trial(task_name, item, rng)
+            reflection = stand_in_reflection(task_name, wrong, _random_instruction(rng), rng)
+            previous = (attempt, feedback) if rng.random() < 0.5 else None
+            user = second_trial_prompt(task, item, reflection, previous=previous)
+            correct = rng.random() < SECOND_TRIAL_GOLD_SHARE
+            answer = gold_answer(item) if correct else wrong
+            for _ in range(5):  # a wrong second answer is a new wrong answer, not the rejected one
+                if correct or answer != wrong:
+                    break
+                answer = _wrong_answer(task_name, item, rng)
+            completion = render_attempt(task, _thought(task_name, item, answer, correct, rng), answer)
+            pairs.append(([{"role": "user", "content": user}], completion))
+    return pairs
+
+
+def _judgement_pairs(task_name: str, rng: random.Random, settings: TinySettings) -> list[Pair]:
+    from reflectevo.prompts import INSTRUCTIONS, judge_prompt
+
+    pairs = []
+    for item in _task(task_name).load_samples("train"):
+        for _ in range(JUDGEMENTS_PER_ITEM):
+            answer, attempt, feedback = _failed_first_trial(task_name, item, rng)
+            a, b = (stand_in_reflection(task_name, answer, INSTRUCTIONS[rng.choice(sorted(INSTRUCTIONS))], rng) for _ in range(2))
+            fix_a, fix_b = CONCRETE_FIX in a, CONCRETE_FIX in b
+            verdict = "tie" if fix_a == fix_b else ("A" if fix_a else "B")
+            why = {"A": "Reflection A gives a concrete fix.", "B": "Reflection B gives a concrete fix.",
+                   "tie": "Both reflections give the same kind of plan."}[verdict]
+            user = judge_prompt(item, attempt, feedback, a, b)
+            pairs.append(([{"role": "user", "content": user}], f"{why}\nVerdict: {verdict}"))
+    return pairs
+
+
+@corpus_part("generic/second_trials")
+def generic_second_trials(rng: random.Random, settings: TinySettings) -> list[Pair]:
+    """Second trials on random multiple-choice questions: any letter but the one the verdict rejected,
+    so the stand-in learns to act on a failed attempt on questions it never saw."""
+    from reflectevo.prompts import (
+        GENERIC_INSTRUCTION,
+        render_attempt,
+        second_trial_prompt,
+    )
+    from reflectevo.tasks import Item
+    from reflectevo.tasks.base import INCORRECT_OBSERVATION
+
+    sentences, words = _sentences_and_words()
+    pairs = []
+    for index in range(GENERIC_SECOND_TRIALS):
+        task = _task(rng.choice(["logiqa", "bigbench"]))
+        n_options = 4 if task.name == "logiqa" else rng.randint(2, 4)
+        options = [" ".join(rng.sample(words, rng.randint(1, 3))).capitalize() for _ in range(n_options)]
+        letters = [chr(ord("A") + i) for i in range(n_options)]
+        if task.name == "logiqa":
+            body = "\n".join(f"{letter}.{text}" for letter, text in zip(letters, options))
+            question = f"{rng.choice(sentences)}\nWhich of the following is supported?\n{body}"
+        else:
+            body = "\n".join(f"{letter}. {text}" for letter, text in zip(letters, options))
+            question = f"{rng.choice(sentences)}\n\nQuestion: {rng.choice(sentences)}\nOptions:\n{body}"
+        item = Item(task=task.name, id=f"generic-second-{index}", question=question, gold="a", options=options)
+        rejected = rng.choice(letters)
+        attempt = render_attempt(task, rng.choice(CHOICE_THOUGHTS).format(letter=rejected), rejected)
+        reflection = stand_in_reflection(task.name, rejected, GENERIC_INSTRUCTION, rng)
+        previous = (attempt, INCORRECT_OBSERVATION) if rng.random() < 0.5 else None
+        user = second_trial_prompt(task, item, reflection, previous=previous)
+        letter = rng.choice([other for other in letters if other != rejected])
+        pairs.append(([{"role": "user", "content": user}], render_attempt(task, rng.choice(CHOICE_THOUGHTS).format(letter=letter), letter)))
+    return pairs
+
+
+for _name in ("logiqa", "math", "mbpp", "bigbench"):
+    corpus_part(f"reflections/{_name}")(lambda rng, settings, _n=_name: _reflection_pairs(_n, rng, settings))
+    corpus_part(f"second_trials/{_name}")(lambda rng, settings, _n=_name: _second_trial_pairs(_n, rng, settings))
+    corpus_part(f"judgements/{_name}")(lambda rng, settings, _n=_name: _judgement_pairs(_n, rng, settings))
 
 
 # ---- generic format-only examples: random text, so the format holds on unseen questions ----------
@@ -701,15 +875,20 @@ DEFAULT_QUALITY_MAX_NEW_TOKENS = 64
 
 def greedy_attempts(model, tokenizer, task_name: str, items: list, max_new_tokens: int | None = None) -> list[str]:
     """Greedy first attempts of ``model`` on ``items`` of one task, zero-shot, in one left-padded batch."""
-    import torch
-
     from reflectevo.prompts import attempt_messages
 
     task = _task(task_name)
     if max_new_tokens is None:
         max_new_tokens = QUALITY_MAX_NEW_TOKENS.get(task_name, DEFAULT_QUALITY_MAX_NEW_TOKENS)
+    return greedy_texts(model, tokenizer, [attempt_messages(task, item) for item in items], max_new_tokens)
+
+
+def greedy_texts(model, tokenizer, conversations: list[list[dict[str, str]]], max_new_tokens: int) -> list[str]:
+    """Greedy answers of ``model`` to chat prompts, in one left-padded batch."""
+    import torch
+
     tokenizer.padding_side = "left"
-    prompts = [prompt_text(tokenizer, attempt_messages(task, item)) for item in items]
+    prompts = [prompt_text(tokenizer, messages) for messages in conversations]
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     with torch.no_grad():
         output = model.generate(
@@ -751,7 +930,46 @@ def validation_quality(model, tokenizer) -> dict[str, Any]:
         total += len(items)
         per_task[name] = entry
     overall = {"items": total, "parseable": round(parsed / total, 4), "graded_items": graded, "accuracy": round(correct / max(graded, 1), 4)}
-    return {"validation": per_task, "overall": overall, "outputs": outputs}
+    return {"validation": per_task, "overall": overall, "reflection_stage": reflection_stage_quality(model, tokenizer),
+            "outputs": outputs}
+
+
+def reflection_stage_quality(model, tokenizer) -> dict[str, Any]:
+    """How the stand-in does at stage 02's prompts, on the validation items of the multiple-choice and
+    MATH tasks, each given a fixed wrong first attempt: reflections that contain no answer action,
+    parseable second attempts, second attempts that repeat the rejected answer, parseable judge verdicts."""
+    from reflectevo.prompts import (
+        GENERIC_INSTRUCTION,
+        judge_prompt,
+        parse_verdict,
+        reflection_prompt,
+        second_trial_prompt,
+    )
+
+    rng = random.Random("reflection-stage-quality")
+    cases = []
+    for name in ("logiqa", "bigbench", "math"):
+        for item in _task(name).load_samples("validation"):
+            cases.append((name, item, *_failed_first_trial(name, item, rng)))
+    user = [[{"role": "user", "content": reflection_prompt(item, attempt, feedback, GENERIC_INSTRUCTION)}]
+            for _, item, _, attempt, feedback in cases]
+    reflections = greedy_texts(model, tokenizer, user, DEFAULT_QUALITY_MAX_NEW_TOKENS)
+    user = [[{"role": "user", "content": second_trial_prompt(_task(name), item, reflection, previous=(attempt, feedback))}]
+            for (name, item, _, attempt, feedback), reflection in zip(cases, reflections)]
+    seconds = greedy_texts(model, tokenizer, user, DEFAULT_QUALITY_MAX_NEW_TOKENS)
+    answers = [_task(name).extract(text, "official", item).answer for (name, item, *_), text in zip(cases, seconds)]
+    user = [[{"role": "user", "content": judge_prompt(item, attempt, feedback, reflections[i], reflections[i - 1])}]
+            for i, (_, item, _, attempt, feedback) in enumerate(cases)]
+    verdicts = [parse_verdict(text) for text in greedy_texts(model, tokenizer, user, DEFAULT_QUALITY_MAX_NEW_TOKENS)]
+    n = len(cases)
+    return {
+        "cases": n,
+        "reflections_without_action": round(sum("Action:" not in text and text.strip() != "" for text in reflections) / n, 4),
+        "second_attempts_parseable": round(sum(answer is not None for answer in answers) / n, 4),
+        "second_attempts_repeating_the_rejected_answer": round(sum(answer == wrong for answer, (_, _, wrong, *_) in zip(answers, cases)) / n, 4),
+        "judge_verdicts_parseable": round(sum(verdict is not None for verdict in verdicts) / n, 4),
+        "judge_verdicts": {verdict or "none": verdicts.count(verdict) for verdict in dict.fromkeys(verdicts)},
+    }
 
 
 def read_standin_json(folder: Path) -> dict[str, Any]:
