@@ -28,7 +28,7 @@ def setup(quiet: bool = True) -> Path:
         os.chdir(here.parent)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     if quiet:
-        for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec"):
+        for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec", "matplotlib"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     return Path.cwd()
 

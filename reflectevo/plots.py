@@ -41,3 +41,45 @@ def question_lengths(rows: Sequence[dict[str, Any]], path: str | Path | None = N
     if path is not None:
         save_figure(figure, path, dpi)
     return figure
+
+
+def curation_counts(counts: Any, path: str | Path | None = None, dpi: int = 120) -> Any:
+    """D+, D± and Dpref sizes per task (bars), from :func:`reflectevo.curation.counts_table`."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    frame = pd.DataFrame(counts).reset_index()
+    frame = frame[frame["task"] != "all"] if "task" in frame else frame
+    long = frame.melt(id_vars="task", value_vars=["d_plus", "d_pm", "d_pref"], var_name="set", value_name="rows")
+    long["set"] = long["set"].map({"d_plus": "D+", "d_pm": "D±", "d_pref": "Dpref"})
+    figure, axis = plt.subplots(figsize=(7, 3.5))
+    sns.barplot(data=long, x="task", y="rows", hue="set", ax=axis)
+    axis.set_ylabel("training rows")
+    axis.set_title("Curated training data per task")
+    figure.tight_layout()
+    if path is not None:
+        save_figure(figure, path, dpi)
+    return figure
+
+
+def reflection_success(table: Any, path: str | Path | None = None, dpi: int = 120) -> Any:
+    """Reflection success rate per instruction dimension and value (one panel per dimension, hue = task),
+    from :func:`reflectevo.pipeline.reflection_success`."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    dimensions = list(dict.fromkeys(table["dimension"])) or ["verify", "error", "plan"]
+    figure, axes = plt.subplots(1, len(dimensions), figsize=(4 * len(dimensions), 3.2), sharey=True, squeeze=False)
+    for axis, dimension in zip(axes[0], dimensions):
+        part = table[table["dimension"] == dimension]
+        if len(part):
+            sns.barplot(data=part, x="value", y="rate", hue="task", ax=axis)
+        axis.set_title(f"{dimension} (instruction key part)")
+        axis.set_xlabel(dimension)
+        axis.set_ylim(0, 1)
+    axes[0][0].set_ylabel("second trial correct")
+    figure.tight_layout()
+    if path is not None:
+        save_figure(figure, path, dpi)
+    return figure

@@ -43,13 +43,32 @@ def test_notebook_conventions(path):
     assert kinds[0] == "markdown" and kinds.count("markdown") >= len(code_cells(notebook)) // 2, "narrative between cells"
 
 
-def test_raw_papermill_with_the_smoke_recipe(tmp_path):
-    out = tmp_path / "executed.ipynb"
-    result = subprocess.run(
-        [str(BIN / "papermill"), str(REPO / "notebooks" / "01_data.ipynb"), str(out), "-f", str(REPO / "params" / "smoke.yaml"),
-         "-k", "python3", "--no-progress-bar"],
-        cwd=tmp_path, capture_output=True, text=True, check=False, timeout=600,
+def papermill(notebook: str, params: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "papermill"), str(REPO / "notebooks" / notebook), str(cwd / f"executed-{notebook}"),
+         "-f", str(REPO / "params" / params), "-k", "python3", "--no-progress-bar"],
+        cwd=cwd, capture_output=True, text=True, check=False, timeout=900,
     )
+
+
+def assert_nonempty_curated_sets(run_dir: Path) -> dict:
+    """Stage 02 finished and made non-empty D+, D± and Dpref (the next stages train on them)."""
+    entry = read_manifest(run_dir)["stages"]["02_reflect"]
+    assert entry["status"] == "done"
+    overall = next(row for row in entry["counts"] if row["task"] == "all")
+    assert overall["d_plus"] > 0 and overall["d_pm"] > 0 and overall["d_pref"] > 0, overall
+    for name, size in (("d_plus", overall["d_plus"]), ("d_pm", overall["d_pm"]), ("d_pref", overall["d_pref"])):
+        assert len((run_dir / "reflect" / "curated" / f"{name}.jsonl").read_text().splitlines()) == size
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(run_dir / "reflect" / "datasets" / "dpo_d_pref"))
+    assert dataset.num_rows == overall["d_pref"] and {"prompt", "chosen", "rejected"} <= set(dataset.column_names)
+    assert entry["pipeline"]["records"] == overall["questions"] + overall["reflections"]
+    return overall
+
+
+def test_raw_papermill_with_the_smoke_recipe(tmp_path):
+    result = papermill("01_data.ipynb", "smoke.yaml", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "outputs" / "smoke"
     entry = read_manifest(run_dir)["stages"]["01_data"]
@@ -65,14 +84,23 @@ def test_raw_papermill_with_the_smoke_recipe(tmp_path):
     assert (dataset["train"].num_rows, dataset["validation"].num_rows, dataset["test"].num_rows) == (16, 8, 8)
     assert not (run_dir / ".lock").exists()
 
+    result = papermill("02_reflect.ipynb", "smoke.yaml", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    overall = assert_nonempty_curated_sets(run_dir)
+    assert overall["questions"] == 16
+    records = [json.loads(line) for line in (run_dir / "reflect" / "raw.jsonl").read_text().splitlines()]
+    assert all(record["protocol"] == "oracle" for record in records)
+    assert (run_dir / "figures" / "02_curation_counts.png").stat().st_size > 10_000
 
-def test_reflectevo_run_quickstart_stage_01_then_skip(tmp_path):
-    command = [str(BIN / "reflectevo"), "run", str(REPO / "params" / "quickstart.yaml"), "--stages", "01",
+
+def test_reflectevo_run_quickstart_stages_01_02_then_skip(tmp_path):
+    command = [str(BIN / "reflectevo"), "run", str(REPO / "params" / "quickstart.yaml"), "--stages", "01,02",
                "--notebooks", str(REPO / "notebooks")]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False, timeout=600, env=env)
     assert first.returncode == 0, first.stdout + first.stderr[-3000:]
-    assert "[1/1] 01_data: running (not run yet)" in first.stdout and "01_data: done" in first.stdout
+    assert "[1/2] 01_data: running (not run yet)" in first.stdout and "01_data: done" in first.stdout
+    assert "02_reflect: done" in first.stdout
     run_dir = tmp_path / "outputs" / "quickstart"
     manifest = read_manifest(run_dir)
     assert manifest["stages"]["01_data"]["counts"]["math"] == {"train": 12, "validation": 4, "test": 4}
@@ -81,8 +109,10 @@ def test_reflectevo_run_quickstart_stage_01_then_skip(tmp_path):
     executed = nbformat.read(run_dir / "notebooks" / "01_data.ipynb", as_version=4)
     assert any(cell.get("outputs") for cell in code_cells(executed))
 
+    assert_nonempty_curated_sets(run_dir)
+
     second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False, timeout=600, env=env)
-    assert second.returncode == 0 and "01_data: skipped" in second.stdout
+    assert second.returncode == 0 and "01_data: skipped" in second.stdout and "02_reflect: skipped" in second.stdout
 
 
 def test_bad_params_fail_in_the_config_cell(tmp_path):
