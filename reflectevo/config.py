@@ -67,7 +67,7 @@ class RunParams(Section):
 # ---- model -------------------------------------------------------------------------------------
 class ModelParams(Section):
     # A hub id or local folder, or a built-in stand-in: builtin:tiny (trained locally on CPU in
-    # about 2 minutes, for demos and tests), builtin:random-1b, builtin:random-8b (random weights,
+    # about 5 minutes, for demos and tests), builtin:random-1b, builtin:random-8b (random weights,
     # for speed and memory measurements only).
     name: str = "builtin:tiny"
     backend: Literal["auto", "unsloth", "transformers"] = "auto"  # auto: Unsloth on a CUDA GPU when installed

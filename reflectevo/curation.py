@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 import re
 from collections import Counter
@@ -425,7 +426,7 @@ def counts_table(records: Sequence[dict[str, Any]], d_plus: Sequence[dict[str, A
 def counts_records(table: pd.DataFrame) -> list[dict[str, Any]]:
     """The counts table as JSON-ready rows (``task`` first; a NaN rate becomes None)."""
     rows = table.reset_index().to_dict("records")
-    return [{key: (None if isinstance(value, float) and value != value else value) for key, value in row.items()} for row in rows]
+    return [{key: (None if isinstance(value, float) and math.isnan(value) else value) for key, value in row.items()} for row in rows]
 
 
 def count_row(task: str, counts: Counter) -> dict[str, Any]:

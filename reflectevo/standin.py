@@ -710,7 +710,7 @@ def tiny_model_dir(settings: TinySettings = DEFAULT_TINY) -> Path:
             shutil.rmtree(final)
         staging = Path(tempfile.mkdtemp(prefix=f".tiny-{key[:16]}-", dir=root))
         try:
-            _announce(f"building the stand-in model {TINY} in {final} (once per corpus version; about 2 minutes on 2 CPU cores)")
+            _announce(f"building the stand-in model {TINY} in {final} (once per corpus version; about 5 minutes on 2 CPU cores)")
             info = build_tiny(staging, settings, corpus, key)
             os.rename(staging, final)
         except BaseException:

@@ -69,7 +69,7 @@ def isolated_sandbox(sandbox):
 def tiny_model_dir() -> Path:
     """The folder of builtin:tiny, the default build, made once per pytest run.
 
-    With a cold cache (CI) this trains it, about 2 minutes on 2 cores; afterwards it comes from
+    With a cold cache (CI) this trains it, about 5 minutes on 2 cores; afterwards it comes from
     the user cache (``reflectevo.models.cache_dir()``) and costs nothing.
     """
     from reflectevo.standin import tiny_model_dir as build_or_find
