@@ -6,7 +6,7 @@
 
 1. ``first_trials``: every question's first attempt, in one batched generation call (greedy by
    default), then every verdict (grouped by task; MBPP runs its tests in the sandbox).
-2. ``reflect``: for each first trial the grader did not accept (wrong, unparseable or timed out),
+2. ``reflect_on``: for each first trial the grader did not accept (wrong, unparseable or timed out),
    the instructions the seeded policy assigns to that question, each sampled ``k`` times.
 3. ``second_trials``: one attempt per reflection with the reflection in the prompt, then verdicts.
 4. ``records``: one raw record per question in a schema close to the official one (method.md §3.1)
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from reflectevo.config import Params
+from reflectevo.errors import DataError
 from reflectevo.generation import (
     GenerationOutput,
     GenerationRequest,
@@ -144,6 +145,8 @@ class ReflectionPipeline:
         """Attempts for ``{key: user message}``: one call that ends at the action line, or the paper's
         two calls (``reflect.attempt_calls: 2``: the thought, then the action with the thought given)."""
         keys = list(users)
+        if not keys:
+            return {}
         if self.reflect.attempt_calls == 1:
             requests = [GenerationRequest(key, [{"role": "user", "content": users[key]}]) for key in keys]
             outputs = self._generate(requests, self._attempt_settings(ATTEMPT_STOP), stage)
@@ -178,6 +181,9 @@ class ReflectionPipeline:
     # ---- the four steps -----------------------------------------------------------------------
     def first_trials(self, items_by_task: dict[str, list[Item]]) -> dict[tuple[str, str], Trial]:
         items = {f"{item.task}/{item.id}/t1": item for items in items_by_task.values() for item in items}
+        if not items:
+            raise DataError(f"no questions to answer (tasks {sorted(items_by_task)}): stage 01 wrote no items for "
+                            f"reflect.split {self.reflect.split!r}; check data.max_items and data.tasks")
         users = {key: attempt_prompt(get_task(item.task), item, self.reflect.fewshots) for key, item in items.items()}
         attempts = self.attempts(users, "first_trial")
         pairs = [(items[key], attempts[key]) for key in items]
@@ -215,7 +221,7 @@ class ReflectionPipeline:
             previous = (first.attempt.text, first.verdict.feedback) if self.reflect.second_trial == "reflection_and_attempt" else None
             users[reflection.key] = second_trial_prompt(get_task(reflection.item.task), reflection.item, reflection.text,
                                                         self.reflect.fewshots, previous=previous)
-        attempts = self.attempts(users, "second_trial") if users else {}
+        attempts = self.attempts(users, "second_trial")
         pairs = [(reflection.item, attempts[reflection.key]) for reflection in reflections]
         verdicts = self.verify(pairs, "second_trial")
         return {reflection.key: Trial(reflection.item, attempt, verdict)

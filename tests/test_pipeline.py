@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from reflectevo.config import load_params
-from reflectevo.errors import CodeExecutionNotAllowed
+from reflectevo.errors import CodeExecutionNotAllowed, DataError
 from reflectevo.generation import GenerationOutput, ReplayEngine, make_engine
 from reflectevo.models import load_model
 from reflectevo.pipeline import (
@@ -117,6 +117,13 @@ def test_second_trial_variants_differ_only_in_the_failed_attempt(tmp_path):
     assert failed not in alone[1]["output"][1]["reason_input"]
     assert alone[1]["second_trial_variant"] == "reflection"
     assert "My answer A was wrong (1-3-2 #0)." in alone[1]["output"][1]["reason_input"]
+
+
+def test_an_empty_split_is_refused_before_generation(tmp_path):
+    engine = CountingReplay([])
+    with pytest.raises(DataError, match="no questions to answer"):
+        ReflectionPipeline(make_params(tmp_path), engine).run({"logiqa": [], "math": []})
+    assert engine.calls == []
 
 
 def test_parse_failures_are_counted_and_still_reflected_on(tmp_path):
