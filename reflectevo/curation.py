@@ -572,7 +572,7 @@ def save_training_datasets(out_dir: str | Path, d_plus: Sequence[dict[str, Any]]
                    else datasets.Dataset.from_dict({column: [] for column in TRAINING_COLUMNS[kind]},
                                                    features=datasets.Features({c: datasets.Value("string") for c in TRAINING_COLUMNS[kind]})))
         with atomic_directory(Path(out_dir) / name) as folder:
-            dataset.save_to_disk(str(folder))
+            dataset.save_to_disk(str(folder), num_shards=1)  # an empty set needs its one (empty) shard to load back
         sizes[name] = len(rows)
     return sizes
 
