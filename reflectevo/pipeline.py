@@ -53,7 +53,7 @@ from reflectevo.prompts import (
     second_trial_prompt,
     thought_messages,
 )
-from reflectevo.tasks import Item, Verdict, check_code_execution, get_task
+from reflectevo.tasks import OUTCOMES, Item, Verdict, check_code_execution, get_task
 
 log = logging.getLogger(__name__)
 
@@ -322,13 +322,11 @@ def first_trial_summary(records: list[dict[str, Any]]) -> Any:
 
     rows = [{"task": record["task"], "outcome": record["output"][0]["outcome"]} for record in records]
     frame = pd.DataFrame(rows, columns=["task", "outcome"])
-    table = pd.crosstab(frame["task"], frame["outcome"]).reindex(columns=list(OUTCOME_COLUMNS), fill_value=0)
+    table = pd.crosstab(frame["task"], frame["outcome"]).reindex(columns=list(OUTCOMES), fill_value=0)
     table["questions"] = table.sum(axis=1)
     table["accuracy"] = (table["correct"] / table["questions"]).round(4)
     return table
 
-
-OUTCOME_COLUMNS = ("correct", "wrong", "parse_failure", "timeout")
 
 
 def second_trial_rows(records: list[dict[str, Any]]) -> Any:

@@ -471,23 +471,12 @@ def generic_second_trials(rng: random.Random, settings: TinySettings) -> list[Pa
         render_attempt,
         second_trial_prompt,
     )
-    from reflectevo.tasks import Item
     from reflectevo.tasks.base import INCORRECT_OBSERVATION
 
-    sentences, words = _sentences_and_words()
     pairs = []
     for index in range(GENERIC_SECOND_TRIALS):
-        task = _task(rng.choice(["logiqa", "bigbench"]))
-        n_options = 4 if task.name == "logiqa" else rng.randint(2, 4)
-        options = [" ".join(rng.sample(words, rng.randint(1, 3))).capitalize() for _ in range(n_options)]
-        letters = [chr(ord("A") + i) for i in range(n_options)]
-        if task.name == "logiqa":
-            body = "\n".join(f"{letter}.{text}" for letter, text in zip(letters, options))
-            question = f"{rng.choice(sentences)}\nWhich of the following is supported?\n{body}"
-        else:
-            body = "\n".join(f"{letter}. {text}" for letter, text in zip(letters, options))
-            question = f"{rng.choice(sentences)}\n\nQuestion: {rng.choice(sentences)}\nOptions:\n{body}"
-        item = Item(task=task.name, id=f"generic-second-{index}", question=question, gold="a", options=options)
+        task, item = random_choice_item(rng, f"generic-second-{index}")
+        letters = [chr(ord("A") + i) for i in range(len(item.options))]
         rejected = rng.choice(letters)
         attempt = render_attempt(task, rng.choice(CHOICE_THOUGHTS).format(letter=rejected), rejected)
         reflection = stand_in_reflection(task.name, rejected, GENERIC_INSTRUCTION, rng)
@@ -536,27 +525,35 @@ def _generic_count(settings: TinySettings, layout: str) -> int:
     return round(settings.generic_examples * GENERIC_SHARES[layout])
 
 
+def random_choice_item(rng: random.Random, item_id: str):
+    """(task, item): a multiple-choice question on random docstring text, in the LogiQA layout
+    (``A.text`` lines, 4 options) or the BIG-bench one (``Options:``, 2-4 options). Its gold is "a";
+    the generic examples pick their own letter."""
+    from reflectevo.tasks import Item
+
+    sentences, words = _sentences_and_words()
+    task = _task(rng.choice(["logiqa", "bigbench"]))
+    n_options = 4 if task.name == "logiqa" else rng.randint(2, 4)
+    options = [" ".join(rng.sample(words, rng.randint(1, 3))).capitalize() for _ in range(n_options)]
+    letters = [chr(ord("A") + i) for i in range(n_options)]
+    if task.name == "logiqa":
+        body = "\n".join(f"{letter}.{text}" for letter, text in zip(letters, options))
+        question = f"{rng.choice(sentences)}\nWhich of the following is supported?\n{body}"
+    else:
+        body = "\n".join(f"{letter}. {text}" for letter, text in zip(letters, options))
+        question = f"{rng.choice(sentences)}\n\nQuestion: {rng.choice(sentences)}\nOptions:\n{body}"
+    return task, Item(task=task.name, id=item_id, question=question, gold="a", options=options)
+
+
 @corpus_part("generic/choice")
 def generic_choice(rng: random.Random, settings: TinySettings) -> list[Pair]:
     """Multiple choice in the LogiQA layout (``A.text`` lines) and the BIG-bench one (``Options:``)."""
     from reflectevo.prompts import attempt_messages, render_attempt
-    from reflectevo.tasks import Item
 
-    sentences, words = _sentences_and_words()
     pairs = []
     for index in range(_generic_count(settings, "choice")):
-        task = _task(rng.choice(["logiqa", "bigbench"]))
-        n_options = 4 if task.name == "logiqa" else rng.randint(2, 4)
-        options = [" ".join(rng.sample(words, rng.randint(1, 3))).capitalize() for _ in range(n_options)]
-        letters = [chr(ord("A") + i) for i in range(n_options)]
-        if task.name == "logiqa":
-            body = "\n".join(f"{letter}.{text}" for letter, text in zip(letters, options))
-            question = f"{rng.choice(sentences)}\nWhich of the following is supported?\n{body}"
-        else:
-            body = "\n".join(f"{letter}. {text}" for letter, text in zip(letters, options))
-            question = f"{rng.choice(sentences)}\n\nQuestion: {rng.choice(sentences)}\nOptions:\n{body}"
-        item = Item(task=task.name, id=f"generic-{index}", question=question, gold=letters[0].lower(), options=options)
-        letter = rng.choice(letters)
+        task, item = random_choice_item(rng, f"generic-{index}")
+        letter = rng.choice([chr(ord("A") + i) for i in range(len(item.options))])
         thought = rng.choice(CHOICE_THOUGHTS).format(letter=letter)
         pairs.append((attempt_messages(task, item), render_attempt(task, thought, letter)))
     return pairs
