@@ -21,7 +21,7 @@ import math
 import random
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -525,56 +525,87 @@ def dpo_row(row: dict[str, Any], prompt: str, fewshots: int) -> dict[str, str]:
     return {"prompt": text, "chosen": row["reflection_chosen"], "rejected": row["reflection_rejected"]}
 
 
-def to_trl_dataset(rows: Sequence[dict[str, Any]], tokenizer: Any) -> datasets.Dataset:
-    """A ``datasets.Dataset`` for TRL: the prompt rendered with the tokenizer's own chat template, the
-    completion (or chosen / rejected) as plain text, to which TRL appends the EOS token."""
+def qa_pair_rows(items: Mapping[str, Sequence[Item]], *, fewshots: int = 0) -> list[dict[str, str]]:
+    """The paper's "SFT on QA pairs" baseline (method.md §5.6): every question with its gold answer,
+    no reflection. The prompt is the first-trial prompt (so the trained model is asked the way it is
+    evaluated); the completion is the gold answer in the task's answer syntax after a fixed thought."""
+    rows = []
+    for task_name, task_items in items.items():
+        task = get_task(task_name)
+        for item in task_items:
+            rows.append({"task": item.task, "id": item.id, "prompt": prompts.attempt_prompt(task, item, fewshots),
+                         "completion": prompts.qa_pair_completion(task, item)})
+    return rows
+
+
+MESSAGE_COLUMNS = ("prompt", "completion", "chosen", "rejected")
+ROLES = {"prompt": "user", "completion": "assistant", "chosen": "assistant", "rejected": "assistant"}
+
+
+def to_trl_dataset(rows: Sequence[dict[str, Any]]) -> datasets.Dataset:
+    """A ``datasets.Dataset`` in TRL's conversational prompt-completion (or preference) form: the
+    prompt a one-message user turn, the completion (or chosen / rejected) a one-message assistant
+    turn. TRL renders them with the training model's own chat template, so the trained tokens are
+    the completion followed by exactly the end-of-turn tokens that template writes."""
     import datasets
 
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template, so training prompts cannot be rendered the way the "
-                         "model sees them at test time; set one (model.chat_template in the params)")
     columns = {tuple(row) for row in rows}
     if len(columns) > 1:
         raise ValueError(f"rows of different kinds cannot share one dataset: {sorted(columns)}")
-    rendered = [{**row, "prompt": tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
-                                                                tokenize=False, add_generation_prompt=True)}
-                for row in rows]
-    return datasets.Dataset.from_list(rendered)
+    converted = [{key: [{"role": ROLES[key], "content": value}] if key in MESSAGE_COLUMNS else value
+                  for key, value in row.items()} for row in rows]
+    return datasets.Dataset.from_list(converted, features=training_features(next(iter(columns), ())))
 
 
-# The training sets stage 02 saves, and what each is built from (D+, D± or Dpref).
+def training_features(columns: Sequence[str]) -> datasets.Features:
+    import datasets
+
+    message = [{"role": datasets.Value("string"), "content": datasets.Value("string")}]
+    return datasets.Features({c: message if c in MESSAGE_COLUMNS else datasets.Value("string") for c in columns})
+
+
+# The training sets stage 02 saves, and what each is built from (D+, D±, Dpref or the questions).
 TRAINING_DATASETS = {
     "sft_one_stage": ("one_stage", "d_plus"),
     "sft_reflection": ("reflection", "d_plus"),
     "sft_correction": ("correction", "d_plus"),
+    "sft_qa_pairs": ("qa_pairs", "items"),
     "dpo_d_pm": ("dpo", "d_pm"),
     "dpo_d_pref": ("dpo", "d_pref"),
 }
-TRAINING_COLUMNS = {"one_stage": ("task", "id", "prompt", "completion"), "reflection": ("task", "id", "prompt", "completion"),
-                    "correction": ("task", "id", "prompt", "completion"), "dpo": ("task", "id", "prompt", "chosen", "rejected")}
+SFT_COLUMNS = ("task", "id", "prompt", "completion")
+TRAINING_COLUMNS = {"one_stage": SFT_COLUMNS, "reflection": SFT_COLUMNS, "correction": SFT_COLUMNS, "qa_pairs": SFT_COLUMNS,
+                    "dpo": ("task", "id", "prompt", "chosen", "rejected")}
 
 
 def save_training_datasets(out_dir: str | Path, d_plus: Sequence[dict[str, Any]], d_pm: Sequence[dict[str, Any]],
-                           d_pref: Sequence[dict[str, Any]], tokenizer: Any, *, prompt: str = "generic",
-                           fewshots: int = 0) -> dict[str, int]:
+                           d_pref: Sequence[dict[str, Any]], items: Mapping[str, Sequence[Item]], *,
+                           prompt: str = "generic", fewshots: int = 0) -> dict[str, int]:
     """Every TRL-ready set of :data:`TRAINING_DATASETS` under ``out_dir/<name>`` (``datasets.save_to_disk``,
-    each folder replaced whole). An empty set is saved too, with its columns, so a later stage can
-    say exactly which set is empty. Returns the row count of each set."""
-    import datasets
-
+    each folder replaced whole). ``items`` are the questions of the reflection split, for the QA-pairs
+    baseline. An empty set is saved too, with its columns, so a later stage can say exactly which set
+    is empty. Returns the row count of each set."""
     from reflectevo.runs import atomic_directory
 
     sources = {"d_plus": d_plus, "d_pm": d_pm, "d_pref": d_pref}
     sizes = {}
     for name, (kind, source) in TRAINING_DATASETS.items():
-        rows = training_rows(kind, sources[source], prompt="generic" if kind == "dpo" else prompt, fewshots=fewshots)
-        dataset = (to_trl_dataset(rows, tokenizer) if rows
-                   else datasets.Dataset.from_dict({column: [] for column in TRAINING_COLUMNS[kind]},
-                                                   features=datasets.Features({c: datasets.Value("string") for c in TRAINING_COLUMNS[kind]})))
+        if kind == "qa_pairs":
+            rows = qa_pair_rows(items, fewshots=fewshots)
+        else:
+            rows = training_rows(kind, sources[source], prompt="generic" if kind == "dpo" else prompt, fewshots=fewshots)
+        dataset = to_trl_dataset(rows) if rows else empty_training_set(kind)
         with atomic_directory(Path(out_dir) / name) as folder:
             dataset.save_to_disk(str(folder), num_shards=1)  # an empty set needs its one (empty) shard to load back
         sizes[name] = len(rows)
     return sizes
+
+
+def empty_training_set(kind: str) -> datasets.Dataset:
+    import datasets
+
+    columns = TRAINING_COLUMNS[kind]
+    return datasets.Dataset.from_dict({column: [] for column in columns}, features=training_features(columns))
 
 
 # ---- released ReflectEvo files -------------------------------------------------------------------

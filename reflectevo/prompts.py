@@ -252,6 +252,22 @@ def split_one_stage(text: str) -> tuple[str, str | None]:
     return head.strip(), tail.strip()
 
 
+# ---- the QA-pairs baseline: the gold answer without reflection (method.md §5.6) -------------------
+# The paper's baseline answers "directly without further explanation"; our attempt format keeps its
+# Thought line, so the thought is one fixed sentence and only the answer carries information.
+QA_PAIR_THOUGHT = "I give the answer directly."
+
+
+def gold_answer(item: Item) -> str:
+    """The gold answer as the model writes it (option letters in upper case, as in the few-shots)."""
+    return item.gold.upper() if item.options else item.gold
+
+
+def qa_pair_completion(task: Task, item: Item) -> str:
+    """The target of the QA-pairs baseline: the gold answer in the task's answer syntax."""
+    return render_attempt(task, QA_PAIR_THOUGHT, gold_answer(item))
+
+
 # ---- judging reflections (Dpref) ------------------------------------------------------------------
 # Dpref ranks successful reflections of one failed attempt (method.md §3.4). The paper used a stronger
 # model with an unreleased prompt; this prompt is ours. The judge sees both reflections, never the

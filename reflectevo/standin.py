@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from reflectevo.models import ModelLoadError, cache_dir
+from reflectevo.prompts import gold_answer
 
 log = logging.getLogger(__name__)
 
@@ -176,11 +177,6 @@ def _attempt_pairs(task_name: str, rng: random.Random, settings: TinySettings, w
             answer = gold_answer(item) if correct else wrong_answer(item, rng)
             pairs.append((messages, render_attempt(task, thought(item, answer, correct, rng), answer)))
     return pairs
-
-
-def gold_answer(item) -> str:
-    """The gold answer as the model writes it (option letters in upper case, as in the few-shots)."""
-    return item.gold.upper() if item.options else item.gold
 
 
 def _other_letter(item, rng: random.Random) -> str:

@@ -366,21 +366,32 @@ def test_training_rows_errors_and_empty_input(records):
         curation.training_rows("reflection", d_plus, prompt="demand")
 
 
-def test_to_trl_dataset_renders_the_prompt_with_the_chat_template(records, tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+def test_to_trl_dataset_makes_chat_messages(records):
     rows = curation.training_rows("reflection", curation.build_d_plus(records))
-    dataset = curation.to_trl_dataset(rows, tokenizer)
+    dataset = curation.to_trl_dataset(rows)
     assert dataset.column_names == ["task", "id", "prompt", "completion"] and len(dataset) == len(rows)
-    expected = tokenizer.apply_chat_template([{"role": "user", "content": rows[0]["prompt"]}], tokenize=False, add_generation_prompt=True)
-    assert dataset[0]["prompt"] == expected != rows[0]["prompt"]
-    assert dataset[0]["completion"] == rows[0]["completion"]
-    pairs = curation.to_trl_dataset(curation.training_rows("dpo", curation.build_d_pm(records)), tokenizer)
+    assert dataset[0]["prompt"] == [{"role": "user", "content": rows[0]["prompt"]}]
+    assert dataset[0]["completion"] == [{"role": "assistant", "content": rows[0]["completion"]}]
+    pairs = curation.to_trl_dataset(curation.training_rows("dpo", curation.build_d_pm(records)))
     assert pairs.column_names == ["task", "id", "prompt", "chosen", "rejected"]
-    tokenizer.chat_template = None
-    with pytest.raises(ValueError, match="no chat template"):
-        curation.to_trl_dataset(rows, tokenizer)
+    assert pairs[0]["rejected"][0]["role"] == "assistant"
+    with pytest.raises(ValueError, match="different kinds"):
+        curation.to_trl_dataset([rows[0], {"task": "x", "id": "1", "prompt": "p", "chosen": "c", "rejected": "r"}])
+
+
+def test_qa_pair_rows_ask_the_first_trial_prompt_and_answer_the_gold():
+    from reflectevo.prompts import attempt_prompt
+
+    items = {name: get_task(name).load_samples("train")[:2] for name in ("logiqa", "mbpp")}
+    rows = curation.qa_pair_rows(items)
+    assert [(row["task"], row["id"]) for row in rows] == [(item.task, item.id) for part in items.values() for item in part]
+    logiqa = items["logiqa"][0]
+    assert rows[0]["prompt"] == attempt_prompt(get_task("logiqa"), logiqa)
+    assert rows[0]["completion"].endswith(f"Action: Finish[{logiqa.gold.upper()}]")
+    for row, item in zip(rows, [*items["logiqa"], *items["mbpp"]], strict=True):  # the target grades correct
+        task = get_task(item.task)
+        if not task.needs_code_execution:
+            assert task.grade(item, row["completion"]).correct
 
 
 # ---- released ReflectEvo files -------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The training sets stage 02 saves are TRL-ready: TRL's SFTTrainer and DPOTrainer train LoRA
 adapters on them as saved, on the tiny model, with the loss on the completion only (its labels
-decode to exactly the completion and the end-of-turn token)."""
+decode to exactly the completion and the end-of-turn tokens of the model's chat template)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from reflectevo.config import load_params
 from reflectevo.generation import ReplayEngine
 from reflectevo.pipeline import ReflectionPipeline
 from reflectevo.tasks import get_task
+from reflectevo.training import end_of_turn
 
 pytest.importorskip("trl")
 
@@ -36,8 +37,9 @@ def saved(tmp_path_factory, tiny_model_dir):
     assert len(d_plus) == 4 and len(d_pm) == 4
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     out = tmp_path_factory.mktemp("datasets")
-    sizes = curation.save_training_datasets(out, d_plus, d_pm, [], tokenizer)
-    assert sizes == {"sft_one_stage": 4, "sft_reflection": 4, "sft_correction": 4, "dpo_d_pm": 4, "dpo_d_pref": 0}
+    sizes = curation.save_training_datasets(out, d_plus, d_pm, [], {"logiqa": items})
+    assert sizes == {"sft_one_stage": 4, "sft_reflection": 4, "sft_correction": 4, "sft_qa_pairs": 4, "dpo_d_pm": 4,
+                     "dpo_d_pref": 0}
     return out, tokenizer
 
 
@@ -53,7 +55,7 @@ def lora():
     return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
 
 
-@pytest.mark.parametrize("name", ["sft_one_stage", "sft_reflection", "sft_correction"])
+@pytest.mark.parametrize("name", ["sft_one_stage", "sft_reflection", "sft_correction", "sft_qa_pairs"])
 def test_sft_trains_on_the_completion_and_the_end_of_turn_only(saved, tiny_model_dir, tmp_path, name):
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM
@@ -65,8 +67,11 @@ def test_sft_trains_on_the_completion_and_the_end_of_turn_only(saved, tiny_model
                          train_dataset=dataset, processing_class=tokenizer, peft_config=lora())
     processed = trainer.train_dataset[0]
     labelled = [label for label in processed["labels"] if label != -100]
-    assert tokenizer.decode(labelled) == dataset[0]["completion"] + tokenizer.eos_token
-    assert dataset[0]["prompt"].endswith("<|assistant|>\n")  # rendered with the model's own chat template
+    completion = dataset[0]["completion"][0]
+    assert completion["role"] == "assistant" and dataset[0]["prompt"][0]["role"] == "user"
+    # the tiny model's template ends an assistant turn with "<|end|>\n"; both are learned
+    assert end_of_turn(tokenizer) == "<|end|>\n"
+    assert tokenizer.decode(labelled) == completion["content"] + "<|end|>\n"
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 2 and all(loss > 0 for loss in losses)
