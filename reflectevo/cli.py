@@ -7,6 +7,7 @@
     reflectevo sandbox
     reflectevo run params/quickstart.yaml [--stages 01,02 | --from 03] [--force] [--dry-run]
     reflectevo serve MODEL [--host 127.0.0.1] [--port 8000]
+    reflectevo train sft|dpo params/quickstart.yaml      (also under accelerate launch -m reflectevo ...)
 """
 
 from __future__ import annotations
@@ -187,6 +188,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from reflectevo.config import load_params
+    from reflectevo.models import select_backend
+
+    params = load_params(args.params)
+    select_backend(params.model.backend)  # Unsloth, when chosen, must be imported before transformers
+    from reflectevo.training import run_training_stage
+
+    summary = run_training_stage("03_sft" if args.stage == "sft" else "04_dpo", params, params_file=Path(args.params).resolve())
+    from reflectevo.training import process_rank
+
+    if process_rank()[0] == 0:
+        print(summary.table().to_string(index=False))
+        print(f"adapters: {', '.join(str(path) for path in summary.outputs if path.name == 'adapter')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reflectevo", description="ReflectEvo: learning from self-reflection.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -237,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print the resolved params, the stage plan and one prompt per task; load no model")
     run.add_argument("--notebooks", help="folder of the numbered notebooks (default: ./notebooks, else the source tree's)")
     run.set_defaults(run=cmd_run)
+
+    train = commands.add_parser("train", help="stage 03 (sft) or 04 (dpo) without Jupyter; works under accelerate launch")
+    train.add_argument("stage", choices=["sft", "dpo"], help="sft: every mode of sft.modes; dpo: every pair type of dpo.pairs")
+    train.add_argument("params", help="a params file, e.g. params/quickstart.yaml")
+    train.set_defaults(run=cmd_train)
 
     serve = commands.add_parser("serve", help="serve a model on an OpenAI-compatible endpoint (e.g. as a judge)")
     serve.add_argument("model", help="a hub id, a local folder or a built-in (builtin:tiny), as model.name")

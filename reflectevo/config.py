@@ -236,15 +236,29 @@ class LoraParams(Section):
 class TrainParams(Section):
     lora: LoraParams = Field(default_factory=LoraParams)
     learning_rate: float = Field(1e-3, gt=0.0)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"  # decay after the warm-up
     epochs: float = Field(5.0, gt=0.0)
     max_steps: int | None = Field(None, ge=1)  # overrides epochs when set (smoke runs)
     per_device_batch_size: int = Field(16, ge=1)
     gradient_accumulation_steps: int = Field(4, ge=1)
-    max_length: int = Field(2048, ge=32)
+    max_length: int = Field(2048, ge=32)  # tokens of prompt + completion; longer rows are counted and cut
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     gradient_checkpointing: bool = True
+    # held-out share of the *questions* (all rows of a question stay on one side), for the held-out
+    # loss before and after training; 0 turns evaluation off
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(50, ge=1)  # a checkpoint (adapter, optimizer, scheduler, RNG) every N optimizer steps
+    save_total_limit: int = Field(2, ge=1)  # checkpoints kept; a rerun resumes from the newest complete one
+    eval_steps: int | None = Field(None, ge=1)  # held-out loss every N steps; None: at save_steps
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])  # [] logs to files only
+    save_merged: bool = False  # also save base + adapter merged into 16-bit weights (never into 4-bit ones)
+
+    @field_validator("report_to")
+    @classmethod
+    def _unique_loggers(cls, value: list[str]) -> list[str]:
+        return reject_duplicates(value, "a logger")
 
 
 class SFTParams(TrainParams):
@@ -258,8 +272,15 @@ class SFTParams(TrainParams):
 
 class DPOParams(TrainParams):
     pairs: list[Literal["d_pm", "d_pref"]] = Field(default_factory=lambda: ["d_pm"])
+    # the policy to start from: the base model, or an SFT variant of stage 03 (its adapter is merged
+    # into 16-bit weights first, so that the frozen reference is that SFT model)
+    start_from: Literal["base", "one_stage", "two_stage", "qa_pairs"] = "base"
     beta: float = Field(0.01, gt=0.0)
+    precompute_ref_log_probs: bool = False  # one reference pass before training instead of one per step
+    # training pairs on which the implicit reward accuracy and margin are measured before and after training
+    reward_check_pairs: int = Field(256, ge=0)
     learning_rate: float = Field(5e-7, gt=0.0)
+    scheduler: Literal["linear", "cosine", "constant"] = "cosine"
     epochs: float = Field(1.0, gt=0.0)
     per_device_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(32, ge=1)
@@ -303,6 +324,13 @@ class Params(Section):
     eval: EvalParams = Field(default_factory=EvalParams)
     analysis: AnalysisParams = Field(default_factory=AnalysisParams)
     evolve: EvolveParams = Field(default_factory=EvolveParams)
+
+    @model_validator(mode="after")
+    def _dpo_starts_from_a_trained_variant(self) -> Params:
+        if self.dpo.start_from != "base" and self.dpo.start_from not in self.sft.modes:
+            raise ValueError(f"dpo.start_from is {self.dpo.start_from!r}, which sft.modes {self.sft.modes} does not train; "
+                             "add it to sft.modes or set dpo.start_from: base")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved params, every default filled in (what the manifest records)."""

@@ -255,6 +255,27 @@ def load_model(params: ModelParams, *, for_training: bool = False) -> LoadedMode
     return LoadedModel(model, tokenizer, choice.name, name, source, dtype, device, info)
 
 
+def load_tokenizer(params: ModelParams) -> Any:
+    """The tokenizer of ``params`` alone, with its chat template and pad token, loading no weights
+    (to show what a model will be trained on before the model loads)."""
+    from reflectevo import standin
+
+    name = params.name
+    if name.startswith(BUILTIN_PREFIX) and name not in standin.BUILTIN_MODELS:
+        raise UnknownModelError(f"unknown built-in model {name!r}; known: {', '.join(standin.BUILTIN_MODELS)}")
+    if name in standin.RANDOM_SHAPES:
+        tokenizer = standin.llama3_vocab_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        source, kind = (str(standin.tiny_model_dir()), "builtin") if name == standin.TINY else _resolve_source(name)
+        tokenizer = _from_pretrained(AutoTokenizer, source, kind, "tokenizer", revision=params.revision,
+                                     trust_remote_code=params.trust_remote_code)
+    ensure_chat_template(tokenizer, params.chat_template, name)
+    _ensure_pad_token(tokenizer)
+    return tokenizer
+
+
 def _resolve_source(name: str) -> tuple[str, str]:
     """A local folder (returned as an absolute path) or a hub id; a path that does not exist is an error."""
     path = Path(name).expanduser()

@@ -25,6 +25,13 @@ def save_figure(figure: Any, path: str | Path, dpi: int = 120) -> Path:
     return path
 
 
+def close(figure: Any) -> None:
+    """Free a figure that is saved and will not be shown (scripts; notebooks show the saved file)."""
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+
+
 def question_lengths(rows: Sequence[dict[str, Any]], path: str | Path | None = None, dpi: int = 120) -> Any:
     """Question length (words) per task and split: the distribution the prompts will have."""
     import matplotlib.pyplot as plt
@@ -79,6 +86,78 @@ def reflection_success(table: Any, path: str | Path | None = None, dpi: int = 12
         axis.set_xlabel(dimension)
         axis.set_ylim(0, 1)
     axes[0][0].set_ylabel("second trial correct")
+    figure.tight_layout()
+    if path is not None:
+        save_figure(figure, path, dpi)
+    return figure
+
+
+def training_history(phases: Sequence[dict[str, Any]]) -> Any:
+    """The trainers' log histories as one long table: variant, phase, step, metric, value. Evaluation
+    metrics keep their set name (``eval_heldout_loss``); the step-0 evaluation is the "before" point."""
+    import pandas as pd
+
+    rows = []
+    for phase in phases:
+        for entry in phase["log_history"]:
+            step = entry.get("step", 0)
+            for metric, value in entry.items():
+                if metric in ("step", "epoch") or not isinstance(value, (int, float)):
+                    continue
+                rows.append({"variant": phase["variant"], "phase": phase["phase"], "step": step, "metric": metric,
+                             "value": float(value)})
+    return pd.DataFrame(rows, columns=["variant", "phase", "step", "metric", "value"])
+
+
+def training_loss(history: Any, path: str | Path | None = None, dpi: int = 120) -> Any:
+    """Training loss (lines) and held-out loss (points) per optimizer step, one panel per variant/phase."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    wanted = history[history["metric"].isin(["loss", "eval_heldout_loss"])].copy()
+    wanted["curve"] = wanted["metric"].map({"loss": "training batches", "eval_heldout_loss": "held-out questions"})
+    panels = list(dict.fromkeys(zip(history["variant"], history["phase"]))) or [("", "")]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for axis, (variant, phase) in zip(axes[0], panels):
+        part = wanted[(wanted["variant"] == variant) & (wanted["phase"] == phase)]
+        if len(part):
+            sns.lineplot(data=part, x="step", y="value", hue="curve", style="curve", markers=True, dashes=False, ax=axis)
+        axis.set_title(variant if variant == phase else f"{variant}: {phase}")
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel("loss (completion tokens)")
+    figure.tight_layout()
+    if path is not None:
+        save_figure(figure, path, dpi)
+    return figure
+
+
+DPO_PANELS = (("rewards", "implicit reward"), ("rewards/margins", "reward margin"), ("rewards/accuracies", "reward accuracy"))
+
+
+def dpo_rewards(history: Any, path: str | Path | None = None, dpi: int = 120) -> Any:
+    """DPO's implicit rewards on the training batches, one row of panels per pair type: chosen and
+    rejected rewards, their margin, and the share of pairs whose chosen reward is higher."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    train = history[history["metric"].str.startswith("rewards/")]
+    variants = list(dict.fromkeys(history["variant"])) or [""]
+    figure, axes = plt.subplots(len(variants), len(DPO_PANELS), figsize=(12, 3.2 * len(variants)), squeeze=False)
+    for row, variant in zip(axes, variants):
+        part = train[train["variant"] == variant]
+        for axis, (metric, label) in zip(row, DPO_PANELS):
+            if metric == "rewards":
+                shown = part[part["metric"].isin(["rewards/chosen", "rewards/rejected"])]
+                hue = "metric"
+            else:
+                shown, hue = part[part["metric"] == metric], None
+            if len(shown):
+                sns.lineplot(data=shown, x="step", y="value", hue=hue, marker="o", ax=axis)
+            axis.set_title(f"{variant}: {label}")
+            axis.set_xlabel("optimizer step")
+            axis.set_ylabel(label)
+            if metric == "rewards/accuracies":
+                axis.set_ylim(-0.05, 1.05)
     figure.tight_layout()
     if path is not None:
         save_figure(figure, path, dpi)

@@ -23,6 +23,7 @@ from reflectevo.runs import (
     STAGES,
     Stage,
     StageError,
+    depends_on,
     get_stage,
     identity_of,
     open_run,
@@ -56,7 +57,7 @@ def expected_identities(params: Params, available: set[str]) -> dict[str, str]:
     identities: dict[str, str] = {}
     for stage in STAGES:
         upstream = {}
-        for number in stage.depends:
+        for number in depends_on(stage, params):
             dep = get_stage(number)
             upstream[dep.key] = identities.get(dep.key) if dep.key in available else None
         identities[stage.key] = identity_of(params, stage, upstream)
@@ -98,7 +99,7 @@ def make_plan(params: Params, folder: Path, stages: list[str] | None = None, sta
         identity = identities[stage.key]
         entry = recorded.get(stage.key, {})
         # a stage whose upstream reruns must rerun too (its identity changes with the upstream's)
-        upstream_reruns = any(get_stage(n).key in running for n in stage.depends)
+        upstream_reruns = any(get_stage(n).key in running for n in depends_on(stage, params))
         if force:
             action, reason = "run", "--force"
         elif entry.get("status") == "done" and entry.get("identity") == identity and not upstream_reruns:
@@ -119,7 +120,7 @@ def make_plan(params: Params, folder: Path, stages: list[str] | None = None, sta
     for planned in plan:
         if planned.action != "run":
             continue
-        for number in planned.stage.depends:
+        for number in depends_on(planned.stage, params):
             dep = get_stage(number)
             if dep.key in running or dep.key not in identities or not (folder / dep.notebook).is_file():
                 continue

@@ -84,6 +84,14 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
+def depends_on(stage: Stage, params: Params) -> tuple[str, ...]:
+    """The stages ``stage`` reads outputs of with these params: DPO that starts from an SFT variant
+    (``dpo.start_from``) also depends on 03_sft, so retraining that variant reruns DPO."""
+    if stage.key == "04_dpo" and params.dpo.start_from != "base":
+        return (*stage.depends, "03")
+    return stage.depends
+
+
 def identity_of(params: Params, stage: Stage, upstream: dict[str, str | None]) -> str:
     """A stage's identity: the hash of the params it reads and of its upstream stages' identities."""
     return canonical_hash({"params": params.section_hash(stage.reads), "upstream": upstream})
@@ -374,7 +382,7 @@ class RunDir:
         spec = get_stage(stage)
         stages = self.manifest().get("stages", {})
         upstream = {}
-        for number in spec.depends:
+        for number in depends_on(spec, self.params):
             entry = stages.get(get_stage(number).key, {})
             upstream[get_stage(number).key] = entry.get("identity") if entry.get("status") == "done" else None
         return identity_of(self.params, spec, upstream)
@@ -390,7 +398,7 @@ class RunDir:
         spec = get_stage(stage)
         stages = self.manifest().get("stages", {})
         if require_upstream:
-            missing = [get_stage(n).key for n in spec.depends if stages.get(get_stage(n).key, {}).get("status") != "done"]
+            missing = [get_stage(n).key for n in depends_on(spec, self.params) if stages.get(get_stage(n).key, {}).get("status") != "done"]
             # 05_eval can evaluate the base model without 03/04; only 01 is indispensable there.
             if spec.key == "05_eval":
                 missing = [key for key in missing if key == "01_data"]

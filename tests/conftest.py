@@ -75,3 +75,44 @@ def tiny_model_dir() -> Path:
     from reflectevo.standin import tiny_model_dir as build_or_find
 
     return build_or_find()
+
+
+@pytest.fixture(scope="session")
+def smoke_reflect_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A working directory holding ``outputs/smoke/`` with stages 01 and 02 of ``params/smoke.yaml``
+    done (through ``reflectevo run``): the training sets later stages train on. Tests copy it
+    (:func:`clone_run`) rather than write into it."""
+    import subprocess
+    import sys
+
+    cwd = tmp_path_factory.mktemp("smoke-reflect")
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "reflectevo"), "run", str(REPO / "params" / "smoke.yaml"), "--stages", "01,02",
+         "--notebooks", str(REPO / "notebooks")],
+        cwd=cwd, capture_output=True, text=True, check=False, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return cwd
+
+
+def clone_run(source_cwd: Path, dest_cwd: Path, name: str, overrides: dict | None = None):
+    """Copy the smoke run's stages 01 and 02 into ``dest_cwd/outputs/<name>/`` and return the params
+    of that run (``params/smoke.yaml`` with ``overrides``, sections replaced whole as papermill does,
+    and ``run.name``/``run.output_dir`` pointing at the copy)."""
+    import json
+    import shutil
+
+    from reflectevo.config import load_params
+
+    source = source_cwd / "outputs" / "smoke"
+    target = dest_cwd / "outputs" / name
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("sft", "dpo", ".lock*"))
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["run"] = name
+    manifest["stages"] = {key: value for key, value in manifest["stages"].items() if key in ("01_data", "02_reflect")}
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    sections = dict(overrides or {})
+    run = {"seed": 0, "allow_code_execution": True, **sections.get("run", {}), "name": name,
+           "output_dir": str(dest_cwd / "outputs")}
+    sections["run"] = run
+    return load_params(REPO / "params" / "smoke.yaml", sections)

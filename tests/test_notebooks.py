@@ -67,6 +67,21 @@ def assert_nonempty_curated_sets(run_dir: Path) -> dict:
     return overall
 
 
+def assert_trained(run_dir: Path, modes: list[str], pairs: list[str]) -> None:
+    """Stages 03 and 04 finished with an adapter, a model card and metrics for every variant."""
+    stages = read_manifest(run_dir)["stages"]
+    assert stages["03_sft"]["status"] == stages["04_dpo"]["status"] == "done"
+    for folder, variants in (("sft", modes), ("dpo", pairs)):
+        for variant in variants:
+            adapter = run_dir / folder / variant / "adapter"
+            assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "README.md").is_file()
+            phases = json.loads((run_dir / folder / variant / "metrics.json").read_text())["phases"]
+            assert all(phase["metrics"]["steps"] > 0 for phase in phases)
+    assert {f"{m}/{p}" for m in modes for p in ({"two_stage": ["reflection", "correction"]}.get(m, [m]))} == set(stages["03_sft"]["training"])
+    for figure in ("03_sft_loss.png", "04_dpo_loss.png", "04_dpo_rewards.png"):
+        assert (run_dir / "figures" / figure).stat().st_size > 10_000
+
+
 def test_raw_papermill_with_the_smoke_recipe(tmp_path):
     result = papermill("01_data.ipynb", "smoke.yaml", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -92,27 +107,39 @@ def test_raw_papermill_with_the_smoke_recipe(tmp_path):
     assert all(record["protocol"] == "oracle" for record in records)
     assert (run_dir / "figures" / "02_curation_counts.png").stat().st_size > 10_000
 
+    for notebook in ("03_sft.ipynb", "04_dpo.ipynb"):
+        result = papermill(notebook, "smoke.yaml", tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert_trained(run_dir, ["one_stage", "two_stage", "qa_pairs"], ["d_pm", "d_pref"])
 
-def test_reflectevo_run_quickstart_stages_01_02_then_skip(tmp_path):
-    command = [str(BIN / "reflectevo"), "run", str(REPO / "params" / "quickstart.yaml"), "--stages", "01,02",
+
+def test_reflectevo_run_quickstart_stages_01_to_04_then_skip(tmp_path):
+    command = [str(BIN / "reflectevo"), "run", str(REPO / "params" / "quickstart.yaml"), "--stages", "01,02,03,04",
                "--notebooks", str(REPO / "notebooks")]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False, timeout=600, env=env)
+    first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False, timeout=900, env=env)
     assert first.returncode == 0, first.stdout + first.stderr[-3000:]
-    assert "[1/2] 01_data: running (not run yet)" in first.stdout and "01_data: done" in first.stdout
-    assert "02_reflect: done" in first.stdout
+    assert "[1/4] 01_data: running (not run yet)" in first.stdout and "01_data: done" in first.stdout
+    assert "02_reflect: done" in first.stdout and "03_sft: done" in first.stdout and "04_dpo: done" in first.stdout
     run_dir = tmp_path / "outputs" / "quickstart"
     manifest = read_manifest(run_dir)
     assert manifest["stages"]["01_data"]["counts"]["math"] == {"train": 12, "validation": 4, "test": 4}
     assert manifest["params_file"]["path"].endswith("quickstart.yaml")
     assert (run_dir / "notebooks" / "01_data.ipynb").is_file()
-    executed = nbformat.read(run_dir / "notebooks" / "01_data.ipynb", as_version=4)
+    executed = nbformat.read(run_dir / "notebooks" / "03_sft.ipynb", as_version=4)
     assert any(cell.get("outputs") for cell in code_cells(executed))
 
     assert_nonempty_curated_sets(run_dir)
+    assert_trained(run_dir, ["one_stage", "two_stage", "qa_pairs"], ["d_pm", "d_pref"])
+    # the quickstart trains long enough to learn: lower held-out SFT loss, DPO prefers the chosen reflections
+    training = manifest["stages"]["03_sft"]["training"]
+    assert training["one_stage/one_stage"]["evaluation"]["heldout_loss"]["after"] < training["one_stage/one_stage"]["evaluation"]["heldout_loss"]["before"]
+    dpo = manifest["stages"]["04_dpo"]["training"]["d_pm/d_pm"]["evaluation"]["train_sample_rewards/accuracies"]
+    assert dpo["before"] == 0.0 and dpo["after"] > 0.5
 
     second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False, timeout=600, env=env)
-    assert second.returncode == 0 and "01_data: skipped" in second.stdout and "02_reflect: skipped" in second.stdout
+    assert second.returncode == 0 and all(f"{stage}: skipped" in second.stdout
+                                          for stage in ("01_data", "02_reflect", "03_sft", "04_dpo"))
 
 
 def test_bad_params_fail_in_the_config_cell(tmp_path):

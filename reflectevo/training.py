@@ -1,0 +1,751 @@
+"""Reflection learning with LoRA: stage 03 (SFT) and stage 04 (DPO), one entry point for notebooks,
+the command line and ``accelerate launch``.
+
+    run_sft(params)     # each mode of sft.modes   -> outputs/<run>/sft/<mode>/
+    run_dpo(params)     # each pair type of dpo.pairs -> outputs/<run>/dpo/<pairs>/
+
+    reflectevo train sft params/quickstart.yaml                      # the same, without Jupyter
+    accelerate launch --multi_gpu --num_processes 2 -m reflectevo train sft params/x.yaml
+
+A *variant* (an SFT mode or a DPO pair type) is trained in one or more *phases*, each one TRL trainer
+run on one training set that stage 02 saved (``reflect/datasets/``):
+
+    one_stage   one_stage  on sft_one_stage   failed attempt -> reflection, "Answer:", corrected attempt
+    two_stage   reflection on sft_reflection  failed attempt -> reflection
+                correction on sft_correction  question + reflection + failed attempt -> corrected attempt,
+                                              continuing the adapter of the reflection phase
+    qa_pairs    qa_pairs   on sft_qa_pairs    question -> gold answer (the paper's baseline)
+    d_pm        d_pm       on dpo_d_pm        reflection prompt -> chosen / rejected reflection
+    d_pref      d_pref     on dpo_d_pref
+
+Folder of one variant:
+
+    <variant>/adapter/        the final LoRA adapter, with the tokenizer and a model card (README.md)
+    <variant>/merged/         with save_merged: base + adapter merged into 16-bit weights
+    <variant>/metrics.json    per phase: rows, steps, tokens/s, losses and rewards before and after
+    <variant>/train-<identity>/<phase>/   the trainer's folder: checkpoint-N/ (adapter, optimizer,
+                              scheduler, RNG), runs/ (tensorboard), adapter/ once the phase is done,
+                              ranks/rank-<r>.json (what each process saw)
+
+The folder of the trainer is named after the stage identity, so a rerun with the same params resumes
+from the newest *complete* checkpoint (with its optimizer, scheduler and RNG state) and a run with
+other params starts afresh beside it. The backend is Unsloth's ``FastLanguageModel`` when the model
+loaded through Unsloth (a CUDA GPU), else transformers + PEFT, with the same hyper-parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from reflectevo.config import Params, TrainParams, derive_seed
+from reflectevo.errors import ReflectEvoError
+from reflectevo.runs import RunDir, atomic_directory, atomic_write_json, open_run
+
+if TYPE_CHECKING:
+    import datasets
+
+    from reflectevo.config import LoraParams, ModelParams
+
+log = logging.getLogger(__name__)
+
+# variant -> its phases, in order: (phase name, training set saved by stage 02)
+SFT_PHASES: dict[str, tuple[tuple[str, str], ...]] = {
+    "one_stage": (("one_stage", "sft_one_stage"),),
+    "two_stage": (("reflection", "sft_reflection"), ("correction", "sft_correction")),
+    "qa_pairs": (("qa_pairs", "sft_qa_pairs"),),
+}
+DPO_PHASES: dict[str, tuple[tuple[str, str], ...]] = {
+    "d_pm": (("d_pm", "dpo_d_pm"),),
+    "d_pref": (("d_pref", "dpo_d_pref"),),
+}
+# Files a checkpoint must hold to be resumed from; the trainer writes trainer_state.json last.
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+FIRST_BATCHES = 4  # fingerprints of the first training batches each process records
+
+
+class TrainingError(ReflectEvoError):
+    """Training cannot start as configured (a missing or empty training set, a missing SFT variant)."""
+
+
+# ---- processes -----------------------------------------------------------------------------------
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process: set by ``torchrun`` and ``accelerate launch``, else (0, 1)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def wait_for(path: Path, what: str, timeout_s: float = 3600.0) -> None:
+    """Wait until the main process has put ``path`` in place (it appears whole, by a rename)."""
+    started = time.monotonic()
+    while not path.exists():
+        if time.monotonic() - started > timeout_s:
+            raise TrainingError(f"waited {timeout_s:.0f} s for the main process to write {what} ({path})")
+        time.sleep(0.5)
+
+
+# ---- training sets -------------------------------------------------------------------------------
+def datasets_dir(params: Params) -> Path:
+    return params.run_dir / "reflect" / "datasets"
+
+
+def load_training_set(folder: Path, name: str) -> datasets.Dataset:
+    """One training set of stage 02, in memory (so that no cache file is written into stage 02's folder).
+    A missing or empty set is an error that says where the rows should have come from."""
+    import datasets
+
+    path = folder / name
+    if not (path / "dataset_info.json").is_file():
+        raise TrainingError(f"training set {name} not found in {folder}: run stage 02 (reflectevo run PARAMS --from 02), "
+                            "whose exports write it")
+    dataset = datasets.load_from_disk(str(path), keep_in_memory=True)
+    if len(dataset) == 0:
+        source = {"sft_qa_pairs": "the questions of reflect.split"}.get(name, "D+ (reflections whose second trial was correct)"
+                                                                        if name.startswith("sft_") else
+                                                                        "D± / Dpref pairs")
+        raise TrainingError(
+            f"training set {name} is empty: stage 02 found no rows for it ({source}); see reflect/counts.json. "
+            "More questions (data.max_items), more reflections (reflect.instructions_k, samples_per_instruction) "
+            "or another judge (reflect.judge, for d_pref) give it rows; or remove this variant from the params")
+    return dataset
+
+
+def split_by_question(dataset: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """(train, held-out): a seeded ``fraction`` of the *questions* is held out with all its rows, so
+    that no held-out completion shares a question with a training one. None when nothing is held out
+    (``fraction`` 0, or a single question)."""
+    import random
+
+    questions = sorted({(task, item) for task, item in zip(dataset["task"], dataset["id"], strict=True)})
+    held = round(fraction * len(questions))
+    if fraction > 0:
+        held = max(1, held)
+    held = min(held, len(questions) - 1)  # keep at least one question to train on
+    if held <= 0:
+        return dataset, None
+    chosen = set(random.Random(seed).sample(questions, held))
+    keys = list(zip(dataset["task"], dataset["id"], strict=True))
+    train = [index for index, key in enumerate(keys) if key not in chosen]
+    heldout = [index for index, key in enumerate(keys) if key in chosen]
+    return dataset.select(train), dataset.select(heldout)
+
+
+def training_plan(params: Params, stage: str) -> list[dict[str, Any]]:
+    """One row per phase the stage will train (variant, phase, training set, rows, questions). Every
+    set is loaded, so a missing or empty one stops here, before any model loads."""
+    kind = stage_kind(stage)
+    variants = params.sft.modes if kind == "sft" else params.dpo.pairs
+    plan = []
+    for variant in variants:
+        for phase, name in (SFT_PHASES if kind == "sft" else DPO_PHASES)[variant]:
+            dataset = load_training_set(datasets_dir(params), name)
+            plan.append({"variant": variant, "phase": phase, "training set": name, "rows": len(dataset),
+                         "questions": len(set(zip(dataset["task"], dataset["id"], strict=True)))})
+    return plan
+
+
+def stage_kind(stage: str) -> str:
+    if stage not in ("03_sft", "04_dpo"):
+        raise ValueError(f"unknown training stage {stage!r}; choose 03_sft or 04_dpo")
+    return "sft" if stage == "03_sft" else "dpo"
+
+
+def target_leaks(dataset: datasets.Dataset) -> list[int]:
+    """Rows whose target (completion, or chosen / rejected) appears verbatim in their prompt: the
+    official correction data has this leak (method.md §8.1.3); our sets must have none."""
+    targets = [c for c in ("completion", "chosen", "rejected") if c in dataset.column_names]
+    leaks = []
+    for index, row in enumerate(dataset):
+        prompt = "\n".join(message["content"] for message in row["prompt"])
+        if any(message["content"].strip() and message["content"].strip() in prompt for c in targets for message in row[c]):
+            leaks.append(index)
+    return leaks
+
+
+def end_of_turn(tokenizer: Any) -> str:
+    """What the chat template writes after an assistant message's content (``<|eot_id|>`` for Llama 3,
+    ``<|im_end|>\\n`` for ChatML): the tokens training teaches the model to end its turn with."""
+    marker = "\u2063reflectevo-end\u2063"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}],
+                                             tokenize=False)
+    return rendered[rendered.index(marker) + len(marker):]
+
+
+def trained_text(tokenizer: Any, prompt: list[dict[str, str]], completion: list[dict[str, str]]) -> tuple[str, str]:
+    """(context, trained part) of a conversational row as TRL renders it: the prompt with the
+    generation prompt, and the rest of the rendered conversation, on which the loss is computed."""
+    context = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    if not full.startswith(context):
+        raise TrainingError("the chat template renders a prompt differently alone and followed by the answer, so "
+                            "the trained context would differ from the test-time one; use another chat template")
+    return context, full[len(context):]
+
+
+def phase_examples(params: Params, stage: str, tokenizer: Any) -> list[dict[str, str]]:
+    """The first row of each phase's training set as the model will see it: the end of the rendered
+    context, and each trained part (completion, or chosen and rejected, with the end-of-turn tokens)."""
+    kind = stage_kind(stage)
+    examples = []
+    for variant in params.sft.modes if kind == "sft" else params.dpo.pairs:
+        for phase, name in (SFT_PHASES if kind == "sft" else DPO_PHASES)[variant]:
+            row = load_training_set(datasets_dir(params), name)[0]
+            example = {"variant": variant, "phase": phase, "task": row["task"], "id": row["id"]}
+            for column in ("completion", "chosen", "rejected"):
+                if column in row:
+                    context, trained = trained_text(tokenizer, row["prompt"], row[column])
+                    example["context"] = context
+                    example[f"trained ({column})"] = trained
+            examples.append(example)
+    return examples
+
+
+def row_lengths(tokenizer: Any, dataset: datasets.Dataset, completion_columns: tuple[str, ...]) -> list[int]:
+    """Tokens of prompt + completion per row (the longest completion for preference rows)."""
+    lengths = []
+    for row in dataset:
+        longest = 0
+        for column in completion_columns:
+            text = tokenizer.apply_chat_template(row["prompt"] + row[column], tokenize=False)
+            longest = max(longest, len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        lengths.append(longest)
+    return lengths
+
+
+# ---- models --------------------------------------------------------------------------------------
+def lora_config(lora: LoraParams):
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def prepare_model(model_params: ModelParams, lora: LoraParams, gradient_checkpointing: bool, seed: int,
+                  adapter: Path | None = None):
+    """The model to train: a new LoRA adapter on the base model, or ``adapter`` loaded trainable (the
+    correction phase continues the reflection phase's adapter). Returns the LoadedModel."""
+    from transformers import set_seed
+
+    from reflectevo.models import load_model
+
+    set_seed(seed)  # the adapter's initial weights
+    loaded = load_model(model_params.model_copy(update={"adapter": str(adapter) if adapter else None}), for_training=True)
+    loaded.tokenizer.padding_side = "right"  # training pads on the right; generation set it to left
+    if adapter is not None:
+        return loaded
+    if loaded.backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        loaded.model = FastLanguageModel.get_peft_model(
+            loaded.model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+            bias="none", use_gradient_checkpointing="unsloth" if gradient_checkpointing else False, random_state=seed)
+    else:
+        from peft import get_peft_model
+
+        loaded.model = get_peft_model(loaded.model, lora_config(lora))
+    return loaded
+
+
+def lora_digest(model: Any) -> str:
+    """sha256 of every LoRA tensor, in name order: equal digests, equal adapters."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted((n, p) for n, p in model.named_parameters() if "lora_" in n):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def merge_adapter(model_params: ModelParams, adapter: Path, out_dir: Path, card: str = "") -> Path:
+    """Base model + LoRA adapter merged into one model on disk, in the base's 16-bit (or 32-bit)
+    weights: a 4-bit recipe's base is loaded in bfloat16 for the merge, never merged into 4-bit."""
+    from reflectevo.models import load_model
+
+    dtype = "bfloat16" if model_params.load_in_4bit and model_params.dtype == "auto" else model_params.dtype
+    plain = model_params.model_copy(update={"load_in_4bit": False, "adapter": str(adapter), "backend": "transformers",
+                                            "dtype": dtype})
+    loaded = load_model(plain)
+    merged = loaded.model.merge_and_unload()
+    with atomic_directory(out_dir) as folder:
+        merged.save_pretrained(str(folder), safe_serialization=True)
+        loaded.tokenizer.padding_side = "left"
+        loaded.tokenizer.save_pretrained(str(folder))
+        if card:
+            (folder / "README.md").write_text(card, encoding="utf-8")
+    del merged, loaded
+    return out_dir
+
+
+# ---- trainer -------------------------------------------------------------------------------------
+def training_arguments(kind: str, train: TrainParams, out_dir: Path, *, seed: int, device: str, dtype: str,
+                       has_eval: bool, eval_on_start: bool = False, beta: float | None = None, precompute_ref: bool = False):
+    """SFTConfig or DPOConfig from the params: the same fields for every backend.
+
+    The evaluation before training runs inside ``train()`` (``eval_on_start``): a ``trainer.evaluate()``
+    called before ``train()`` leaves a distributed run's processes unsynchronised (measured: two CPU
+    processes ended 0.0067 apart instead of bit-equal)."""
+    from trl import DPOConfig, SFTConfig
+
+    on_gpu = device == "cuda"
+    report_to = list(train.report_to) or "none"
+    args: dict[str, Any] = {
+        "output_dir": str(out_dir),
+        "learning_rate": train.learning_rate,
+        "lr_scheduler_type": train.scheduler,
+        "warmup_steps": train.warmup_ratio,  # below 1: a share of the training steps
+        "weight_decay": train.weight_decay,
+        "num_train_epochs": train.epochs,
+        "max_steps": train.max_steps or -1,
+        "per_device_train_batch_size": train.per_device_batch_size,
+        "per_device_eval_batch_size": train.per_device_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "gradient_checkpointing": train.gradient_checkpointing,
+        "max_length": train.max_length,
+        "logging_steps": train.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": train.save_steps,
+        "save_total_limit": train.save_total_limit,
+        "eval_strategy": "steps" if has_eval else "no",
+        "eval_steps": train.eval_steps or train.save_steps,
+        "eval_on_start": eval_on_start,
+        "report_to": report_to,
+        "seed": seed,
+        "data_seed": seed,
+        "include_num_input_tokens_seen": "non_padding",
+        # without use_cpu, a CPU run under torchrun/accelerate silently trains unsynchronised copies
+        "use_cpu": not on_gpu,
+        "bf16": on_gpu and dtype == "bfloat16",
+        "fp16": on_gpu and dtype == "float16",
+        "dataloader_pin_memory": on_gpu,
+        "ddp_find_unused_parameters": False,
+        "remove_unused_columns": True,
+    }
+    if train.gradient_checkpointing:
+        args["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    if kind == "dpo":
+        return DPOConfig(beta=beta, loss_type=["sigmoid"], precompute_ref_log_probs=precompute_ref, **args)
+    return SFTConfig(completion_only_loss=True, **args)
+
+
+class RecordsFirstBatches:
+    """Mixed into the TRL trainer: fingerprints of the first training batches this process trains on
+    (a distributed run must give each process different batches)."""
+
+    first_batches: list[str]
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        if len(self.first_batches) < FIRST_BATCHES:
+            ids = inputs["input_ids"]
+            self.first_batches.append(hashlib.sha1(ids.detach().cpu().numpy().tobytes()).hexdigest()[:16])
+        return super().training_step(model, inputs, *args, **kwargs)
+
+
+def make_trainer(kind: str, loaded: Any, args: Any, train_set: datasets.Dataset, eval_sets: dict[str, datasets.Dataset],
+                 callbacks: tuple = ()):
+    from trl import DPOTrainer, SFTTrainer
+
+    if kind == "dpo" and loaded.backend == "unsloth":
+        try:  # a no-op in recent Unsloth releases, which patch the RL trainers on import
+            from unsloth import PatchDPOTrainer
+
+            PatchDPOTrainer()
+        except ImportError:
+            pass
+    base = DPOTrainer if kind == "dpo" else SFTTrainer
+    trainer_class = type(f"Recorded{base.__name__}", (RecordsFirstBatches, base), {})
+    extra = {"ref_model": None} if kind == "dpo" else {}
+    trainer = trainer_class(model=loaded.model, args=args, train_dataset=train_set, eval_dataset=eval_sets or None,
+                            processing_class=loaded.tokenizer, callbacks=list(callbacks), **extra)
+    trainer.first_batches = []
+    return trainer
+
+
+def last_complete_checkpoint(folder: Path, main: bool) -> Path | None:
+    """The newest checkpoint that holds every file a resume needs; newer, incomplete ones (a process
+    killed while saving) are removed by the main process, as they cannot be resumed from."""
+    import re
+
+    checkpoints = sorted((p for p in folder.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir()),
+                         key=lambda p: int(p.name.split("-")[1]), reverse=True)
+    for checkpoint in checkpoints:
+        if all((checkpoint / name).is_file() for name in CHECKPOINT_FILES):
+            return checkpoint
+        if main:
+            log.warning("removing incomplete checkpoint %s (missing %s)", checkpoint,
+                        [n for n in CHECKPOINT_FILES if not (checkpoint / n).is_file()])
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
+
+
+# ---- one phase -----------------------------------------------------------------------------------
+@dataclass
+class PhaseResult:
+    """What one phase trained and measured (``metrics.json`` of the variant holds these)."""
+
+    variant: str
+    phase: str
+    dataset: str
+    adapter: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"variant": self.variant, "phase": self.phase, "dataset": self.dataset, "adapter": str(self.adapter),
+                "metrics": self.metrics, "log_history": self.log_history}
+
+
+BOOKKEEPING = ("_runtime", "_samples_per_second", "_steps_per_second", "_preparation_time", "num_tokens",
+               "num_input_tokens_seen", "epoch", "step")
+
+
+def named_eval_metrics(entry: dict[str, Any]) -> dict[str, float]:
+    """One evaluation's metrics named after its set: ``eval_heldout_loss`` -> ``heldout_loss``. TRL
+    logs its own metrics (``eval_rewards/margins``, ``eval_entropy``) without the set's name, so they
+    are only told apart by the loss key logged with them, one evaluation per set."""
+    names = [key[len("eval_"):-len("_loss")] for key in entry if key.startswith("eval_") and key.endswith("_loss")]
+    if len(names) != 1:
+        return {}
+    name = names[0]
+    named = {}
+    for key, value in entry.items():
+        if not key.startswith("eval_") or key.endswith(BOOKKEEPING):
+            continue
+        short = key[len("eval_"):]
+        named[short if short.startswith(f"{name}_") else f"{name}_{short}"] = value
+    return named
+
+
+def before_after(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """The evaluation metrics before and after training, side by side."""
+    return {key: {"before": before.get(key), "after": after.get(key)} for key in sorted(set(before) | set(after))}
+
+
+def train_phase(*, kind: str, variant: str, phase: str, dataset_name: str, params: Params, train: TrainParams,
+                model_params: ModelParams, phase_dir: Path, adapter_in: Path | None, callbacks: tuple = (),
+                seed: int) -> PhaseResult:
+    """Train one phase into ``phase_dir`` (resuming from its newest complete checkpoint), save its
+    adapter to ``phase_dir/adapter`` and return its metrics. A phase already done is read back."""
+    rank, world = process_rank()
+    main = rank == 0
+    adapter_dir = phase_dir / "adapter"
+    metrics_path = phase_dir / "metrics.json"
+    if (adapter_dir / "adapter_config.json").is_file() and metrics_path.is_file():
+        done = json.loads(metrics_path.read_text(encoding="utf-8"))
+        return PhaseResult(variant, phase, dataset_name, adapter_dir, done["metrics"], done["log_history"])
+
+    full = load_training_set(datasets_dir(params), dataset_name)
+    train_set, heldout = split_by_question(full, train.eval_fraction, derive_seed(seed, "heldout", dataset_name))
+    eval_sets: dict[str, Any] = {"heldout": heldout} if heldout is not None else {}
+    if kind == "dpo" and params.dpo.reward_check_pairs:
+        count = min(params.dpo.reward_check_pairs, len(train_set))
+        eval_sets["train_sample"] = train_set.shuffle(seed=derive_seed(seed, "reward-check") % 2**32).select(range(count))
+
+    loaded = prepare_model(model_params, train.lora, train.gradient_checkpointing, seed, adapter=adapter_in)
+    tokenizer = loaded.tokenizer
+    completion_columns = ("chosen", "rejected") if kind == "dpo" else ("completion",)
+    lengths = row_lengths(tokenizer, train_set, completion_columns)
+    too_long = sum(length > train.max_length for length in lengths)
+    if kind == "dpo":
+        prompt_lengths = [len(tokenizer(tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True),
+                                         add_special_tokens=False)["input_ids"]) for row in train_set]
+        if all(length >= train.max_length for length in prompt_lengths):
+            raise TrainingError(f"every prompt of {dataset_name} is at least dpo.max_length ({train.max_length}) tokens "
+                                "long, so TRL would drop every pair; raise dpo.max_length")
+
+    phase_dir.mkdir(parents=True, exist_ok=True)
+    resume = last_complete_checkpoint(phase_dir, main)
+    args = training_arguments(kind, train, phase_dir, seed=seed, device=loaded.device, dtype=loaded.dtype,
+                              has_eval=bool(eval_sets), eval_on_start=bool(eval_sets) and resume is None,
+                              beta=getattr(train, "beta", None),
+                              precompute_ref=getattr(train, "precompute_ref_log_probs", False))
+    trainer = make_trainer(kind, loaded, args, train_set, eval_sets, callbacks)
+
+    tokens_at_start = 0
+    if resume is not None:
+        tokens_at_start = json.loads((resume / "trainer_state.json").read_text())["num_input_tokens_seen"]
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    # "before" is the evaluation at step 0 (eval_on_start), kept in the trainer state through a resume
+    before = {key: value for entry in trainer.state.log_history if entry.get("step") == 0
+              for key, value in named_eval_metrics(entry).items()}
+    after: dict[str, float] = {}
+    for name, eval_set in eval_sets.items():  # one evaluation per set, so that TRL's metrics keep their set
+        after.update(named_eval_metrics(trainer.evaluate(eval_dataset=eval_set, metric_key_prefix=f"eval_{name}")))
+
+    # the adapter appears whole: saved under a temporary name, then renamed by the main process
+    partial = phase_dir / ".adapter.partial"
+    if main:
+        shutil.rmtree(partial, ignore_errors=True)
+    trainer.save_model(str(partial))
+    digest = lora_digest(trainer.model)
+    state = trainer.state
+    tokens = state.num_input_tokens_seen - tokens_at_start
+    seconds = output.metrics["train_runtime"]
+    metrics = {
+        "kind": kind, "variant": variant, "phase": phase, "dataset": dataset_name,
+        "rows": {"train": len(train_set), "heldout": len(heldout) if heldout is not None else 0,
+                 "train_questions": len(set(zip(train_set["task"], train_set["id"], strict=True)))},
+        "rows_longer_than_max_length": too_long, "max_length": train.max_length,
+        "row_tokens": {"mean": round(sum(lengths) / len(lengths), 1), "max": max(lengths)},
+        "steps": state.global_step, "epochs": round(state.epoch or 0.0, 3),
+        "resumed_from": resume.name if resume else None,
+        "train_seconds": round(seconds, 2), "tokens": tokens,
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+        "world_size": world, "backend": loaded.backend, "device": loaded.device, "dtype": loaded.dtype,
+        "train_loss": output.metrics.get("train_loss"),
+        "evaluation": before_after(before, after),
+        "adapter_sha256_of_tensors": digest, "seed": seed,
+        "model": loaded.name, "model_source": loaded.source, "started_from_adapter": str(adapter_in) if adapter_in else None,
+    }
+    ranks = phase_dir / "ranks"
+    ranks.mkdir(exist_ok=True)
+    atomic_write_json(ranks / f"rank-{rank}.json", {
+        "rank": rank, "world_size": world, "distributed_type": str(trainer.accelerator.distributed_type),
+        "backend": _process_group_backend(), "first_batches": trainer.first_batches,
+        "adapter_sha256_of_tensors": digest, "torch_threads": _threads()})
+    history = [dict(entry) for entry in state.log_history]
+    if main:
+        tokenizer.save_pretrained(str(partial))
+        _move_into_place(partial, adapter_dir)
+        atomic_write_json(metrics_path, {"metrics": metrics, "log_history": history})
+    trainer.accelerator.wait_for_everyone()
+    del trainer, loaded
+    _free_memory()
+    return PhaseResult(variant, phase, dataset_name, adapter_dir, metrics, history)
+
+
+def _move_into_place(new: Path, target: Path) -> None:
+    """Rename a finished folder to ``target``, replacing a previous one only once the new one is whole."""
+    if target.exists():
+        stale = target.with_name(f".{target.name}.old")
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(target, stale)
+        os.replace(new, target)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def _process_group_backend() -> str | None:
+    import torch.distributed as dist
+
+    return dist.get_backend() if dist.is_available() and dist.is_initialized() else None
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---- variants and stages -------------------------------------------------------------------------
+def model_card(*, stage: str, variant: str, params: Params, base: str, base_name: str, results: list[PhaseResult],
+               identity: str) -> str:
+    """A short README.md for an adapter folder: what it was trained from, on what, and how to load it."""
+    from reflectevo import __version__
+
+    section = "sft" if stage == "03_sft" else "dpo"
+    train = getattr(params, section)
+    last = results[-1].metrics
+    lines = [
+        f"# reflectevo {section.upper()} adapter: {variant}",
+        "",
+        f"- base model: `{base}` (backend {last['backend']}, {last['dtype']})",
+        (f"- LoRA: r {train.lora.r}, alpha {train.lora.alpha}, dropout {train.lora.dropout}, "
+         f"targets {', '.join(train.lora.target_modules)}"),
+        (f"- run `{params.run.name}`, seed {params.run.seed}; hash of the params this stage reads (run.seed, model, "
+         f"{section}) `{params.section_hash(['run.seed', 'model', section])[:16]}`; stage identity `{identity[:16]}`"),
+        f"- reflectevo {__version__}",
+        "",
+        "| phase | training set | train rows | held-out rows | steps | tokens/s | held-out loss before | after |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        m = result.metrics
+        loss = m["evaluation"].get("heldout_loss", {})
+        lines.append(f"| {result.phase} | {result.dataset} | {m['rows']['train']} | {m['rows']['heldout']} | {m['steps']} | "
+                     f"{m['tokens_per_s']} | {_fmt(loss.get('before'))} | {_fmt(loss.get('after'))} |")
+    lines += [
+        "",
+        "Use it in a reflectevo params file:",
+        "",
+        "```yaml",
+        f"model: {{name: {base_name}, adapter: path/to/this/folder}}",
+        "```",
+        "",
+        "or with PEFT: `PeftModel.from_pretrained(base_model, 'path/to/this/folder')`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def train_variant(*, stage: str, variant: str, params: Params, stage_dir: Path, identity: str, model_params: ModelParams,
+                  base_description: str, callbacks: tuple = ()) -> list[PhaseResult]:
+    """Every phase of one variant, then its final adapter (and merged model) in ``stage_dir/variant``."""
+    kind = stage_kind(stage)
+    train = params.sft if kind == "sft" else params.dpo
+    phases = (SFT_PHASES if kind == "sft" else DPO_PHASES)[variant]
+    main = process_rank()[0] == 0
+    variant_dir = stage_dir / variant
+    results: list[PhaseResult] = []
+    adapter_in: Path | None = None
+    for phase, dataset_name in phases:
+        seed = derive_seed(params.run.seed, stage, variant, phase) % 2**31  # numpy and the Trainer take 32-bit seeds
+        result = train_phase(kind=kind, variant=variant, phase=phase, dataset_name=dataset_name, params=params, train=train,
+                             model_params=model_params, phase_dir=variant_dir / f"train-{identity[:12]}" / phase,
+                             adapter_in=adapter_in, callbacks=callbacks, seed=seed)
+        results.append(result)
+        adapter_in = result.adapter
+    if main:
+        card = model_card(stage=stage, variant=variant, params=params, base=base_description, base_name=model_params.name,
+                          results=results, identity=identity)
+        with atomic_directory(variant_dir / "adapter") as folder:
+            shutil.copytree(results[-1].adapter, folder, dirs_exist_ok=True)
+            (folder / "README.md").write_text(card, encoding="utf-8")
+        atomic_write_json(variant_dir / "metrics.json", {"variant": variant, "phases": [r.to_dict() for r in results]})
+        if train.save_merged:
+            merge_adapter(model_params, variant_dir / "adapter", variant_dir / "merged", card)
+    return results
+
+
+def sft_start(params: Params) -> tuple[ModelParams, str]:
+    return params.model, params.model.name
+
+
+def dpo_start(params: Params, run: RunDir, main: bool) -> tuple[ModelParams, str]:
+    """The model DPO starts from: the base, or an SFT variant's adapter merged into 16-bit weights
+    (kept in ``dpo/start/<mode>-<identity>/``), loaded as configured (in 4 bits for a 4-bit recipe),
+    so that the frozen reference, the policy with its DPO adapter disabled, is that SFT model."""
+    mode = params.dpo.start_from
+    if mode == "base":
+        return params.model, params.model.name
+    entry = run.manifest().get("stages", {}).get("03_sft", {})
+    adapter = params.run_dir / "sft" / mode / "adapter"
+    if entry.get("status") != "done" or not (adapter / "adapter_config.json").is_file():
+        raise TrainingError(f"dpo.start_from is {mode!r}, but stage 03_sft has not finished with that variant in "
+                            f"{params.run_dir} (no {adapter}); run stage 03 first (reflectevo run PARAMS --from 03)")
+    merged = params.run_dir / "dpo" / "start" / f"{mode}-{entry['identity'][:12]}"
+    if main and not (merged / "config.json").is_file():
+        merge_adapter(params.model, adapter, merged,
+                      f"# {params.model.name} + SFT adapter {mode}, merged for DPO\n\nSFT stage identity {entry['identity']}\n")
+    wait_for(merged / "config.json", "the merged SFT model")
+    return params.model.model_copy(update={"name": str(merged), "adapter": None}), f"{merged} ({params.model.name} + SFT {mode})"
+
+
+@dataclass
+class StageSummary:
+    """What a training stage produced: one row per phase (``table``) and the paths it wrote."""
+
+    stage: str
+    results: list[PhaseResult]
+    outputs: list[Path]
+    figures: list[Path]
+
+    def table(self):
+        import pandas as pd
+
+        rows = []
+        for result in self.results:
+            m = result.metrics
+            row = {"variant": result.variant, "phase": result.phase, "train rows": m["rows"]["train"],
+                   "held-out rows": m["rows"]["heldout"], "steps": m["steps"], "train loss": m["train_loss"],
+                   "tokens/s": m["tokens_per_s"], "longer than max_length": m["rows_longer_than_max_length"]}
+            for key, values in m["evaluation"].items():
+                if key.endswith(("loss", "rewards/accuracies", "rewards/margins")):
+                    row[f"{key} before"] = values["before"]
+                    row[f"{key} after"] = values["after"]
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return {f"{r.variant}/{r.phase}": {k: v for k, v in r.metrics.items() if k in (
+            "rows", "steps", "epochs", "tokens", "tokens_per_s", "train_seconds", "train_loss", "evaluation",
+            "resumed_from", "rows_longer_than_max_length", "world_size", "backend")} for r in self.results}
+
+
+def run_training_stage(stage: str, params: Params, rundir: RunDir | None = None, *, callbacks: tuple = (),
+                       params_file: str | Path | None = None) -> StageSummary:
+    """Train every variant of a stage ("03_sft" or "04_dpo") and record it in the run's manifest.
+
+    Pass the notebook's open ``rundir``; without one the run is opened here (and closed at the end).
+    Under ``accelerate launch`` / ``torchrun`` only the main process writes the manifest, the figures
+    and the final adapters; every process trains.
+    """
+    from reflectevo import plots
+
+    kind = stage_kind(stage)
+    variants = params.sft.modes if kind == "sft" else params.dpo.pairs
+    main = process_rank()[0] == 0
+    _check_loggers(params.sft if kind == "sft" else params.dpo)
+    training_plan(params, stage)  # every training set must be there and non-empty before any model loads
+
+    opened_here = rundir is None and main
+    if opened_here:
+        rundir = open_run(params, params_file=params_file, command=f"reflectevo train {kind}")
+    run = rundir if rundir is not None else RunDir(params, params.run_dir)  # other ranks: read-only, no lock
+    try:
+        stage_run = run.begin_stage(stage) if main else None
+        identity = stage_run.identity if stage_run else run.stage_identity(stage)
+        stage_dir = params.run_dir / ("sft" if kind == "sft" else "dpo")
+        model_params, base = sft_start(params) if kind == "sft" else dpo_start(params, run, main)
+        results = []
+        for variant in variants:
+            results += train_variant(stage=stage, variant=variant, params=params, stage_dir=stage_dir, identity=identity,
+                                     model_params=model_params, base_description=base, callbacks=callbacks)
+        figures: list[Path] = []
+        outputs = [stage_dir / variant / name for variant in variants for name in ("adapter", "metrics.json")]
+        if main:
+            history = plots.training_history([r.to_dict() for r in results])
+            fmt, dpi = params.analysis.figure_format, params.analysis.dpi
+            drawers = [("loss", plots.training_loss)] + ([("rewards", plots.dpo_rewards)] if kind == "dpo" else [])
+            for name, draw in drawers:
+                path = run.figures / f"{stage}_{name}.{fmt}"
+                plots.close(draw(history, path, dpi=dpi))
+                figures.append(path)
+            summary = StageSummary(stage, results, outputs, figures)
+            stage_run.finish(outputs=[*outputs, *figures], training=summary.manifest_entry(), base_model=base)
+        return StageSummary(stage, results, outputs, figures)
+    except BaseException as exc:
+        if main and rundir is not None and not isinstance(exc, KeyboardInterrupt):
+            run.mark_stage_failed(stage, f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        if opened_here:
+            rundir.close()
+
+
+def _check_loggers(train: TrainParams) -> None:
+    import importlib.util
+
+    for logger in train.report_to:
+        if importlib.util.find_spec(logger) is None:
+            raise TrainingError(f"report_to lists {logger}, which is not installed: pip install {logger}, "
+                                "or remove it from report_to")
+
+
+def run_sft(params: Params, rundir: RunDir | None = None, **kwargs: Any) -> StageSummary:
+    """Stage 03: every mode of ``sft.modes`` into ``outputs/<run>/sft/<mode>/``."""
+    return run_training_stage("03_sft", params, rundir, **kwargs)
+
+
+def run_dpo(params: Params, rundir: RunDir | None = None, **kwargs: Any) -> StageSummary:
+    """Stage 04: every pair type of ``dpo.pairs`` into ``outputs/<run>/dpo/<pairs>/``."""
+    return run_training_stage("04_dpo", params, rundir, **kwargs)

@@ -1,0 +1,302 @@
+"""Stages 03 and 04 really train the tiny model on CPU: the trained tokens are exactly the completion
+and the chat template's end of turn, no training input holds its target, SFT lowers the held-out loss,
+DPO raises the reward accuracy and margin, a killed run resumes to the same adapter, two processes
+train one model, DPO from an SFT variant uses that model as its reference, and bad set-ups stop
+before any model loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import clone_run, official_data_dir, skip_or_fail
+
+from reflectevo import curation, training
+from reflectevo.errors import ReflectEvoError
+from reflectevo.runs import read_manifest
+
+pytest.importorskip("trl")
+
+BIN = Path(sys.executable).parent
+SFT = {"modes": ["one_stage"], "per_device_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
+       "max_length": 512, "gradient_checkpointing": False, "logging_steps": 1, "report_to": []}
+DPO = {"pairs": ["d_pm"], "per_device_batch_size": 2, "gradient_accumulation_steps": 1, "max_length": 512,
+       "gradient_checkpointing": False, "logging_steps": 1, "report_to": []}
+
+
+def lora_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[key] - b[key]).abs().max().item() for key in a)
+
+
+def phase_metrics(params, stage_folder: str, variant: str, phase: int = 0) -> dict:
+    return json.loads((params.run_dir / stage_folder / variant / "metrics.json").read_text())["phases"][phase]["metrics"]
+
+
+# ---- what is trained ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smoke_params(smoke_reflect_run, tmp_path_factory):
+    return clone_run(smoke_reflect_run, tmp_path_factory.mktemp("labels"), "labels")
+
+
+@pytest.mark.parametrize("name", ["sft_one_stage", "sft_reflection", "sft_correction", "sft_qa_pairs"])
+def test_sft_labels_are_the_completion_and_the_end_of_turn(smoke_params, tmp_path, name):
+    """The trainer our stage builds computes its loss on exactly the completion + the template's end of turn."""
+    dataset = training.load_training_set(training.datasets_dir(smoke_params), name)
+    loaded = training.prepare_model(smoke_params.model, smoke_params.sft.lora, False, seed=0)
+    args = training.training_arguments("sft", smoke_params.sft, tmp_path, seed=0, device="cpu", dtype="float32", has_eval=False)
+    trainer = training.make_trainer("sft", loaded, args, dataset, {})
+    eot = training.end_of_turn(loaded.tokenizer)
+    assert eot == "<|end|>\n"  # the tiny model's template: both tokens are learned
+    for index in range(min(3, len(dataset))):
+        labels = [label for label in trainer.train_dataset[index]["labels"] if label != -100]
+        assert loaded.tokenizer.decode(labels) == dataset[index]["completion"][0]["content"] + eot
+        prompt_ids = trainer.train_dataset[index]["input_ids"][: len(trainer.train_dataset[index]["input_ids"]) - len(labels)]
+        context, _ = training.trained_text(loaded.tokenizer, dataset[index]["prompt"], dataset[index]["completion"])
+        assert loaded.tokenizer.decode(prompt_ids) == context  # the model's own chat template, unchanged
+
+
+def test_the_one_stage_target_is_reflection_answer_and_attempt(smoke_params):
+    from reflectevo.prompts import split_one_stage
+
+    dataset = training.load_training_set(training.datasets_dir(smoke_params), "sft_one_stage")
+    for row in dataset:
+        reflection, attempt = split_one_stage(row["completion"][0]["content"])
+        assert reflection and attempt.startswith("Thought:") and "\nAction:" in attempt
+        assert "After the reflection, answer the question again" in row["prompt"][0]["content"]
+
+
+def test_no_training_input_contains_its_target(smoke_params):
+    for name in ("sft_one_stage", "sft_reflection", "sft_correction", "sft_qa_pairs", "dpo_d_pm", "dpo_d_pref"):
+        dataset = training.load_training_set(training.datasets_dir(smoke_params), name)
+        assert training.target_leaks(dataset) == [], name
+
+
+def test_released_correction_rows_are_rebuilt_without_the_leaked_target():
+    path = official_data_dir() / "examples" / "example_D+.jsonl"
+    if not path.is_file():
+        skip_or_fail(f"released ReflectEvo example file not found: {path}")
+    released = curation.load_released(path)
+    # the stored trial-2 prompt holds the finished second trial: the check catches it
+    leaking = curation.to_trl_dataset([{"task": row["task"], "id": row["id"], "prompt": row["reason_prompt"][1],
+                                        "completion": row["second_trial_attempt"]} for row in released])
+    assert training.target_leaks(leaking) == list(range(len(released)))
+    rebuilt = curation.to_trl_dataset(curation.training_rows("correction", released))
+    assert len(rebuilt) == len(released) and training.target_leaks(rebuilt) == []
+
+
+def test_questions_are_held_out_whole(smoke_params):
+    dataset = training.load_training_set(training.datasets_dir(smoke_params), "sft_qa_pairs")
+    train, heldout = training.split_by_question(dataset, 0.25, seed=3)
+    keys = lambda d: {(t, i) for t, i in zip(d["task"], d["id"], strict=True)}
+    assert len(train) + len(heldout) == len(dataset) and not keys(train) & keys(heldout)
+    assert len(keys(heldout)) == round(0.25 * len(keys(dataset)))
+    assert training.split_by_question(dataset, 0.0, seed=3)[1] is None
+    assert training.split_by_question(dataset.select([0]), 0.5, seed=3)[1] is None  # one question: nothing held out
+
+
+# ---- learning ----------------------------------------------------------------------------------------
+def test_sft_lowers_the_held_out_loss(smoke_reflect_run, tmp_path):
+    params = clone_run(smoke_reflect_run, tmp_path, "sft-learns", {"sft": {**SFT, "max_steps": 16, "save_steps": 8,
+                                                                           "eval_fraction": 0.3}})
+    summary = training.run_sft(params)
+    metrics = phase_metrics(params, "sft", "one_stage")
+    loss = metrics["evaluation"]["heldout_loss"]
+    print(f"held-out loss of one_stage: {loss['before']:.4f} -> {loss['after']:.4f}; {metrics['tokens_per_s']} tokens/s")
+    assert metrics["rows"]["heldout"] > 0 and metrics["steps"] == 16
+    assert loss["after"] < loss["before"]
+    entry = read_manifest(params.run_dir)["stages"]["03_sft"]
+    assert entry["status"] == "done" and entry["training"]["one_stage/one_stage"]["evaluation"]["heldout_loss"] == loss
+    assert (params.run_dir / "figures" / "03_sft_loss.png").stat().st_size > 10_000
+    card = (params.run_dir / "sft" / "one_stage" / "adapter" / "README.md").read_text()
+    assert "builtin:tiny" in card and params.section_hash(["run.seed", "model", "sft"])[:16] in card
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {
+        p.name for p in (params.run_dir / "sft" / "one_stage" / "adapter").iterdir()}
+    assert len(summary.table()) == 1
+    assert list((params.run_dir / "sft" / "one_stage").glob("train-*/one_stage/runs/*/events.out.tfevents.*")) == []
+
+
+def test_dpo_raises_the_reward_accuracy_and_margin(smoke_reflect_run, tmp_path):
+    params = clone_run(smoke_reflect_run, tmp_path, "dpo-learns", {"dpo": {**DPO, "max_steps": 12, "learning_rate": 5e-4,
+                                                                           "beta": 0.1, "report_to": ["tensorboard"]}})
+    training.run_dpo(params)
+    metrics = phase_metrics(params, "dpo", "d_pm")
+    accuracy = metrics["evaluation"]["train_sample_rewards/accuracies"]
+    margin = metrics["evaluation"]["train_sample_rewards/margins"]
+    print(f"d_pm on {metrics['rows']['train']} training pairs: reward accuracy {accuracy['before']} -> {accuracy['after']}, "
+          f"margin {margin['before']:.4f} -> {margin['after']:.4f}")
+    assert accuracy["before"] == 0.0 and margin["before"] == 0.0  # the policy starts equal to its reference
+    assert accuracy["after"] > 0.5 and margin["after"] > margin["before"]
+    history = json.loads((params.run_dir / "dpo" / "d_pm" / "metrics.json").read_text())["phases"][0]["log_history"]
+    first = next(entry for entry in history if "rewards/chosen" in entry)
+    assert abs(first["loss"] - 0.6931) < 1e-3  # ln 2 at the first step
+    assert (params.run_dir / "figures" / "04_dpo_rewards.png").stat().st_size > 10_000
+    assert list((params.run_dir / "dpo" / "d_pm").glob("train-*/d_pm/runs/*/events.out.tfevents.*"))  # tensorboard
+
+
+# ---- checkpoints and resume --------------------------------------------------------------------------
+KILLABLE = textwrap.dedent('''
+    import os, signal, sys
+    from transformers import TrainerCallback
+    from reflectevo.config import load_params
+    from reflectevo.training import run_sft
+
+    class KillAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == int(sys.argv[2]):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    run_sft(load_params(sys.argv[1]), callbacks=(KillAt(),) if int(sys.argv[2]) else ())
+''')
+
+
+def write_params(params, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(params.to_dict()))
+    return path
+
+
+def test_a_killed_run_resumes_to_the_same_adapter(smoke_reflect_run, tmp_path):
+    sft = {**SFT, "max_steps": 12, "save_steps": 4, "per_device_batch_size": 2}
+    script = tmp_path / "killable.py"
+    script.write_text(KILLABLE)
+    runs = {}
+    for name, kill_at in (("straight", 0), ("killed", 6)):
+        params = clone_run(smoke_reflect_run, tmp_path, name, {"sft": sft})
+        file = write_params(params, tmp_path / f"{name}.yaml")
+        result = subprocess.run([sys.executable, str(script), str(file), str(kill_at)], capture_output=True, text=True,
+                                timeout=600, check=False)
+        if kill_at:  # SIGKILLed at step 6: checkpoint-4 is the newest, steps 5 and 6 are lost
+            assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+            phase = next((params.run_dir / "sft" / "one_stage").glob("train-*/one_stage"))
+            assert sorted(p.name for p in phase.glob("checkpoint-*")) == ["checkpoint-4"]
+            assert not (params.run_dir / "sft" / "one_stage" / "adapter").exists()
+            result = subprocess.run([sys.executable, str(script), str(file), "0"], capture_output=True, text=True,
+                                    timeout=600, check=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = params
+    straight, killed = (phase_metrics(runs[n], "sft", "one_stage") for n in ("straight", "killed"))
+    assert straight["resumed_from"] is None and killed["resumed_from"] == "checkpoint-4"
+    assert straight["steps"] == killed["steps"] == 12
+    difference = max_difference(*(lora_tensors(runs[n].run_dir / "sft" / "one_stage" / "adapter") for n in runs))
+    print(f"killed at step 6, resumed from checkpoint-4: max |difference| of the LoRA weights = {difference}")
+    assert difference == 0.0  # CPU, fp32: bit-equal, so no skipped or repeated batch can hide in a tolerance
+    assert killed["adapter_sha256_of_tensors"] == straight["adapter_sha256_of_tensors"]
+    assert killed["evaluation"] == straight["evaluation"]
+
+
+def test_an_incomplete_checkpoint_is_not_resumed_from(tmp_path):
+    for step, files in ((2, training.CHECKPOINT_FILES), (4, ("optimizer.pt",))):  # killed while saving step 4
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        for name in files:
+            (folder / name).write_text("x")
+    assert training.last_complete_checkpoint(tmp_path, main=True) == tmp_path / "checkpoint-2"
+    assert not (tmp_path / "checkpoint-4").exists()
+    assert training.last_complete_checkpoint(tmp_path / "checkpoint-2", main=True) is None
+
+
+# ---- several processes -------------------------------------------------------------------------------
+def test_two_processes_train_one_model(smoke_reflect_run, tmp_path):
+    """accelerate launch, 2 CPU processes: world size 2 in both, different batches, bit-equal weights."""
+    params = clone_run(smoke_reflect_run, tmp_path, "ddp", {"sft": {**SFT, "max_steps": 6, "save_steps": 3,
+                                                                    "per_device_batch_size": 2}})
+    file = write_params(params, tmp_path / "ddp.yaml")
+    command = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "reflectevo", "train", "sft", str(file)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    phase = next((params.run_dir / "sft" / "one_stage").glob("train-*/one_stage"))
+    ranks = [json.loads((phase / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["rank"] for r in ranks] == [0, 1]
+    assert all(r["distributed_type"].endswith("MULTI_CPU") and r["backend"] == "gloo" for r in ranks)
+    assert len(ranks[0]["first_batches"]) == 4 and not set(ranks[0]["first_batches"]) & set(ranks[1]["first_batches"])
+    assert ranks[0]["adapter_sha256_of_tensors"] == ranks[1]["adapter_sha256_of_tensors"]
+    saved = lora_tensors(params.run_dir / "sft" / "one_stage" / "adapter")
+    assert saved and read_manifest(params.run_dir)["stages"]["03_sft"]["status"] == "done"  # written once, by rank 0
+    assert phase_metrics(params, "sft", "one_stage")["world_size"] == 2
+
+
+# ---- DPO from an SFT variant ---------------------------------------------------------------------------
+def test_dpo_from_an_sft_variant_has_that_model_as_its_reference(smoke_reflect_run, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from reflectevo.standin import tiny_model_dir
+
+    params = clone_run(smoke_reflect_run, tmp_path, "sft-then-dpo", {
+        "sft": {**SFT, "max_steps": 6, "save_merged": True},
+        "dpo": {**DPO, "max_steps": 2, "start_from": "one_stage", "learning_rate": 1e-4}})
+    with pytest.raises(ReflectEvoError, match="03_sft"):  # DPO from SFT needs stage 03 first
+        training.run_dpo(params)
+    training.run_sft(params)
+    training.run_dpo(params)
+    manifest = read_manifest(params.run_dir)["stages"]
+    merged = next((params.run_dir / "dpo" / "start").glob("one_stage-*"))
+    assert merged.name == f"one_stage-{manifest['03_sft']['identity'][:12]}"
+    assert str(merged) in manifest["04_dpo"]["base_model"]
+
+    ids = torch.tensor([[5, 17, 42, 99, 7, 300, 12]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir())
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir()),
+                                        str(params.run_dir / "sft" / "one_stage" / "adapter"))
+        sft_logits = sft(ids).logits
+        dpo = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(merged), str(params.run_dir / "dpo" / "d_pm" / "adapter"))
+        with dpo.disable_adapter():
+            reference_logits = dpo(ids).logits
+        saved_merged = AutoModelForCausalLM.from_pretrained(params.run_dir / "sft" / "one_stage" / "merged")(ids).logits
+    print(f"reference vs SFT model: {(reference_logits - sft_logits).abs().max().item():.2e}; "
+          f"SFT vs base: {(sft_logits - base_logits).abs().max().item():.2e}")
+    assert torch.allclose(reference_logits, sft_logits, atol=1e-4)  # the reference is the SFT model ...
+    assert not torch.allclose(sft_logits, base_logits, atol=1e-3)  # ... which is not the base
+    assert torch.allclose(saved_merged, sft_logits, atol=1e-4)  # sft.save_merged wrote the same model
+
+
+# ---- bad set-ups -----------------------------------------------------------------------------------------
+def test_an_empty_training_set_stops_before_any_model_loads(smoke_reflect_run, tmp_path):
+    params = clone_run(smoke_reflect_run, tmp_path, "empty", {"sft": {**SFT, "modes": ["one_stage", "qa_pairs"]}})
+    folder = training.datasets_dir(params) / "sft_qa_pairs"
+    import shutil
+
+    shutil.rmtree(folder)
+    curation.empty_training_set("qa_pairs").save_to_disk(str(folder), num_shards=1)
+    with pytest.raises(training.TrainingError, match="training set sft_qa_pairs is empty"):
+        training.run_sft(params)
+    assert "03_sft" not in read_manifest(params.run_dir)["stages"]  # nothing was started
+    assert not (params.run_dir / "sft").exists()
+    shutil.rmtree(folder)
+    with pytest.raises(training.TrainingError, match="sft_qa_pairs not found.*run stage 02"):
+        training.run_sft(params)
+
+
+def test_a_logger_that_is_not_installed_is_refused(smoke_reflect_run, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    params = clone_run(smoke_reflect_run, tmp_path, "wandb", {"sft": {**SFT, "report_to": ["wandb"]}})
+    with pytest.raises(training.TrainingError, match="wandb, which is not installed"):
+        training.run_sft(params)
+
+
+def test_dpo_from_a_mode_that_sft_does_not_train_is_a_params_error():
+    from reflectevo.config import ConfigError, load_params
+
+    with pytest.raises(ConfigError, match="dpo.start_from is 'two_stage'"):
+        load_params(None, {"sft": {"modes": ["one_stage"]}, "dpo": {"start_from": "two_stage"}})
