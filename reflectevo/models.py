@@ -313,11 +313,27 @@ def _load_with_transformers(params: ModelParams, source: str, source_kind: str, 
     model_kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), **common}
     if params.load_in_4bit:
         model_kwargs["quantization_config"] = _four_bit_config()
-        model_kwargs["device_map"] = {"": torch.cuda.current_device()}
-    elif device == "cuda":
-        model_kwargs["device_map"] = {"": torch.cuda.current_device()}
+    placement = device_map(device, params.load_in_4bit)
+    if placement is not None:
+        model_kwargs["device_map"] = placement
     model = _from_pretrained(AutoModelForCausalLM, source, source_kind, "model", **model_kwargs)
     return model, tokenizer
+
+
+def device_map(device: str, four_bit: bool = False) -> dict[str, int] | None:
+    """Where ``from_pretrained`` puts the weights: on a GPU, this process's own one (``LOCAL_RANK``
+    under ``torchrun`` / ``accelerate launch``, where every process loads its copy before the trainer
+    starts); none under DeepSpeed or FSDP (without 4 bits), which place and shard the weights themselves."""
+    if device != "cuda":
+        return None
+    sharded = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" or os.environ.get("ACCELERATE_USE_FSDP") == "true"
+    if sharded and not four_bit:
+        return None
+    if "LOCAL_RANK" in os.environ:
+        return {"": int(os.environ["LOCAL_RANK"])}
+    import torch
+
+    return {"": torch.cuda.current_device()}
 
 
 def _load_with_unsloth(params: ModelParams, source: str, source_kind: str, device: str, dtype: str):
@@ -325,6 +341,7 @@ def _load_with_unsloth(params: ModelParams, source: str, source_kind: str, devic
     from unsloth import FastLanguageModel
 
     try:
+        placement = device_map(device, params.load_in_4bit)
         return FastLanguageModel.from_pretrained(
             model_name=source,
             max_seq_length=params.max_seq_length,
@@ -332,6 +349,7 @@ def _load_with_unsloth(params: ModelParams, source: str, source_kind: str, devic
             load_in_4bit=params.load_in_4bit,
             revision=params.revision,
             trust_remote_code=params.trust_remote_code,
+            **({"device_map": placement} if placement is not None else {}),
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"Unsloth could not load {source!r} ({source_kind}): {exc}") from exc

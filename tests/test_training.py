@@ -300,3 +300,26 @@ def test_dpo_from_a_mode_that_sft_does_not_train_is_a_params_error():
 
     with pytest.raises(ConfigError, match="dpo.start_from is 'two_stage'"):
         load_params(None, {"sft": {"modes": ["one_stage"]}, "dpo": {"start_from": "two_stage"}})
+
+
+# ---- launchers -----------------------------------------------------------------------------------------
+def test_each_process_loads_the_model_onto_its_own_gpu(monkeypatch):
+    from reflectevo.models import device_map
+
+    for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert device_map("cpu") is None
+    assert device_map("cuda") == {"": 3}
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # DeepSpeed places and shards the weights itself ...
+    assert device_map("cuda") is None
+    assert device_map("cuda", four_bit=True) == {"": 3}  # ... except 4-bit weights, which load onto a GPU
+
+
+@pytest.mark.parametrize("name", ["multi_gpu", "deepspeed_zero3", "fsdp"])
+def test_the_shipped_launcher_configs_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(Path(__file__).resolve().parents[1] / "configs" / "accelerate" / f"{name}.yaml"))
+    assert str(config.distributed_type).endswith({"multi_gpu": "MULTI_GPU", "deepspeed_zero3": "DEEPSPEED", "fsdp": "FSDP"}[name])
+    assert config.num_processes > 1 and not config.use_cpu
