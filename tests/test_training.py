@@ -323,3 +323,16 @@ def test_the_shipped_launcher_configs_load(name):
     config = load_config_from_file(str(Path(__file__).resolve().parents[1] / "configs" / "accelerate" / f"{name}.yaml"))
     assert str(config.distributed_type).endswith({"multi_gpu": "MULTI_GPU", "deepspeed_zero3": "DEEPSPEED", "fsdp": "FSDP"}[name])
     assert config.num_processes > 1 and not config.use_cpu
+
+
+def test_precomputed_reference_log_probs_train_the_same_adapter(smoke_reflect_run, tmp_path):
+    adapters = {}
+    for precompute in (False, True):
+        params = clone_run(smoke_reflect_run, tmp_path, f"precompute-{precompute}",
+                           {"dpo": {**DPO, "pairs": ["d_pref"], "max_steps": 3, "learning_rate": 5e-4,
+                                    "precompute_ref_log_probs": precompute}})
+        training.run_dpo(params)
+        adapters[precompute] = lora_tensors(params.run_dir / "dpo" / "d_pref" / "adapter")
+    difference = max_difference(adapters[False], adapters[True])
+    print(f"DPO with and without precomputed reference log-probs: max |difference| {difference:.2e}")
+    assert difference < 1e-5
