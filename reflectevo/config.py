@@ -262,7 +262,7 @@ class TrainParams(Section):
 
 
 class SFTParams(TrainParams):
-    modes: list[Literal["one_stage", "two_stage", "qa_pairs"]] = Field(default_factory=lambda: ["one_stage"])
+    modes: list[Literal["one_stage", "two_stage", "qa_pairs"]] = Field(default_factory=lambda: ["one_stage"], min_length=1)
 
     @field_validator("modes")
     @classmethod
@@ -271,7 +271,7 @@ class SFTParams(TrainParams):
 
 
 class DPOParams(TrainParams):
-    pairs: list[Literal["d_pm", "d_pref"]] = Field(default_factory=lambda: ["d_pm"])
+    pairs: list[Literal["d_pm", "d_pref"]] = Field(default_factory=lambda: ["d_pm"], min_length=1)
     # the policy to start from: the base model, or an SFT variant of stage 03 (its adapter is merged
     # into 16-bit weights first, so that the frozen reference is that SFT model)
     start_from: Literal["base", "one_stage", "two_stage", "qa_pairs"] = "base"

@@ -206,6 +206,12 @@ def phase_examples(params: Params, stage: str, tokenizer: Any) -> list[dict[str,
     return examples
 
 
+def prompt_lengths(tokenizer: Any, dataset: datasets.Dataset) -> list[int]:
+    """Tokens of each row's prompt, rendered with the generation prompt."""
+    return [len(tokenizer(tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True),
+                          add_special_tokens=False)["input_ids"]) for row in dataset]
+
+
 def row_lengths(tokenizer: Any, dataset: datasets.Dataset, completion_columns: tuple[str, ...]) -> list[int]:
     """Tokens of prompt + completion per row (the longest completion for preference rows)."""
     lengths = []
@@ -445,18 +451,21 @@ def train_phase(*, kind: str, variant: str, phase: str, dataset_name: str, param
         count = min(params.dpo.reward_check_pairs, len(train_set))
         eval_sets["train_sample"] = train_set.shuffle(seed=derive_seed(seed, "reward-check") % 2**32).select(range(count))
 
-    loaded = prepare_model(model_params, train.lora, train.gradient_checkpointing, seed, adapter=adapter_in)
-    tokenizer = loaded.tokenizer
-    completion_columns = ("chosen", "rejected") if kind == "dpo" else ("completion",)
-    lengths = row_lengths(tokenizer, train_set, completion_columns)
+    # lengths first, with the tokenizer alone: a set that cannot train stops before the model loads
+    from reflectevo.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_params)
+    lengths = row_lengths(tokenizer, train_set, ("chosen", "rejected") if kind == "dpo" else ("completion",))
     too_long = sum(length > train.max_length for length in lengths)
-    if kind == "dpo":
-        prompt_lengths = [len(tokenizer(tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True),
-                                         add_special_tokens=False)["input_ids"]) for row in train_set]
-        if all(length >= train.max_length for length in prompt_lengths):
+    dropped = 0
+    if kind == "dpo":  # TRL drops a pair whose prompt alone fills max_length (nothing of it would be trained)
+        dropped = sum(length >= train.max_length for length in prompt_lengths(tokenizer, train_set))
+        if dropped == len(train_set):
             raise TrainingError(f"every prompt of {dataset_name} is at least dpo.max_length ({train.max_length}) tokens "
                                 "long, so TRL would drop every pair; raise dpo.max_length")
 
+    loaded = prepare_model(model_params, train.lora, train.gradient_checkpointing, seed, adapter=adapter_in)
+    tokenizer = loaded.tokenizer
     phase_dir.mkdir(parents=True, exist_ok=True)
     resume = last_complete_checkpoint(phase_dir, main)
     args = training_arguments(kind, train, phase_dir, seed=seed, device=loaded.device, dtype=loaded.dtype,
@@ -490,6 +499,7 @@ def train_phase(*, kind: str, variant: str, phase: str, dataset_name: str, param
         "rows": {"train": len(train_set), "heldout": len(heldout) if heldout is not None else 0,
                  "train_questions": len(set(zip(train_set["task"], train_set["id"], strict=True)))},
         "rows_longer_than_max_length": too_long, "max_length": train.max_length,
+        "pairs_dropped_prompt_too_long": dropped if kind == "dpo" else None,
         "row_tokens": {"mean": round(sum(lengths) / len(lengths), 1), "max": max(lengths)},
         "steps": state.global_step, "epochs": round(state.epoch or 0.0, 3),
         "resumed_from": resume.name if resume else None,

@@ -336,3 +336,11 @@ def test_precomputed_reference_log_probs_train_the_same_adapter(smoke_reflect_ru
     difference = max_difference(adapters[False], adapters[True])
     print(f"DPO with and without precomputed reference log-probs: max |difference| {difference:.2e}")
     assert difference < 1e-5
+
+
+def test_dpo_prompts_longer_than_max_length_stop_before_training(smoke_reflect_run, tmp_path):
+    params = clone_run(smoke_reflect_run, tmp_path, "too-long", {"dpo": {**DPO, "max_length": 32, "max_steps": 2}})
+    with pytest.raises(training.TrainingError, match=r"every prompt of dpo_d_pm is at least dpo.max_length \(32\)"):
+        training.run_dpo(params)
+    assert read_manifest(params.run_dir)["stages"]["04_dpo"]["status"] == "failed"  # said so in the manifest
+    assert not list((params.run_dir / "dpo" / "d_pm").glob("train-*/d_pm/checkpoint-*"))
