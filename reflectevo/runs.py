@@ -141,16 +141,24 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_directory(new: Path, path: Path) -> None:
+    """Rename the finished folder ``new`` to ``path``; a previous ``path`` is moved aside first and
+    removed only once the new one is in place."""
+    import shutil
+
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(path, old)
+    os.replace(new, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def file_sha256(path: str | Path) -> str:

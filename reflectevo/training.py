@@ -47,7 +47,13 @@ from typing import TYPE_CHECKING, Any
 
 from reflectevo.config import Params, TrainParams, derive_seed
 from reflectevo.errors import ReflectEvoError
-from reflectevo.runs import RunDir, atomic_directory, atomic_write_json, open_run
+from reflectevo.runs import (
+    RunDir,
+    atomic_directory,
+    atomic_write_json,
+    open_run,
+    replace_directory,
+)
 
 if TYPE_CHECKING:
     import datasets
@@ -520,24 +526,12 @@ def train_phase(*, kind: str, variant: str, phase: str, dataset_name: str, param
     history = [dict(entry) for entry in state.log_history]
     if main:
         tokenizer.save_pretrained(str(partial))
-        _move_into_place(partial, adapter_dir)
+        replace_directory(partial, adapter_dir)
         atomic_write_json(metrics_path, {"metrics": metrics, "log_history": history})
     trainer.accelerator.wait_for_everyone()
     del trainer, loaded
     _free_memory()
     return PhaseResult(variant, phase, dataset_name, adapter_dir, metrics, history)
-
-
-def _move_into_place(new: Path, target: Path) -> None:
-    """Rename a finished folder to ``target``, replacing a previous one only once the new one is whole."""
-    if target.exists():
-        stale = target.with_name(f".{target.name}.old")
-        shutil.rmtree(stale, ignore_errors=True)
-        os.replace(target, stale)
-        os.replace(new, target)
-        shutil.rmtree(stale, ignore_errors=True)
-    else:
-        os.replace(new, target)
 
 
 def _process_group_backend() -> str | None:
@@ -636,10 +630,6 @@ def train_variant(*, stage: str, variant: str, params: Params, stage_dir: Path, 
     return results
 
 
-def sft_start(params: Params) -> tuple[ModelParams, str]:
-    return params.model, params.model.name
-
-
 def dpo_start(params: Params, run: RunDir, main: bool) -> tuple[ModelParams, str]:
     """The model DPO starts from: the base, or an SFT variant's adapter merged into 16-bit weights
     (kept in ``dpo/start/<mode>-<identity>/``), loaded as configured (in 4 bits for a 4-bit recipe),
@@ -715,7 +705,7 @@ def run_training_stage(stage: str, params: Params, rundir: RunDir | None = None,
         stage_run = run.begin_stage(stage) if main else None
         identity = stage_run.identity if stage_run else run.stage_identity(stage)
         stage_dir = params.run_dir / ("sft" if kind == "sft" else "dpo")
-        model_params, base = sft_start(params) if kind == "sft" else dpo_start(params, run, main)
+        model_params, base = (params.model, params.model.name) if kind == "sft" else dpo_start(params, run, main)
         results = []
         for variant in variants:
             results += train_variant(stage=stage, variant=variant, params=params, stage_dir=stage_dir, identity=identity,
