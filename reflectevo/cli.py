@@ -194,12 +194,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     params = load_params(args.params)
     select_backend(params.model.backend)  # Unsloth, when chosen, must be imported before transformers
-    from reflectevo.training import run_training_stage
+    from reflectevo.training import process_rank, run_training_stage
 
     summary = run_training_stage("03_sft" if args.stage == "sft" else "04_dpo", params, params_file=Path(args.params).resolve())
-    from reflectevo.training import process_rank
-
-    if process_rank()[0] == 0:
+    if process_rank()[0] == 0:  # under accelerate launch, one table
         print(summary.table().to_string(index=False))
         print(f"adapters: {', '.join(str(path) for path in summary.outputs if path.name == 'adapter')}")
     return 0

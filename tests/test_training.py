@@ -344,3 +344,15 @@ def test_dpo_prompts_longer_than_max_length_stop_before_training(smoke_reflect_r
         training.run_dpo(params)
     assert read_manifest(params.run_dir)["stages"]["04_dpo"]["status"] == "failed"  # said so in the manifest
     assert not list((params.run_dir / "dpo" / "d_pm").glob("train-*/d_pm/checkpoint-*"))
+
+
+def test_dpo_from_an_sft_variant_depends_on_stage_03():
+    from reflectevo.config import load_params
+    from reflectevo.runs import depends_on, get_stage, identity_of
+
+    dpo = get_stage("04_dpo")
+    from_base = load_params(None, {"sft": {"modes": ["one_stage"]}})
+    from_sft = load_params(None, {"sft": {"modes": ["one_stage"]}, "dpo": {"start_from": "one_stage"}})
+    assert depends_on(dpo, from_base) == ("02",) and depends_on(dpo, from_sft) == ("02", "03")
+    upstream = {"02_reflect": "a", "03_sft": "b"}
+    assert identity_of(from_sft, dpo, upstream) != identity_of(from_sft, dpo, {**upstream, "03_sft": "c"})
