@@ -51,6 +51,7 @@ from reflectevo.runs import (
     RunDir,
     atomic_directory,
     atomic_write_json,
+    get_stage,
     open_run,
     replace_directory,
 )
@@ -101,16 +102,17 @@ def datasets_dir(params: Params) -> Path:
     return params.run_dir / "reflect" / "datasets"
 
 
-def load_training_set(folder: Path, name: str) -> datasets.Dataset:
-    """One training set of stage 02, in memory (so that no cache file is written into stage 02's folder).
-    A missing or empty set is an error that says where the rows should have come from."""
+def load_training_set(folder: Path, name: str, in_memory: bool = False) -> datasets.Dataset:
+    """One training set of stage 02, memory-mapped, or ``in_memory`` for training (so that no cache
+    file of TRL's preprocessing is written into stage 02's folder). A missing or empty set is an
+    error that says where the rows should have come from."""
     import datasets
 
     path = folder / name
     if not (path / "dataset_info.json").is_file():
         raise TrainingError(f"training set {name} not found in {folder}: run stage 02 (reflectevo run PARAMS --from 02), "
                             "whose exports write it")
-    dataset = datasets.load_from_disk(str(path), keep_in_memory=True)
+    dataset = datasets.load_from_disk(str(path), keep_in_memory=in_memory)
     if len(dataset) == 0:
         source = {"sft_qa_pairs": "the questions of reflect.split"}.get(name, "D+ (reflections whose second trial was correct)"
                                                                         if name.startswith("sft_") else
@@ -144,12 +146,10 @@ def split_by_question(dataset: datasets.Dataset, fraction: float, seed: int) -> 
 
 def training_plan(params: Params, stage: str) -> list[dict[str, Any]]:
     """One row per phase the stage will train (variant, phase, training set, rows, questions). Every
-    set is loaded, so a missing or empty one stops here, before any model loads."""
-    kind = stage_kind(stage)
-    variants = params.sft.modes if kind == "sft" else params.dpo.pairs
+    set is opened, so a missing or empty one stops here, before any model loads."""
     plan = []
-    for variant in variants:
-        for phase, name in (SFT_PHASES if kind == "sft" else DPO_PHASES)[variant]:
+    for variant, phases in stage_variants(params, stage).items():
+        for phase, name in phases:
             dataset = load_training_set(datasets_dir(params), name)
             plan.append({"variant": variant, "phase": phase, "training set": name, "rows": len(dataset),
                          "questions": len(set(zip(dataset["task"], dataset["id"], strict=True)))})
@@ -160,6 +160,19 @@ def stage_kind(stage: str) -> str:
     if stage not in ("03_sft", "04_dpo"):
         raise ValueError(f"unknown training stage {stage!r}; choose 03_sft or 04_dpo")
     return "sft" if stage == "03_sft" else "dpo"
+
+
+def stage_section(params: Params, stage: str) -> TrainParams:
+    """The params section a training stage reads: ``sft`` or ``dpo``."""
+    return getattr(params, stage_kind(stage))
+
+
+def stage_variants(params: Params, stage: str) -> dict[str, tuple[tuple[str, str], ...]]:
+    """The variants the params ask the stage to train (``sft.modes`` or ``dpo.pairs``), each with
+    its phases in order: (phase, training set)."""
+    if stage_kind(stage) == "sft":
+        return {mode: SFT_PHASES[mode] for mode in params.sft.modes}
+    return {pairs: DPO_PHASES[pairs] for pairs in params.dpo.pairs}
 
 
 def target_leaks(dataset: datasets.Dataset) -> list[int]:
@@ -197,10 +210,9 @@ def trained_text(tokenizer: Any, prompt: list[dict[str, str]], completion: list[
 def phase_examples(params: Params, stage: str, tokenizer: Any) -> list[dict[str, str]]:
     """The first row of each phase's training set as the model will see it: the end of the rendered
     context, and each trained part (completion, or chosen and rejected, with the end-of-turn tokens)."""
-    kind = stage_kind(stage)
     examples = []
-    for variant in params.sft.modes if kind == "sft" else params.dpo.pairs:
-        for phase, name in (SFT_PHASES if kind == "sft" else DPO_PHASES)[variant]:
+    for variant, phases in stage_variants(params, stage).items():
+        for phase, name in phases:
             row = load_training_set(datasets_dir(params), name)[0]
             example = {"variant": variant, "phase": phase, "task": row["task"], "id": row["id"]}
             for column in ("completion", "chosen", "rejected"):
@@ -450,7 +462,7 @@ def train_phase(*, kind: str, variant: str, phase: str, dataset_name: str, param
         done = json.loads(metrics_path.read_text(encoding="utf-8"))
         return PhaseResult(variant, phase, dataset_name, adapter_dir, done["metrics"], done["log_history"])
 
-    full = load_training_set(datasets_dir(params), dataset_name)
+    full = load_training_set(datasets_dir(params), dataset_name, in_memory=True)
     train_set, heldout = split_by_question(full, train.eval_fraction, derive_seed(seed, "heldout", dataset_name))
     eval_sets: dict[str, Any] = {"heldout": heldout} if heldout is not None else {}
     if kind == "dpo" and params.dpo.reward_check_pairs:
@@ -562,8 +574,8 @@ def model_card(*, stage: str, variant: str, params: Params, base: str, base_name
     """A short README.md for an adapter folder: what it was trained from, on what, and how to load it."""
     from reflectevo import __version__
 
-    section = "sft" if stage == "03_sft" else "dpo"
-    train = getattr(params, section)
+    section = stage_kind(stage)
+    train = stage_section(params, stage)
     last = results[-1].metrics
     lines = [
         f"# reflectevo {section.upper()} adapter: {variant}",
@@ -605,8 +617,8 @@ def train_variant(*, stage: str, variant: str, params: Params, stage_dir: Path, 
                   base_description: str, callbacks: tuple = ()) -> list[PhaseResult]:
     """Every phase of one variant, then its final adapter (and merged model) in ``stage_dir/variant``."""
     kind = stage_kind(stage)
-    train = params.sft if kind == "sft" else params.dpo
-    phases = (SFT_PHASES if kind == "sft" else DPO_PHASES)[variant]
+    train = stage_section(params, stage)
+    phases = stage_variants(params, stage)[variant]
     main = process_rank()[0] == 0
     variant_dir = stage_dir / variant
     results: list[PhaseResult] = []
@@ -692,9 +704,9 @@ def run_training_stage(stage: str, params: Params, rundir: RunDir | None = None,
     from reflectevo import plots
 
     kind = stage_kind(stage)
-    variants = params.sft.modes if kind == "sft" else params.dpo.pairs
+    variants = list(stage_variants(params, stage))
     main = process_rank()[0] == 0
-    _check_loggers(params.sft if kind == "sft" else params.dpo)
+    _check_loggers(stage_section(params, stage))
     training_plan(params, stage)  # every training set must be there and non-empty before any model loads
 
     opened_here = rundir is None and main
@@ -704,7 +716,7 @@ def run_training_stage(stage: str, params: Params, rundir: RunDir | None = None,
     try:
         stage_run = run.begin_stage(stage) if main else None
         identity = stage_run.identity if stage_run else run.stage_identity(stage)
-        stage_dir = params.run_dir / ("sft" if kind == "sft" else "dpo")
+        stage_dir = params.run_dir / get_stage(stage).folder
         model_params, base = (params.model, params.model.name) if kind == "sft" else dpo_start(params, run, main)
         results = []
         for variant in variants:
