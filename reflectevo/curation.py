@@ -32,7 +32,7 @@ from reflectevo.errors import DataError, DataFileNotFound
 from reflectevo.generation import GenerationRequest
 from reflectevo.jsonl import read_jsonl, write_jsonl_atomic
 from reflectevo.tasks import get_task
-from reflectevo.tasks.base import OUTCOMES, Item
+from reflectevo.tasks.base import OUTCOMES, Item, require_fields
 
 if TYPE_CHECKING:
     import datasets
@@ -97,11 +97,7 @@ def check_record(record: dict[str, Any], where: str) -> None:
 def check_output(output: Any, index: int, where: str, needs_instruction: bool = True) -> None:
     if not isinstance(output, dict):
         raise DataError(f"{where} must be a JSON object, got {type(output).__name__}")
-    for name, kind in OUTPUT_FIELDS.items():
-        if name not in output:
-            raise DataError(f"{where}: missing field {name!r} (this output has {sorted(output)})")
-        if not isinstance(output[name], kind):
-            raise DataError(f"{where}: field {name!r} must be a {kind.__name__}, got {type(output[name]).__name__}")
+    require_fields(output, OUTPUT_FIELDS, where)
     expected_trial = 1 if index == 0 else 2
     if output["trial"] != expected_trial:
         raise DataError(f"{where}: trial must be {expected_trial} (output[0] is the first trial, every later "

@@ -177,8 +177,7 @@ def load_model(params: ModelParams, *, for_training: bool = False) -> LoadedMode
     started = time.perf_counter()
     name = params.name
     random_builtin = name in standin.RANDOM_SHAPES
-    if name.startswith(BUILTIN_PREFIX) and name not in standin.BUILTIN_MODELS:
-        raise UnknownModelError(f"unknown built-in model {name!r}; known: {', '.join(standin.BUILTIN_MODELS)}")
+    check_builtin_name(name)
 
     # checks that cost nothing come before anything is built or loaded
     adapter = _adapter_folder(params.adapter) if params.adapter else None
@@ -255,14 +254,21 @@ def load_model(params: ModelParams, *, for_training: bool = False) -> LoadedMode
     return LoadedModel(model, tokenizer, choice.name, name, source, dtype, device, info)
 
 
+def check_builtin_name(name: str) -> None:
+    """A ``builtin:`` name must be one of the built-in stand-ins."""
+    from reflectevo import standin
+
+    if name.startswith(BUILTIN_PREFIX) and name not in standin.BUILTIN_MODELS:
+        raise UnknownModelError(f"unknown built-in model {name!r}; known: {', '.join(standin.BUILTIN_MODELS)}")
+
+
 def load_tokenizer(params: ModelParams) -> Any:
     """The tokenizer of ``params`` alone, with its chat template and pad token, loading no weights
     (to show what a model will be trained on before the model loads)."""
     from reflectevo import standin
 
     name = params.name
-    if name.startswith(BUILTIN_PREFIX) and name not in standin.BUILTIN_MODELS:
-        raise UnknownModelError(f"unknown built-in model {name!r}; known: {', '.join(standin.BUILTIN_MODELS)}")
+    check_builtin_name(name)
     if name in standin.RANDOM_SHAPES:
         tokenizer = standin.llama3_vocab_tokenizer()
     else:
