@@ -211,18 +211,70 @@ def reflection_prompt(item: Item, attempt: str, feedback: str, instruction: Inst
     )
 
 
-def second_trial_prompt(task: Task, item: Item, reflection: str, fewshots: int = 0,
+def second_trial_prompt(task: Task, item: Item, reflection: str | None, fewshots: int = 0,
                         previous: tuple[str, str] | None = None) -> str:
     """The attempt prompt with the reflection inserted before the question (the paper's two
-    variants: the reflection alone, or also the failed attempt as ``previous = (attempt, feedback)``)."""
+    variants: the reflection alone, or also the failed attempt as ``previous = (attempt, feedback)``).
+    ``reflection=None`` is the paper's "w/o reflection" baseline: told it was wrong, the model retries."""
     parts = attempt_preamble(task, fewshots)
-    parts.append(f"{REFLECTION_HEADER}\n{reflection.strip()}")
+    if reflection is not None:
+        parts.append(f"{REFLECTION_HEADER}\n{reflection.strip()}")
     block = UNSUCCESSFUL
     if previous is not None:
         block += f" It was:\n{failed_trial(*previous)}"
     parts.append(block)
     parts.append(f"Question: {item.question}")
     return "\n\n".join(parts)
+
+
+# ---- oracle-free evaluation: a review that is not told whether the answer was right ---------------
+# Under the paper's protocol the grader decides which answers get a reflection and the reflector is
+# told "your answer was wrong" (method.md §6.1), so a second answer can only help. The oracle-free
+# prompts below go to every question, say nothing about correctness, show no test results, and let
+# the model keep an answer it still believes. Bump REVIEW_VERSION when their text changes.
+REVIEW_VERSION = "review-1"
+REVIEW_INTRO = (
+    "Review your answer to the question below. It may be right or it may be wrong. Check the attempt, say "
+    "in a sentence or two whether it holds and why, and if it does not, state a short plan for a better one. "
+    "Write at most 100 words, do not give the final answer, and write no introduction or closing."
+)
+REVIEW_HEADER = "Here is a review of your previous attempt:"
+PREVIOUS_ATTEMPT = "Your previous answer to this question was:\n{attempt}\nIf it was right, you may give the same answer again."
+
+
+def review_prompt(item: Item, attempt: str) -> str:
+    """The oracle-free reflection prompt: the question and the attempt, with no verdict and no test results."""
+    return f"{REVIEW_INTRO}\n\nQuestion: {item.question}\n\nYour attempt:\n{attempt.strip()}"
+
+
+def review_second_trial_prompt(task: Task, item: Item, review: str | None, attempt: str, fewshots: int = 0) -> str:
+    """The oracle-free second attempt: the review (None for a plain retry) and the previous attempt,
+    which the model may keep."""
+    parts = attempt_preamble(task, fewshots)
+    if review is not None:
+        parts.append(f"{REVIEW_HEADER}\n{review.strip()}")
+    parts.append(PREVIOUS_ATTEMPT.format(attempt=attempt.strip()))
+    parts.append(f"Question: {item.question}")
+    return "\n\n".join(parts)
+
+
+# Self-verification: the model judges its own first answer, and reflects only when it finds it wrong.
+SELF_VERIFY_INTRO = (
+    "Check your answer to the question below. Decide whether it is correct. Give one sentence of reasons, "
+    "then end with exactly one line: Verdict: correct or Verdict: wrong."
+)
+_SELF_VERDICT = re.compile(r"Verdict:\s*\**\s*(correct|wrong)\b", re.IGNORECASE)
+
+
+def self_verify_prompt(item: Item, attempt: str) -> str:
+    """The user message that asks the model whether its own attempt is correct."""
+    return f"{SELF_VERIFY_INTRO}\n\nQuestion: {item.question}\n\nYour attempt:\n{attempt.strip()}"
+
+
+def parse_self_verdict(text: str) -> str | None:
+    """``"correct"`` or ``"wrong"`` from a self-verification (its last verdict line), None when it gave none."""
+    found = _SELF_VERDICT.findall(text)
+    return found[-1].lower() if found else None
 
 
 # ---- one-stage learning: reflection and new attempt in one answer (method.md §5.2) ---------------
@@ -235,8 +287,12 @@ ONE_STAGE_SEPARATOR = "\nAnswer:\n"
 
 def one_stage_prompt(task: Task, item: Item, attempt: str, feedback: str, instruction: Instruction) -> str:
     """The reflection prompt, extended to ask for the new attempt after the reflection."""
-    suffix = ONE_STAGE_SUFFIX.format(answer_format=task.answer_format)
-    return f"{reflection_prompt(item, attempt, feedback, instruction)}\n\n{suffix}"
+    return with_one_stage_suffix(task, reflection_prompt(item, attempt, feedback, instruction))
+
+
+def with_one_stage_suffix(task: Task, reflection_user: str) -> str:
+    """A reflection (or review) prompt that also asks for the new attempt after the reflection."""
+    return f"{reflection_user}\n\n{ONE_STAGE_SUFFIX.format(answer_format=task.answer_format)}"
 
 
 def one_stage_completion(reflection: str, attempt: str) -> str:

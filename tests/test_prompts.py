@@ -23,9 +23,13 @@ from reflectevo.prompts import (
     judge_prompt,
     one_stage_completion,
     one_stage_prompt,
+    parse_self_verdict,
     parse_verdict,
+    review_prompt,
+    review_second_trial_prompt,
     reflection_prompt,
     second_trial_prompt,
+    self_verify_prompt,
     split_one_stage,
     thought_messages,
 )
@@ -52,6 +56,11 @@ def rendered_prompts() -> dict[str, str]:
         task, item, reflection, previous=(ATTEMPT, "Answer is INCORRECT"))
     prompts["reflection-logiqa-generic"] = reflection_prompt(item, ATTEMPT, "Answer is INCORRECT", GENERIC_INSTRUCTION)
     prompts["one-stage-logiqa-generic"] = one_stage_prompt(task, item, ATTEMPT, "Answer is INCORRECT", GENERIC_INSTRUCTION)
+    prompts["retry-logiqa-without-reflection"] = second_trial_prompt(task, item, None, previous=(ATTEMPT, "Answer is INCORRECT"))
+    prompts["review-logiqa"] = review_prompt(item, ATTEMPT)
+    prompts["review-second-trial-logiqa"] = review_second_trial_prompt(task, item, reflection, ATTEMPT)
+    prompts["review-retry-logiqa"] = review_second_trial_prompt(task, item, None, ATTEMPT)
+    prompts["self-verify-logiqa"] = self_verify_prompt(item, ATTEMPT)
     prompts["judge-logiqa"] = judge_prompt(item, ATTEMPT, "Answer is INCORRECT", reflection,
                                            "I should have read the options. Next time, compare each one with the text.")
     return prompts
@@ -125,3 +134,20 @@ def test_two_call_attempts_prefill_the_assistant_turn():
 def test_the_generic_instruction_is_outside_the_pool_but_resolvable():
     assert GENERIC_INSTRUCTION.key not in INSTRUCTIONS and get_instruction("generic") is GENERIC_INSTRUCTION
     assert "generic" not in assign_instructions("all", 2, 0, "logiqa", "x")
+
+
+def test_self_verdicts_are_read_from_the_last_verdict_line():
+    assert parse_self_verdict("The step holds.\nVerdict: correct") == "correct"
+    assert parse_self_verdict("Verdict: correct\nOn second thought...\nVerdict: **Wrong**") == "wrong"
+    assert parse_self_verdict("It looks fine to me.") is None
+    assert parse_self_verdict("Verdict: correctly done") is None  # a whole word only
+
+
+def test_oracle_free_prompts_never_say_whether_the_answer_was_right():
+    task, item = get_task("mbpp"), get_task("mbpp").load_samples("train")[0]
+    attempt = "Thought: I write it.\nAction: [BEGIN]\ndef f(x):\n    return x\n[END]"
+    texts = [review_prompt(item, attempt), review_second_trial_prompt(task, item, "It holds.", attempt),
+             self_verify_prompt(item, attempt)]
+    for text in texts:
+        for oracle_word in ("INCORRECT", "CORRECT\n", "was wrong", "Test failed", "Observation"):
+            assert oracle_word not in text
