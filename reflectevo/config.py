@@ -293,12 +293,55 @@ class DPOParams(TrainParams):
 
 
 # ---- eval, analysis, evolve (notebooks 05, 06; self-evolution) ---------------------------------------
+EVAL_PROTOCOLS = ("oracle", "oracle_free", "self_verify")
+BASELINES = ("retry", "base")  # the paper's prompt baselines: retry without reflection; prompted reflection
+
+
 class EvalParams(Section):
     split: Literal["validation", "test"] = "test"
-    protocols: list[Literal["oracle", "self_verify", "always_reflect"]] = Field(default_factory=lambda: ["oracle"], min_length=1)
+    # what to evaluate: "trained" = the two prompt baselines (retry: the untrained model answers again without
+    # reflecting; base: it reflects first) and every variant stages 03 and 04 trained in this run; or a list
+    # of names from: retry, base, sft/one_stage, sft/two_stage, sft/qa_pairs, dpo/d_pm, dpo/d_pref
+    variants: Literal["trained"] | list[str] = "trained"
+    # oracle: the paper's (the grader decides who reflects and the reflector is told the answer was wrong);
+    # oracle_free: every answer is reviewed with a prompt that does not say whether it was right;
+    # self_verify: the model judges its own answer first and reflects only when it finds it wrong
+    protocols: list[Literal["oracle", "oracle_free", "self_verify"]] = Field(
+        default_factory=lambda: ["oracle", "oracle_free"], min_length=1)
     graders: list[Literal["official", "robust"]] = Field(default_factory=lambda: ["official", "robust"], min_length=1)
-    max_new_tokens: int = Field(512, ge=1)
-    bootstrap_samples: int = Field(1000, ge=0)  # for confidence intervals; 0 turns them off
+    gate_grader: Literal["official", "robust"] = "official"  # the oracle's grader: its verdict gates and is shown
+    # The roles. first_turn: "base" answers every first turn once, shared by all variants, so Acc@t1 is
+    # comparable (the paper's table); "variant" lets each variant answer its own. The reflector is always
+    # the variant (the untrained model for the baselines). Who answers the second turn after a trained
+    # reflector: two-stage SFT trained the correction too; DPO trained only reflections. One-stage SFT
+    # writes its new answer in the same output as its reflection; SFT on QA pairs has no second turn.
+    first_turn: Literal["base", "variant"] = "base"
+    second_turn_after_sft: Literal["base", "variant"] = "variant"
+    second_turn_after_dpo: Literal["base", "variant"] = "base"
+    second_trial: Literal["reflection", "reflection_and_attempt"] = "reflection_and_attempt"  # the paper's setting 2
+    fewshots: int = Field(3, ge=0, le=3)  # worked examples in attempt prompts (0 for the stand-in)
+    max_new_tokens: int = Field(512, ge=1)  # per attempt
+    reflection_max_new_tokens: int = Field(512, ge=1)  # per reflection, review or self-verification
+    bootstrap_samples: int = Field(1000, ge=0)  # for confidence intervals and paired tests; 0 turns them off
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+
+    @field_validator("variants")
+    @classmethod
+    def _known_variants(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list):
+            known = [*BASELINES, *(f"sft/{m}" for m in SFT_MODES), *(f"dpo/{p}" for p in DPO_PAIRS)]
+            if not value:
+                raise ValueError("list at least one variant, or use 'trained'")
+            for name in value:
+                if name not in known:
+                    raise ValueError(f"unknown variant {name!r}{did_you_mean(name, known)}; known: {', '.join(known)}")
+            reject_duplicates(value, "a variant")
+        return value
+
+    @field_validator("protocols", "graders")
+    @classmethod
+    def _unique_entries(cls, value: list[str]) -> list[str]:
+        return reject_duplicates(value, "an entry")
 
 
 class AnalysisParams(Section):
@@ -330,6 +373,12 @@ class Params(Section):
         if self.dpo.start_from != "base" and self.dpo.start_from not in self.sft.modes:
             raise ValueError(f"dpo.start_from is {self.dpo.start_from!r}, which sft.modes {self.sft.modes} does not train; "
                              "add it to sft.modes or set dpo.start_from: base")
+        if isinstance(self.eval.variants, list):
+            trained = [*(f"sft/{m}" for m in self.sft.modes), *(f"dpo/{p}" for p in self.dpo.pairs)]
+            untrained = [name for name in self.eval.variants if name not in (*BASELINES, *trained)]
+            if untrained:
+                raise ValueError(f"eval.variants names {untrained}, which sft.modes / dpo.pairs do not train; "
+                                 "add them there or remove them from eval.variants")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,528 @@
+"""Two-turn evaluation (stage 05): who answers, who reflects, under which protocol, and every prediction.
+
+    plan = plan_variants(params, run_dir)              # the variants and their roles, checked up front
+    evaluator = Evaluator(params, ModelPool(params), store_dir, sandbox=sandbox)
+    predictions = evaluator.run(plan, items)           # one row per variant x protocol x item
+
+A *variant* is a model setting of the paper's main table (method.md §7): the two prompt baselines
+(``retry``: told it was wrong, the untrained model answers again without reflecting; ``base``: it
+reflects first), and each trained variant (``sft/<mode>``, ``dpo/<pairs>``). Each has three roles:
+
+* the **first turn**: by default the base model, answered once and shared by every variant, so Acc@t1
+  is the same in every row (as in the paper); ``eval.first_turn: variant`` lets each answer its own;
+* the **reflector**: the variant itself (the base model for ``base``; nobody for ``retry``);
+* the **second turn**: the variant after SFT (two-stage SFT trained the correction too), the base after
+  DPO (which trained reflections only), both configurable; one-stage SFT writes its new answer in the
+  same output as its reflection; ``sft/qa_pairs`` (the paper's "SFT on QA pairs") has no second turn:
+  it answers its own first turn, which is all the paper reports for it.
+
+The *protocols* (recorded in every row):
+
+* ``oracle``, the paper's: only answers the grader (``eval.gate_grader``) rejects get a reflection; the
+  reflector is told the answer was wrong and, for MBPP, shown the failing test. A correct first answer
+  is never asked again, so Acc@t2 cannot fall below Acc@t1.
+* ``oracle_free``: every answer is reviewed with a prompt that does not say whether it was right and
+  shows no test result (:data:`reflectevo.prompts.REVIEW_VERSION`); the model may keep its answer, so
+  answers can flip from right to wrong, and they are counted.
+* ``self_verify``: the model first judges its own answer; only answers it calls wrong (or gives no
+  verdict on) are reviewed, with the oracle-free prompts.
+
+Every generation call commits its batches to a store named after the stage identity, the variant and the
+protocol, so a rerun resumes and a finished variant is not generated again. Verdicts are cheap and
+recomputed. The metrics live in :mod:`reflectevo.metrics`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reflectevo.config import BASELINES, ModelParams, Params
+from reflectevo.errors import ReflectEvoError
+from reflectevo.generation import GenerationRequest, GenerationSettings
+from reflectevo.prompts import (
+    ATTEMPT_STOP,
+    GENERIC_INSTRUCTION,
+    PROMPT_VERSION,
+    REFLECTION_VERSION,
+    REVIEW_VERSION,
+    attempt_prompt,
+    parse_self_verdict,
+    reflection_prompt,
+    review_prompt,
+    review_second_trial_prompt,
+    second_trial_prompt,
+    self_verify_prompt,
+    split_one_stage,
+    with_one_stage_suffix,
+)
+from reflectevo.tasks import Item, Verdict, get_task
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS_FILE = "predictions.jsonl"
+BASE = "base"
+
+
+class EvaluationError(ReflectEvoError):
+    """An evaluation that cannot start: a variant that was not trained, an engine that cannot switch adapters."""
+
+
+# ---- the variants and their roles -----------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelRef:
+    """One model a role is played by: a base model, with or without a LoRA adapter."""
+
+    key: str  # "base", "sft/one_stage", ...: names the generation stores
+    base: ModelParams
+    adapter: Path | None = None
+
+    @property
+    def base_key(self) -> str:
+        return self.base.name
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # "retry", "base", "sft/one_stage", ...
+    first_turn: ModelRef
+    reflector: ModelRef | None  # None: no reflection (retry, qa_pairs)
+    second_turn: ModelRef | None  # None: no second turn (qa_pairs), or the reflector's own output (one-stage)
+    one_stage: bool = False
+
+    @property
+    def has_second_turn(self) -> bool:
+        return self.one_stage or self.second_turn is not None
+
+    def roles(self) -> dict[str, str | None]:
+        second = self.reflector.key if self.one_stage and self.reflector else (self.second_turn.key if self.second_turn else None)
+        return {"first_turn": self.first_turn.key, "reflector": self.reflector.key if self.reflector else None,
+                "second_turn": second}
+
+
+def trained_variants(params: Params) -> list[str]:
+    return [*(f"sft/{mode}" for mode in params.sft.modes), *(f"dpo/{pairs}" for pairs in params.dpo.pairs)]
+
+
+def finished_variants(params: Params, manifest: dict[str, Any]) -> list[str]:
+    """The trained variants whose stage finished in this run (``eval.variants: trained``)."""
+    stages = manifest.get("stages", {})
+    done = {kind for kind, key in (("sft", "03_sft"), ("dpo", "04_dpo")) if stages.get(key, {}).get("status") == "done"}
+    return [name for name in trained_variants(params) if name.split("/")[0] in done]
+
+
+def plan_variants(params: Params, run_dir: Path, manifest: dict[str, Any] | None = None, *,
+                  dpo_base: ModelParams | None = None) -> list[Variant]:
+    """The variants ``eval.variants`` asks for, with their roles; a trained variant whose adapter is
+    missing is an error here, before any model loads."""
+    manifest = manifest or {}
+    wanted = list(BASELINES) + finished_variants(params, manifest) if params.eval.variants == "trained" else list(params.eval.variants)
+    base = ModelRef(BASE, params.model)
+    variants = []
+    for name in wanted:
+        if name == "retry":
+            variants.append(Variant(name, base, None, base))
+            continue
+        if name == BASE:
+            variants.append(Variant(name, base, base, base))
+            continue
+        kind, mode = name.split("/")
+        adapter = run_dir / kind / mode / "adapter"
+        if not (adapter / "adapter_config.json").is_file():
+            stage = "03_sft" if kind == "sft" else "04_dpo"
+            raise EvaluationError(f"eval.variants names {name}, but {adapter} holds no trained adapter; run stage {stage} "
+                                  f"first (reflectevo run PARAMS --from {stage[:2]}) or leave {name} out of eval.variants")
+        model = dpo_base if kind == "dpo" and dpo_base is not None else params.model
+        own = ModelRef(name, model, adapter)
+        if name == "sft/qa_pairs":
+            variants.append(Variant(name, own, None, None))
+            continue
+        first = own if params.eval.first_turn == "variant" else base
+        second_role = params.eval.second_turn_after_sft if kind == "sft" else params.eval.second_turn_after_dpo
+        if mode == "one_stage":
+            variants.append(Variant(name, first, own, None, one_stage=True))
+        else:
+            variants.append(Variant(name, first, own, own if second_role == "variant" else base))
+    return variants
+
+
+def roles_table(variants: Sequence[Variant]) -> Any:
+    """One row per variant: who answers the first turn, who reflects, who answers the second turn."""
+    import pandas as pd
+
+    rows = []
+    for variant in variants:
+        roles = variant.roles()
+        second = roles["second_turn"] or "—"
+        if variant.one_stage:
+            second += " (in the reflection's output)"
+        rows.append({"variant": variant.name, "first turn": roles["first_turn"], "reflector": roles["reflector"] or "—",
+                     "second turn": second, "adapter": str(variant.reflector.adapter) if variant.reflector and variant.reflector.adapter
+                     else (str(variant.first_turn.adapter) if variant.first_turn.adapter else "—")})
+    return pd.DataFrame(rows).set_index("variant")
+
+
+# ---- models: each base loaded once, its adapters switched by name ----------------------------------
+class ModelPool:
+    """Loads each base model once and every adapter onto it under its own name; :meth:`engine` gives an
+    engine that generates with one adapter active, or with none (the base model)."""
+
+    def __init__(self, params: Params, *, progress: bool = True) -> None:
+        if params.generation.engine in ("vllm", "replay"):
+            raise EvaluationError(f"evaluation switches LoRA adapters on a loaded model; generation.engine "
+                                  f"{params.generation.engine!r} cannot, use auto, transformers or unsloth")
+        self.params, self.progress = params, progress
+        self.loaded: dict[str, Any] = {}  # base key -> LoadedModel (its model a PeftModel once adapters are on)
+        self.engines: dict[str, Any] = {}
+        self.adapters: dict[str, dict[Path, str]] = {}  # base key -> adapter folder -> adapter name
+
+    def prepare(self, refs: Sequence[ModelRef]) -> None:
+        """Load every base and attach every adapter the refs need (engines are made afterwards, once)."""
+        from reflectevo.generation import make_engine
+        from reflectevo.models import load_model
+
+        for ref in refs:
+            if ref.base_key not in self.loaded:
+                self.loaded[ref.base_key] = load_model(ref.base.model_copy(update={"adapter": None}))
+                self.adapters[ref.base_key] = {}
+            names = self.adapters[ref.base_key]
+            if ref.adapter is not None and ref.adapter not in names:
+                names[ref.adapter] = self._attach(ref.base_key, ref.adapter, f"adapter{len(names)}")
+                self.engines.pop(ref.base_key, None)  # the first adapter wraps the model: a new engine must see it
+        for base_key, loaded in self.loaded.items():
+            if base_key not in self.engines:
+                self.engines[base_key] = make_engine(self.params.generation, loaded, progress=self.progress)
+
+    def _attach(self, base_key: str, adapter: Path, name: str) -> str:
+        from peft import PeftModel
+
+        loaded = self.loaded[base_key]
+        if isinstance(loaded.model, PeftModel):
+            loaded.model.load_adapter(str(adapter), adapter_name=name)
+        else:
+            loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter), adapter_name=name)
+        loaded.model.eval()
+        return name
+
+    def describe(self) -> dict[str, Any]:
+        return {base: {"backend": loaded.backend, "dtype": loaded.dtype, "device": loaded.device,
+                       "engine": self.engines[base].name if base in self.engines else None,
+                       "adapters": {str(path): name for path, name in self.adapters[base].items()}}
+                for base, loaded in self.loaded.items()}
+
+    @contextlib.contextmanager
+    def active(self, ref: ModelRef) -> Iterator[Any]:
+        """The engine of ``ref``'s base with ``ref``'s adapter active (all adapters off for a base ref)."""
+        self.prepare([ref])
+        model, engine = self.loaded[ref.base_key].model, self.engines[ref.base_key]
+        if ref.adapter is None:
+            disable = getattr(model, "disable_adapter", None)
+            with disable() if disable is not None else contextlib.nullcontext():
+                yield engine
+        else:
+            model.set_adapter(self.adapters[ref.base_key][ref.adapter])
+            yield engine
+
+
+# ---- one turn of many questions -------------------------------------------------------------------
+@dataclass
+class Turn:
+    """One generated answer and its verdict under every grader."""
+
+    text: str
+    verdicts: dict[str, Verdict]
+    prompt: str = ""
+
+    def to_dict(self, graders: Sequence[str]) -> dict[str, Any]:
+        return {"text": self.text, **{g: {"outcome": self.verdicts[g].outcome, "extracted": self.verdicts[g].extracted}
+                                      for g in graders}}
+
+
+@dataclass
+class Evaluator:
+    params: Params
+    pool: ModelPool
+    store_dir: Path | None = None
+    sandbox: Any = None
+    force: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+    first_turns: dict[str, dict[tuple[str, str], Turn]] = field(default_factory=dict)  # first-turn model key -> turns
+
+    @property
+    def graders(self) -> list[str]:
+        """The graders every answer is judged by: the reported ones and the oracle's."""
+        return list(dict.fromkeys([*self.params.eval.graders, self.params.eval.gate_grader]))
+
+    def _settings(self, kind: str) -> GenerationSettings:
+        """Greedy by default (the ``generation`` section); attempts end at the action line, and a one-stage
+        output (a reflection, then a new attempt) may be as long as both together."""
+        ev = self.params.eval
+        lengths = {"attempt": ev.max_new_tokens, "reflection": ev.reflection_max_new_tokens,
+                   "one_stage": ev.reflection_max_new_tokens + ev.max_new_tokens}
+        stop = () if kind == "reflection" else ATTEMPT_STOP
+        return GenerationSettings.from_params(self.params.generation, n=1, stop=stop, seed=self.params.run.seed,
+                                              max_new_tokens=lengths[kind])
+
+    def generate(self, ref: ModelRef, users: dict[str, str], kind: str, store: str) -> dict[str, Any]:
+        """``{key: GenerationOutput}`` for ``{key: user message}``, generated by ``ref``."""
+        if not users:
+            return {}
+        started = time.perf_counter()
+        requests = [GenerationRequest(key, [{"role": "user", "content": text}]) for key, text in users.items()]
+        store_dir = self.store_dir / store if self.store_dir is not None else None
+        with self.pool.active(ref) as engine:
+            outputs = engine.generate(requests, self._settings(kind), stage=store.replace("/", "_"), store_dir=store_dir,
+                                      force=self.force)
+        self.seconds[store] = round(time.perf_counter() - started, 2)
+        return {output.key: output for output in outputs}
+
+    def grade(self, items: dict[str, Item], texts: dict[str, str]) -> dict[str, dict[str, Verdict]]:
+        """``{key: {grader: verdict}}``, task by task (code runs in the sandbox, in parallel)."""
+        verdicts: dict[str, dict[str, Verdict]] = {key: {} for key in texts}
+        by_task: dict[str, list[str]] = {}
+        for key in texts:
+            by_task.setdefault(items[key].task, []).append(key)
+        for name, keys in by_task.items():
+            task = get_task(name)
+            for grader in self.graders:
+                for key, verdict in zip(keys, task.grade_many([items[k] for k in keys], [texts[k] for k in keys], grader, self.sandbox)):
+                    verdicts[key][grader] = verdict
+        return verdicts
+
+    def turns(self, ref: ModelRef, items: dict[str, Item], users: dict[str, str], kind: str, store: str) -> dict[str, Turn]:
+        outputs = self.generate(ref, users, kind, store)
+        texts = {key: output.text.strip() for key, output in outputs.items()}
+        verdicts = self.grade(items, texts)
+        return {key: Turn(texts[key], verdicts[key], outputs[key].prompt) for key in texts}
+
+    def first_turn(self, ref: ModelRef, items: dict[str, Item]) -> dict[str, Turn]:
+        """The first turns of ``ref`` on every item, generated once per first-turn model."""
+        if ref.key not in self.first_turns:
+            users = {key: attempt_prompt(get_task(item.task), item, self.params.eval.fewshots) for key, item in items.items()}
+            self.first_turns[ref.key] = self.turns(ref, items, users, "attempt", f"first_turn/{ref.key}")
+        return self.first_turns[ref.key]
+
+    # ---- one variant under one protocol -----------------------------------------------------------
+    def evaluate(self, variant: Variant, protocol: str, items: dict[str, Item]) -> list[dict[str, Any]]:
+        ev = self.params.eval
+        first = self.first_turn(variant.first_turn, items)
+        where = f"{variant.name}/{protocol}"
+        gate = {key: ("none" if not variant.has_second_turn else "grader" if protocol == "oracle"
+                      else "always" if protocol == "oracle_free" else "self_verify") for key in items}
+        self_checks: dict[str, tuple[str, str | None]] = {}
+        if protocol == "self_verify" and variant.has_second_turn:
+            judge = variant.reflector or variant.first_turn
+            users = {key: self_verify_prompt(items[key], first[key].text) for key in items}
+            outputs = self.generate(judge, users, "reflection", f"{where}/self_verify")
+            self_checks = {key: (out.text.strip(), parse_self_verdict(out.text)) for key, out in outputs.items()}
+
+        def reflects(key: str) -> bool:
+            if not variant.has_second_turn:
+                return False
+            if protocol == "oracle":
+                return not first[key].verdicts[ev.gate_grader].correct
+            if protocol == "self_verify":
+                return self_checks[key][1] != "correct"  # no verdict: reviewed, like a "wrong"
+            return True
+
+        chosen = [key for key in items if reflects(key)]
+        oracle = protocol == "oracle"
+        feedback = {key: first[key].verdicts[ev.gate_grader].feedback for key in chosen} if oracle else {}
+
+        reflections: dict[str, str | None] = {key: None for key in chosen}
+        second: dict[str, Turn] = {}
+        if variant.reflector is not None and chosen:
+            users = {}
+            for key in chosen:
+                item, attempt = items[key], first[key].text
+                user = reflection_prompt(item, attempt, feedback[key], GENERIC_INSTRUCTION) if oracle else review_prompt(item, attempt)
+                users[key] = with_one_stage_suffix(get_task(item.task), user) if variant.one_stage else user
+            outputs = self.generate(variant.reflector, users, "one_stage" if variant.one_stage else "reflection", f"{where}/reflection")
+            if variant.one_stage:
+                split = {key: split_one_stage(output.text) for key, output in outputs.items()}
+                reflections = {key: parts[0] for key, parts in split.items()}
+                texts = {key: (parts[1] or "") for key, parts in split.items()}  # no "Answer:": a parse failure
+                verdicts = self.grade(items, texts)
+                second = {key: Turn(texts[key], verdicts[key], outputs[key].prompt) for key in texts}
+            else:
+                reflections = {key: output.text.strip() for key, output in outputs.items()}
+        if variant.second_turn is not None and chosen:
+            users = {}
+            for key in chosen:
+                item, task, attempt = items[key], get_task(items[key].task), first[key].text
+                if oracle:
+                    previous = (attempt, feedback[key]) if ev.second_trial == "reflection_and_attempt" else None
+                    users[key] = second_trial_prompt(task, item, reflections[key], ev.fewshots, previous=previous)
+                else:
+                    users[key] = review_second_trial_prompt(task, item, reflections[key], attempt, ev.fewshots)
+            second = self.turns(variant.second_turn, items, users, "attempt", f"{where}/second_turn")
+        return [self.prediction(variant, protocol, items[key], first[key], gate[key], self_checks.get(key), key in second,
+                                reflections.get(key), second.get(key)) for key in items]
+
+    def prediction(self, variant: Variant, protocol: str, item: Item, first: Turn, gate: str, self_check: tuple | None,
+                   reflected: bool, reflection: str | None, second: Turn | None) -> dict[str, Any]:
+        graders = self.params.eval.graders
+        standing = second if second is not None else first
+        return {
+            "variant": variant.name, "protocol": protocol, "task": item.task, "id": item.id,
+            "question": item.question, "gold": item.gold, "breakdown": breakdown_of(item), "roles": variant.roles(),
+            "t1": first.to_dict(graders), "reflected": reflected,
+            "gate": {"by": gate, "self_verify_text": self_check[0] if self_check else None,
+                     "self_verdict": self_check[1] if self_check else None},
+            "reflection": reflection, "t2": second.to_dict(graders) if second is not None else None,
+            "final": {g: standing.verdicts[g].outcome for g in graders} if variant.has_second_turn else None,
+            "gate_grader": self.params.eval.gate_grader if protocol == "oracle" else None,
+            "versions": self.versions(item.task),
+        }
+
+    @staticmethod
+    def versions(task: str) -> dict[str, str]:
+        return {"task": get_task(task).version, "prompts": PROMPT_VERSION, "reflection": REFLECTION_VERSION,
+                "review": REVIEW_VERSION}
+
+    def run(self, variants: Sequence[Variant], items_by_task: dict[str, list[Item]]) -> list[dict[str, Any]]:
+        """Every variant under every protocol of ``eval.protocols``; first turns are shared."""
+        items = {f"{item.task}/{item.id}": item for task_items in items_by_task.values() for item in task_items}
+        if not items:
+            raise EvaluationError(f"no {self.params.eval.split} items to evaluate (tasks {sorted(items_by_task)}); "
+                                  "check data.max_items and data.tasks")
+        refs = [ref for v in variants for ref in (v.first_turn, v.reflector, v.second_turn) if ref is not None]
+        self.pool.prepare(refs)
+        predictions = []
+        for variant in variants:
+            for protocol in self.params.eval.protocols:  # a variant without a second turn costs nothing more here
+                log.info("evaluating %s under the %s protocol", variant.name, protocol)
+                predictions.extend(self.evaluate(variant, protocol, items))
+        return predictions
+
+
+def breakdown_of(item: Item) -> dict[str, Any]:
+    """The fields results are broken down by: BIG-bench row type, MATH level and subject."""
+    keys = {"bigbench": ("answer_type",), "math": ("level", "subject")}.get(item.task, ())
+    return {key: item.metadata.get(key) for key in keys}
+
+
+def make_evaluator(params: Params, store_dir: Path | None, *, progress: bool = True, force: bool = False) -> Evaluator:
+    """An evaluator with its model pool and, when a task runs code, the sandbox (refused unless
+    ``run.allow_code_execution`` is true)."""
+    from reflectevo.pipeline import make_sandbox
+
+    sandbox = make_sandbox(params, params.data.tasks)
+    return Evaluator(params, ModelPool(params, progress=progress), store_dir, sandbox=sandbox, force=force)
+
+
+def dpo_base_model(params: Params, run: Any) -> ModelParams | None:
+    """The base the DPO adapters sit on when ``dpo.start_from`` names an SFT variant: its merged model
+    (merged again if its folder was removed). None when DPO starts from the base or has not run."""
+    if params.dpo.start_from == "base" or run.manifest().get("stages", {}).get("04_dpo", {}).get("status") != "done":
+        return None
+    from reflectevo.training import dpo_start
+
+    model, _ = dpo_start(params, run, main=True)
+    return model
+
+
+def replace_base(variants: Sequence[Variant], base: ModelParams) -> list[Variant]:
+    """The variants with every role the base plays given to another model (``reflectevo eval --model``)."""
+    def swap(ref: ModelRef | None) -> ModelRef | None:
+        return dataclasses.replace(ref, base=base) if ref is not None and ref.key == BASE else ref
+
+    return [dataclasses.replace(v, first_turn=swap(v.first_turn), reflector=swap(v.reflector), second_turn=swap(v.second_turn))
+            for v in variants]
+
+
+def store_root(stage_dir: Path, identity: str) -> Path:
+    return stage_dir / "generations" / identity[:12]
+
+
+
+# ---- the tables and files of stage 05 -------------------------------------------------------------
+@dataclass
+class EvalTables:
+    """Every table stage 05 reports, computed from the predictions by :mod:`reflectevo.metrics`."""
+
+    frame: Any  # one row per prediction and grader
+    summary: Any  # per variant x protocol x grader x task (+ overall): accuracies, flips, parse failures, CIs
+    comparisons: Any  # every variant against ``base`` on the same items: difference, CI, McNemar, verdict
+    paper: dict[tuple[str, str], Any]  # (protocol, grader) -> the paper's layout
+    breakdowns: dict[str, Any]  # "answer_type" (BIG-bench), "level" and "subject" (MATH)
+    transitions: Any  # long: variant, protocol, grader, t1 outcome, final outcome, items
+
+    def paper_view(self, protocol: str, grader: str) -> Any:
+        return self.paper[(protocol, grader)]
+
+
+def compute_tables(predictions: Sequence[dict[str, Any]], params: Params) -> EvalTables:
+    import pandas as pd
+
+    from reflectevo import metrics
+
+    ev = params.eval
+    frame = metrics.prediction_frame(predictions, graders=ev.graders)
+    options = {"bootstrap_samples": ev.bootstrap_samples, "confidence": ev.confidence, "seed": params.run.seed}
+    summary = metrics.summarize(frame, **options)
+    comparisons = (metrics.compare_variants(frame, reference=BASE, **options) if BASE in set(frame["variant"])
+                   else pd.DataFrame(columns=["variant", "reference", "protocol", "grader", "task", *metrics.COMPARISON_FIELDS]))
+    paper = {(protocol, grader): metrics.paper_table(summary, protocol=protocol, grader=grader)
+             for protocol in dict.fromkeys(frame["protocol"]) for grader in dict.fromkeys(frame["grader"])}
+    breakdowns = {column: metrics.breakdown(frame, column, **options) for column in metrics.BREAKDOWN_KEYS
+                  if frame[column].notna().any()}
+    rows = []
+    for (variant, protocol, grader), part in frame.groupby(["variant", "protocol", "grader"], sort=False):
+        if part["t2"].isna().all():
+            continue
+        matrix = metrics.transition_matrix(part)
+        rows += [{"variant": variant, "protocol": protocol, "grader": grader, "t1": t1, "final": t2, "items": int(count)}
+                 for t1, counts in matrix.iterrows() for t2, count in counts.items()]
+    transitions = pd.DataFrame(rows, columns=["variant", "protocol", "grader", "t1", "final", "items"])
+    return EvalTables(frame, summary, comparisons, paper, breakdowns, transitions)
+
+
+def eval_record(params: Params, variants: Sequence[Variant], items_by_task: dict[str, list[Item]],
+                evaluator: Evaluator | None = None) -> dict[str, Any]:
+    """What produced the numbers: protocols, graders, roles, prompt versions and texts, seed, bootstrap."""
+    from reflectevo import prompts
+
+    ev = params.eval
+    return {
+        "split": ev.split, "items": {task: len(rows) for task, rows in items_by_task.items()},
+        "protocols": ev.protocols, "graders": ev.graders, "gate_grader": ev.gate_grader,
+        "roles": {variant.name: variant.roles() for variant in variants},
+        "adapters": {variant.name: str(ref.adapter) for variant in variants
+                     for ref in (variant.reflector, variant.first_turn) if ref is not None and ref.adapter is not None},
+        "second_trial": ev.second_trial, "fewshots": ev.fewshots, "seed": params.run.seed,
+        "generation": {"temperature": params.generation.temperature, "top_p": params.generation.top_p,
+                       "max_new_tokens": ev.max_new_tokens, "reflection_max_new_tokens": ev.reflection_max_new_tokens},
+        "bootstrap_samples": ev.bootstrap_samples, "confidence": ev.confidence,
+        "versions": {"prompts": prompts.PROMPT_VERSION, "reflection": prompts.REFLECTION_VERSION, "review": prompts.REVIEW_VERSION},
+        "oracle_free_wording": {"review": prompts.REVIEW_INTRO, "review_header": prompts.REVIEW_HEADER,
+                                "previous_attempt": prompts.PREVIOUS_ATTEMPT, "self_verify": prompts.SELF_VERIFY_INTRO},
+        "models": evaluator.pool.describe() if evaluator is not None else None,
+        "seconds": dict(evaluator.seconds) if evaluator is not None else None,
+    }
+
+
+def write_results(out_dir: Path, predictions: Sequence[dict[str, Any]], tables: EvalTables, record: dict[str, Any]) -> list[Path]:
+    """Write the predictions and every table (CSV, the paper's layout also as Markdown) into ``out_dir``,
+    each file whole (written to a temporary name, then renamed)."""
+    from reflectevo.analysis import markdown_table
+    from reflectevo.jsonl import write_jsonl_atomic
+    from reflectevo.runs import atomic_write_json, atomic_write_text
+
+    out_dir = Path(out_dir)
+    written = [write_jsonl_atomic(out_dir / PREDICTIONS_FILE, predictions)]
+    for name, table in (("summary", tables.summary), ("comparisons", tables.comparisons), ("transitions", tables.transitions),
+                        *((f"breakdown_{column}", table) for column, table in tables.breakdowns.items())):
+        written.append(atomic_write_text(out_dir / f"{name}.csv", table.to_csv(index=False)))
+    for (protocol, grader), table in tables.paper.items():
+        stem = out_dir / f"paper_table_{protocol}_{grader}"
+        written.append(atomic_write_text(stem.with_suffix(".csv"), table.to_csv()))
+        written.append(atomic_write_text(stem.with_suffix(".md"), markdown_table(table) + "\n"))
+    written.append(atomic_write_json(out_dir / "results.json", {**record, "summary": tables.summary.to_dict(orient="records")}))
+    return written
