@@ -203,6 +203,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from reflectevo.config import load_params, validate_params
+    from reflectevo.models import select_backend
+
+    raw = load_params(args.params).to_dict()
+    raw["model"].update({key: value for key, value in (("name", args.model), ("device", args.device)) if value})
+    if args.protocols:
+        raw["eval"]["protocols"] = [name.strip() for name in args.protocols.split(",") if name.strip()]
+    params = validate_params(raw, f"{args.params} with the command-line options")
+    select_backend(params.model.backend)
+    from reflectevo.evaluation import evaluate_model
+
+    variants = [name.strip() for name in args.variants.split(",") if name.strip()] if args.variants else None
+    out_dir, tables = evaluate_model(params, adapter=args.adapter, adapter_as=args.adapter_as, variants=variants, out_dir=args.out)
+    grader = params.eval.graders[0]
+    for protocol in params.eval.protocols:
+        print(f"\nprotocol {protocol}, grader {grader} (Acc@t1 / Acc@t2 / delta, %):")
+        print(tables.paper_view(protocol, grader).to_string())
+    print(f"\nresults: {out_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reflectevo", description="ReflectEvo: learning from self-reflection.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -258,6 +280,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("stage", choices=["sft", "dpo"], help="sft: every mode of sft.modes; dpo: every pair type of dpo.pairs")
     train.add_argument("params", help="a params file, e.g. params/quickstart.yaml")
     train.set_defaults(run=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate any model or adapter on the eval split, without the other stages")
+    evaluate.add_argument("params", help="a params file: its data, generation and eval sections are used")
+    evaluate.add_argument("--model", help="a hub id or local folder (replaces model.name)")
+    evaluate.add_argument("--adapter", help="a LoRA adapter folder to evaluate on top of the model")
+    evaluate.add_argument("--adapter-as", default="sft/two_stage",
+                          help="the variant whose roles the adapter plays: sft/two_stage (default: it reflects and answers "
+                               "the second turn), sft/one_stage, sft/qa_pairs, dpo/d_pm or dpo/d_pref (it reflects)")
+    evaluate.add_argument("--variants", help="comma-separated: retry, base and the --adapter-as name (default: all three)")
+    evaluate.add_argument("--protocols", help="comma-separated, replaces eval.protocols (oracle, oracle_free, self_verify)")
+    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], help="replaces model.device")
+    evaluate.add_argument("--out", type=Path, help="results folder (default outputs/<run>/eval-standalone/<model>[-<adapter>])")
+    evaluate.set_defaults(run=cmd_eval)
 
     serve = commands.add_parser("serve", help="serve a model on an OpenAI-compatible endpoint (e.g. as a judge)")
     serve.add_argument("model", help="a hub id, a local folder or a built-in (builtin:tiny), as model.name")

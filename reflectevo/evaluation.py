@@ -35,7 +35,6 @@ recomputed. The metrics live in :mod:`reflectevo.metrics`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -123,33 +122,39 @@ def plan_variants(params: Params, run_dir: Path, manifest: dict[str, Any] | None
     missing is an error here, before any model loads."""
     manifest = manifest or {}
     wanted = list(BASELINES) + finished_variants(params, manifest) if params.eval.variants == "trained" else list(params.eval.variants)
-    base = ModelRef(BASE, params.model)
     variants = []
     for name in wanted:
-        if name == "retry":
-            variants.append(Variant(name, base, None, base))
-            continue
-        if name == BASE:
-            variants.append(Variant(name, base, base, base))
-            continue
-        kind, mode = name.split("/")
-        adapter = run_dir / kind / mode / "adapter"
-        if not (adapter / "adapter_config.json").is_file():
-            stage = "03_sft" if kind == "sft" else "04_dpo"
-            raise EvaluationError(f"eval.variants names {name}, but {adapter} holds no trained adapter; run stage {stage} "
-                                  f"first (reflectevo run PARAMS --from {stage[:2]}) or leave {name} out of eval.variants")
-        model = dpo_base if kind == "dpo" and dpo_base is not None else params.model
-        own = ModelRef(name, model, adapter)
-        if name == "sft/qa_pairs":
-            variants.append(Variant(name, own, None, None))
-            continue
-        first = own if params.eval.first_turn == "variant" else base
-        second_role = params.eval.second_turn_after_sft if kind == "sft" else params.eval.second_turn_after_dpo
-        if mode == "one_stage":
-            variants.append(Variant(name, first, own, None, one_stage=True))
-        else:
-            variants.append(Variant(name, first, own, own if second_role == "variant" else base))
+        adapter = None
+        if name not in BASELINES:
+            kind, mode = name.split("/")
+            adapter = run_dir / kind / mode / "adapter"
+            if not (adapter / "adapter_config.json").is_file():
+                stage = "03_sft" if kind == "sft" else "04_dpo"
+                raise EvaluationError(f"eval.variants names {name}, but {adapter} holds no trained adapter; run stage {stage} "
+                                      f"first (reflectevo run PARAMS --from {stage[:2]}) or leave {name} out of eval.variants")
+        variants.append(make_variant(params, name, adapter, dpo_base if name.startswith("dpo/") and dpo_base else params.model))
     return variants
+
+
+def make_variant(params: Params, name: str, adapter: Path | None = None, model: ModelParams | None = None) -> Variant:
+    """The roles of one variant (``retry``, ``base``, ``sft/<mode>``, ``dpo/<pairs>``); a trained variant's
+    adapter sits on ``model`` (the base model unless DPO started from a merged SFT model)."""
+    base = ModelRef(BASE, params.model)
+    if name == "retry":
+        return Variant(name, base, None, base)
+    if name == BASE:
+        return Variant(name, base, base, base)
+    if adapter is None:
+        raise EvaluationError(f"variant {name} needs its adapter folder")
+    kind, mode = name.split("/")
+    own = ModelRef(name, model or params.model, Path(adapter))
+    if name == "sft/qa_pairs":
+        return Variant(name, own, None, None)
+    first = own if params.eval.first_turn == "variant" else base
+    if mode == "one_stage":
+        return Variant(name, first, own, None, one_stage=True)
+    second_role = params.eval.second_turn_after_sft if kind == "sft" else params.eval.second_turn_after_dpo
+    return Variant(name, first, own, own if second_role == "variant" else base)
 
 
 def roles_table(variants: Sequence[Variant]) -> Any:
@@ -428,17 +433,46 @@ def dpo_base_model(params: Params, run: Any) -> ModelParams | None:
     return model
 
 
-def replace_base(variants: Sequence[Variant], base: ModelParams) -> list[Variant]:
-    """The variants with every role the base plays given to another model (``reflectevo eval --model``)."""
-    def swap(ref: ModelRef | None) -> ModelRef | None:
-        return dataclasses.replace(ref, base=base) if ref is not None and ref.key == BASE else ref
-
-    return [dataclasses.replace(v, first_turn=swap(v.first_turn), reflector=swap(v.reflector), second_turn=swap(v.second_turn))
-            for v in variants]
-
-
 def store_root(stage_dir: Path, identity: str) -> Path:
+    """Where a stage's generation stores live: named after its identity, so other params start afresh beside them."""
     return stage_dir / "generations" / identity[:12]
+
+
+def pick_example(predictions: Sequence[dict[str, Any]], variant: str = BASE) -> list[dict[str, Any]]:
+    """One question under every protocol for ``variant``: preferably one whose first answer was wrong and
+    whose final answer differs between protocols (it shows the most), else any that was reflected on."""
+    by_item: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in predictions:
+        if row["variant"] == variant:
+            by_item.setdefault((row["task"], row["id"]), []).append(row)
+
+    def score(rows: list[dict[str, Any]]) -> int:
+        finals = {str(row["final"]) for row in rows}
+        return 2 * (len(finals) > 1) + any(row["reflected"] for row in rows)
+
+    return max(by_item.values(), key=score) if by_item else []
+
+
+def format_example(rows: Sequence[dict[str, Any]], grader: str = "official", max_chars: int = 500) -> str:
+    """A question, its first answer, then per protocol: the gate, the reflection and the second answer."""
+    def clip(text: str | None) -> str:
+        text = (text or "").strip()
+        return text if len(text) <= max_chars else text[:max_chars] + " ..."
+
+    if not rows:
+        return "(no predictions)"
+    first = rows[0]
+    lines = [f"[{first['task']} / {first['id']}]  gold: {clip(first['gold'])}", f"QUESTION\n{clip(first['question'])}",
+             f"FIRST ANSWER ({first['t1'][grader]['outcome']})\n{clip(first['t1']['text'])}"]
+    for row in rows:
+        gate = row["gate"]
+        lines.append(f"--- protocol {row['protocol']}: reflected: {row['reflected']} (gate: {gate['by']}"
+                     + (f", self-verdict {gate['self_verdict']}" if gate["by"] == "self_verify" else "") + ")")
+        if row["reflection"] is not None:
+            lines.append(f"REFLECTION\n{clip(row['reflection'])}")
+        if row["t2"] is not None:
+            lines.append(f"SECOND ANSWER ({row['t2'][grader]['outcome']})\n{clip(row['t2']['text'])}")
+    return "\n\n".join(lines)
 
 
 
@@ -526,3 +560,48 @@ def write_results(out_dir: Path, predictions: Sequence[dict[str, Any]], tables: 
         written.append(atomic_write_text(stem.with_suffix(".md"), markdown_table(table) + "\n"))
     written.append(atomic_write_json(out_dir / "results.json", {**record, "summary": tables.summary.to_dict(orient="records")}))
     return written
+
+
+# ---- `reflectevo eval`: any model or adapter, without the rest of the pipeline ----------------------
+def slug(text: str) -> str:
+    """A folder name for a model id or path: its last two components, other characters as '-'."""
+    import re
+
+    parts = [part for part in str(text).replace("\\", "/").split("/") if part and part != "adapter"][-2:]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(parts)).strip("-") or "model"
+
+
+def evaluate_model(params: Params, *, adapter: str | None = None, adapter_as: str = "sft/two_stage",
+                   variants: Sequence[str] | None = None, out_dir: Path | None = None, progress: bool = True) -> tuple[Path, EvalTables]:
+    """Evaluate ``params.model`` (and an adapter, playing the roles of the variant ``adapter_as``) on the
+    ``eval.split`` items of ``data.tasks``, split exactly as stage 01 would split them, and write the
+    results to ``out_dir`` (default ``outputs/<run>/eval-standalone/<model>[-<adapter>]``)."""
+    from reflectevo.data.prepare import prepare_data
+
+    if adapter is not None:
+        from reflectevo.models import _adapter_folder
+
+        adapter_path = _adapter_folder(adapter)  # checked before anything loads
+        if adapter_as not in (*(f"sft/{m}" for m in ("one_stage", "two_stage", "qa_pairs")), "dpo/d_pm", "dpo/d_pref"):
+            raise EvaluationError(f"--adapter-as must be a trained variant kind (sft/one_stage, sft/two_stage, sft/qa_pairs, "
+                                  f"dpo/d_pm, dpo/d_pref), got {adapter_as!r}")
+    names = list(variants) if variants else [*BASELINES, *([adapter_as] if adapter else [])]
+    plan = []
+    for name in names:
+        if name in BASELINES:
+            plan.append(make_variant(params, name))
+        elif adapter is not None and name == adapter_as:
+            plan.append(make_variant(params, name, adapter_path))
+        else:
+            raise EvaluationError(f"variant {name!r} is neither a baseline ({', '.join(BASELINES)}) nor the adapter's "
+                                  f"role ({adapter_as if adapter else 'no --adapter given'})")
+    data = prepare_data(params.data, params.run.seed)
+    items = {task: task_data.splits[params.eval.split] for task, task_data in data.items()}
+    if out_dir is None:
+        out_dir = params.run_dir / "eval-standalone" / (slug(params.model.name) + (f"-{slug(adapter)}" if adapter else ""))
+    out_dir = Path(out_dir)
+    evaluator = make_evaluator(params, out_dir / "generations", progress=progress)
+    predictions = evaluator.run(plan, items)
+    tables = compute_tables(predictions, params)
+    write_results(out_dir, predictions, tables, eval_record(params, plan, items, evaluator))
+    return out_dir, tables
