@@ -233,8 +233,12 @@ def error_localisation(records: Sequence[dict[str, Any]]) -> Any:
 FIGURES = {  # what notebook 06 calls its figures (file stems, without the format suffix)
     "accuracy": "06_accuracy_by_task",
     "transitions": "06_transitions",
+    "success": "06_reflection_success",
     "lengths": "06_length_distributions",
     "localisation": "06_error_localisation",
+    "composition": "06_curation_counts",
+    "sft_loss": "06_sft_loss",
+    "dpo_loss": "06_dpo_loss",
 }
 
 figure_notes: dict[str, str] = {
@@ -252,10 +256,38 @@ figure_notes: dict[str, str] = {
                             "answers reflection fixed, broke or left unparseable.",
     FIGURES["lengths"]: "Token lengths of first answers, reflections and second answers in the reflection data "
                         "(stage 02) and in each evaluated variant, per task.",
+    FIGURES["success"]: "Share of stage 02's reflections whose second trial was correct, per part of the instruction key "
+                        "(verify style, error type, plan level) and task.",
+    FIGURES["composition"]: "Number of curated training rows in D+, D± and Dpref per task.",
+    FIGURES["sft_loss"]: "SFT training loss per optimizer step (lines) and loss on held-out questions (points), per variant.",
+    FIGURES["dpo_loss"]: "DPO training loss per optimizer step (lines) and loss on held-out questions (points), per pair type.",
     FIGURES["localisation"]: "Where in the failed first attempt a reflection's words point (mean relative position, "
                              "0 = start, 1 = end) and how often it names the wrong answer, split by whether the second "
                              "trial succeeded; a lexical proxy, not a check that the true error was found.",
 }
+
+
+def training_phases(run_dir: str | Path, kind: str) -> list[dict[str, Any]]:
+    """The phases (with their log histories) of every variant stage 03 (``kind`` "sft") or 04 ("dpo")
+    trained in this run, read from ``<kind>/<variant>/metrics.json``; empty when the stage did not run."""
+    import json
+
+    phases = []
+    for path in sorted((Path(run_dir) / kind).glob("*/metrics.json")):
+        phases.extend(json.loads(path.read_text(encoding="utf-8"))["phases"])
+    return phases
+
+
+def transition_matrices(transitions: Any, grader: str, protocols: Sequence[str] | None = None) -> dict[str, Any]:
+    """``{"<variant> · <protocol>": 4x4 counts}`` from stage 05's ``transitions.csv`` (long form), for one grader."""
+    rows = transitions[transitions["grader"] == grader]
+    if protocols is not None:
+        rows = rows[rows["protocol"].isin(protocols)]
+    from reflectevo.tasks import OUTCOMES
+
+    return {f"{variant} · {protocol}": part.pivot(index="t1", columns="final", values="items")
+            .reindex(index=list(OUTCOMES), columns=list(OUTCOMES), fill_value=0)
+            for (variant, protocol), part in rows.groupby(["variant", "protocol"], sort=False)}
 
 
 def note_for(stem: str) -> str | None:

@@ -433,9 +433,21 @@ def dpo_base_model(params: Params, run: Any) -> ModelParams | None:
     return model
 
 
-def store_root(stage_dir: Path, identity: str) -> Path:
-    """Where a stage's generation stores live: named after its identity, so other params start afresh beside them."""
-    return stage_dir / "generations" / identity[:12]
+# What the generated text depends on. Not the reported graders, the bootstrap or the list of variants
+# and protocols (each variant and protocol has its own store): changing those reuses every generation.
+GENERATION_KEYS = ("run.seed", "model", "generation", "eval.split", "eval.first_turn", "eval.second_turn_after_sft",
+                   "eval.second_turn_after_dpo", "eval.second_trial", "eval.fewshots", "eval.max_new_tokens",
+                   "eval.reflection_max_new_tokens", "eval.gate_grader")
+
+
+def generations_dir(stage_dir: Path, params: Params, manifest: dict[str, Any]) -> Path:
+    """Where stage 05's generation stores live: named after the params the text depends on and the
+    identities of the data and the trained adapters, so other settings start afresh beside them."""
+    from reflectevo.config import canonical_hash
+
+    stages = manifest.get("stages", {})
+    upstream = {key: stages.get(key, {}).get("identity") for key in ("01_data", "03_sft", "04_dpo")}
+    return stage_dir / "generations" / canonical_hash({"params": params.section_hash(GENERATION_KEYS), "upstream": upstream})[:12]
 
 
 def pick_example(predictions: Sequence[dict[str, Any]], variant: str = BASE) -> list[dict[str, Any]]:

@@ -112,6 +112,75 @@ def test_raw_papermill_with_the_smoke_recipe(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
     assert_trained(run_dir, ["one_stage", "two_stage", "qa_pairs"], ["d_pm", "d_pref"])
 
+    for notebook in ("05_eval.ipynb", "06_analysis.ipynb"):
+        result = papermill(notebook, "smoke.yaml", tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert_evaluated(run_dir, questions=8)
+    assert_reported(run_dir)
+
+    # a change that only touches the metrics reruns 05 and 06 from the stored generations; 01-04 are reused
+    stores = store_files(run_dir)
+    changed = tmp_path / "smoke-fewer-resamples.yaml"
+    changed.write_text((REPO / "params" / "smoke.yaml").read_text().replace("bootstrap_samples: 100", "bootstrap_samples: 50"))
+    rerun = subprocess.run([str(BIN / "reflectevo"), "run", str(changed), "--from", "05", "--notebooks", str(REPO / "notebooks")],
+                           cwd=tmp_path, capture_output=True, text=True, check=False, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr[-3000:]
+    assert "05_eval: done" in rerun.stdout and "06_analysis: done" in rerun.stdout
+    assert not any(f"{stage}:" in rerun.stdout for stage in ("01_data", "02_reflect", "03_sft", "04_dpo"))
+    assert store_files(run_dir) == stores, "the rerun generated text again"
+    assert json.loads((run_dir / "eval" / "results.json").read_text())["bootstrap_samples"] == 50
+
+
+def store_files(run_dir: Path) -> dict[str, int]:
+    return {str(path.relative_to(run_dir)): path.stat().st_mtime_ns for path in (run_dir / "eval" / "generations").rglob("*.jsonl")}
+
+
+VARIANTS = ["retry", "base", "sft/one_stage", "sft/two_stage", "sft/qa_pairs", "dpo/d_pm", "dpo/d_pref"]
+
+
+def assert_evaluated(run_dir: Path, questions: int) -> list[dict]:
+    """Stage 05 evaluated every variant under both protocols, and the protocols did what they say."""
+    from reflectevo.generation import load_store
+
+    entry = read_manifest(run_dir)["stages"]["05_eval"]
+    assert entry["status"] == "done" and entry["eval"]["variants"] == VARIANTS
+    rows = [json.loads(line) for line in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == len(VARIANTS) * 2 * questions
+    for row in rows:
+        has_second_turn = row["variant"] != "sft/qa_pairs"
+        if row["protocol"] == "oracle":  # only the answers the grader rejected were reflected on
+            assert row["reflected"] == (has_second_turn and row["t1"]["official"]["outcome"] != "correct")
+        else:
+            assert row["reflected"] == has_second_turn
+        assert (row["final"] is None) == (not has_second_turn)
+        if row["reflected"] and row["variant"] != "retry":
+            assert row["reflection"] is not None and row["t2"] is not None
+    # one shared first turn: every variant but qa_pairs has the base model's first answers
+    first = {(r["task"], r["id"]): r["t1"]["text"] for r in rows if r["variant"] == "base"}
+    assert all(r["t1"]["text"] == first[(r["task"], r["id"])] for r in rows if r["variant"] != "sft/qa_pairs")
+    # the oracle-free reviewer is never told the verdict or shown a test; the oracle's reflector is
+    (store,) = (run_dir / "eval" / "generations").iterdir()
+    for protocol, told in (("oracle", True), ("oracle_free", False)):
+        prompts = [output.prompt for output in load_store(store / "base" / protocol / "reflection")]
+        assert prompts and all(("Answer is INCORRECT" in prompt) == told for prompt in prompts)
+    summary = json.loads((run_dir / "eval" / "results.json").read_text())["summary"]
+    assert all(row["right_to_wrong"] == 0 for row in summary if row["protocol"] == "oracle" and row["variant"] != "sft/qa_pairs")
+    for name in ("summary.csv", "comparisons.csv", "transitions.csv", "paper_table_oracle_official.md", "breakdown_answer_type.csv"):
+        assert (run_dir / "eval" / name).stat().st_size > 0
+    return rows
+
+
+def assert_reported(run_dir: Path) -> None:
+    """Stage 06 drew every figure and linked each one, with its sentence, in report.md."""
+    from reflectevo.analysis import FIGURES, note_for
+
+    assert read_manifest(run_dir)["stages"]["06_analysis"]["status"] == "done"
+    report = (run_dir / "report.md").read_text()
+    for stem in FIGURES.values():
+        assert (run_dir / "figures" / f"{stem}.png").stat().st_size > 5_000
+        assert f"(figures/{stem}.png)" in report and note_for(stem) in report
+    assert "| Prompt, w/ reflection |" in report and "## What produced these numbers" in report
+
 
 def test_reflectevo_run_quickstart_stages_01_to_04_then_skip(tmp_path):
     command = [str(BIN / "reflectevo"), "run", str(REPO / "params" / "quickstart.yaml"), "--stages", "01,02,03,04",
