@@ -24,8 +24,8 @@ The *protocols* (recorded in every row):
 * ``oracle_free``: every answer is reviewed with a prompt that does not say whether it was right and
   shows no test result (:data:`reflectevo.prompts.REVIEW_VERSION`); the model may keep its answer, so
   answers can flip from right to wrong, and they are counted.
-* ``self_verify``: the model first judges its own answer; only answers it calls wrong (or gives no
-  verdict on) are reviewed, with the oracle-free prompts.
+* ``self_verify``: the reflector (the base model for the baselines) first judges the first answer;
+  only answers it calls wrong (or gives no verdict on) are reviewed, with the oracle-free prompts.
 
 Every generation call commits its batches to a store named after the stage identity, the variant and the
 protocol, so a rerun resumes and a finished variant is not generated again. Verdicts are cheap and
@@ -175,10 +175,14 @@ def roles_table(variants: Sequence[Variant]) -> Any:
 
 # ---- models: each base loaded once, its adapters switched by name ----------------------------------
 class ModelPool:
-    """Loads each base model once and every adapter onto it under its own name; :meth:`engine` gives an
-    engine that generates with one adapter active, or with none (the base model)."""
+    """Loads each base model once and every adapter onto it under its own name; :meth:`active` gives
+    the engine that generates with one adapter active, or with none (the base model)."""
 
     def __init__(self, params: Params, *, progress: bool = True) -> None:
+        if params.model.adapter:
+            raise EvaluationError(f"model.adapter is set ({params.model.adapter}); evaluation attaches the trained variants' "
+                                  "adapters to the base model itself: unset it, and evaluate an adapter with "
+                                  "`reflectevo eval PARAMS --adapter PATH` or as a trained variant")
         if params.generation.engine in ("vllm", "replay"):
             raise EvaluationError(f"evaluation switches LoRA adapters on a loaded model; generation.engine "
                                   f"{params.generation.engine!r} cannot, use auto, transformers or unsloth")

@@ -91,6 +91,9 @@ def test_engines_that_cannot_switch_adapters_are_refused():
         generation = {"engine": engine, **({"replay_from": "x.jsonl"} if engine == "replay" else {})}
         with pytest.raises(EvaluationError, match="switches LoRA adapters"):
             ModelPool(smoke(generation=generation))
+    model = {**smoke().model.model_dump(), "adapter": "some/adapter"}
+    with pytest.raises(EvaluationError, match="model.adapter is set"):
+        ModelPool(smoke(model=model))
 
 
 def test_metric_settings_reuse_the_generations_and_prompt_settings_do_not(tmp_path):
