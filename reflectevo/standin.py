@@ -420,7 +420,7 @@ def _reflection_pairs(task_name: str, rng: random.Random, settings: TinySettings
 
 
 def _second_trial_pairs(task_name: str, rng: random.Random, settings: TinySettings) -> list[Pair]:
-    from reflectevo.prompts import render_attempt, second_trial_prompt
+    from reflectevo.prompts import second_trial_prompt
 
     task = _task(task_name)
     pairs = []
@@ -430,15 +430,24 @@ def _second_trial_pairs(task_name: str, rng: random.Random, settings: TinySettin
             reflection = stand_in_reflection(task_name, wrong, _random_instruction(rng), rng)
             previous = (attempt, feedback) if rng.random() < 0.5 else None
             user = second_trial_prompt(task, item, reflection, previous=previous)
-            correct = rng.random() < SECOND_TRIAL_GOLD_SHARE
-            answer = gold_answer(item) if correct else wrong
-            for _ in range(5):  # a wrong second answer is a new wrong answer, not the rejected one
-                if correct or answer != wrong:
-                    break
-                answer = _wrong_answer(task_name, item, rng)
-            completion = render_attempt(task, _thought(task_name, item, answer, correct, rng), answer)
-            pairs.append(([{"role": "user", "content": user}], completion))
+            pairs.append(([{"role": "user", "content": user}], _new_attempt(task_name, item, wrong, rng)))
     return pairs
+
+
+def _new_attempt(task_name: str, item, rejected: str, rng: random.Random) -> str:
+    """A second attempt that changes the answer: gold with SECOND_TRIAL_GOLD_SHARE, else a new wrong
+    answer; never the rejected one (so never gold when gold was rejected)."""
+    from reflectevo.prompts import render_attempt
+
+    correct = rng.random() < SECOND_TRIAL_GOLD_SHARE and rejected != gold_answer(item)
+    answer = gold_answer(item) if correct else rejected
+    for _ in range(5):  # a wrong second answer is a new wrong answer, not the rejected one
+        if correct or answer != rejected:
+            break
+        answer = _wrong_answer(task_name, item, rng)
+    if answer == rejected:  # no other wrong answer (a yes/no question): the gold one
+        answer, correct = gold_answer(item), True
+    return render_attempt(_task(task_name), _thought(task_name, item, answer, correct, rng), answer)
 
 
 def _judgement_pairs(task_name: str, rng: random.Random, settings: TinySettings) -> list[Pair]:
@@ -483,10 +492,155 @@ def generic_second_trials(rng: random.Random, settings: TinySettings) -> list[Pa
     return pairs
 
 
+# ---- evaluation prompts (stage 05): retries, oracle-free reviews, self-verification -----------------
+# The stand-in cannot know whether its answer is right, so its reviews and self-verdicts are right
+# 70 % of the time: mixed, but informative. A review either says the answer holds (then the second
+# attempt repeats it) or finds a problem in the style of a reflection (then the answer changes).
+REVIEW_HOLDS_OPENINGS = (
+    "Checking step by step, my answer {answer} holds.",
+    "Going through each step, {answer} is right.",
+    "Looking at the attempt as a whole, {answer} holds.",
+)
+REVIEW_HOLDS_CHECKS = (
+    "It agrees with the question.",
+    "Each step follows from the one before.",
+    "It uses every condition of the question.",
+    "I find no mistake in it.",
+)
+REVIEW_HOLDS_CLOSINGS = ("No change is needed.", "I will keep this answer.")  # an explicit cue to keep it
+SELF_VERIFY_REASONS = {
+    "correct": ("Checking the attempt again, {answer} agrees with the question.", "Each step holds, so {answer} is right.",
+                "Going through the steps, {answer} follows."),
+    "wrong": ("Checking the attempt again, {answer} does not follow from the question.", "One step fails, so {answer} is wrong.",
+              "Going through the steps, {answer} does not hold."),
+}
+TRUE_JUDGEMENT_SHARE = 0.7  # reviews and self-verdicts that judge the first attempt rightly
+RETRIES_PER_ITEM = 1  # the retry prompt is a second-trial prompt without reflection: little new to learn
+REVIEWS_PER_ITEM = 2
+REVIEW_SECOND_TRIALS_PER_ITEM = 4  # keeping an answer goes against every other second trial
+SELF_VERIFICATIONS_PER_ITEM = 2
+REVIEW_OMITTED_SHARE = 0.2  # oracle-free second attempts with no review (a plain retry)
+
+
+def _first_trial(task_name: str, item, correct: bool, rng: random.Random) -> tuple[str, str]:
+    """A first attempt at an item, right (gold) or wrong: (answer, attempt text)."""
+    from reflectevo.prompts import render_attempt
+
+    answer = gold_answer(item) if correct else _wrong_answer(task_name, item, rng)
+    return answer, render_attempt(_task(task_name), _thought(task_name, item, answer, correct, rng), answer)
+
+
+def _judged_first_trial(task_name: str, item, rng: random.Random) -> tuple[str, str, bool, bool]:
+    """(answer, attempt, right, judged right): a first attempt, right half of the time, and the
+    stand-in's judgement of it, true with TRUE_JUDGEMENT_SHARE."""
+    right = rng.random() < 0.5
+    answer, attempt = _first_trial(task_name, item, right, rng)
+    return answer, attempt, right, right == (rng.random() < TRUE_JUDGEMENT_SHARE)
+
+
+def stand_in_review(task_name: str, answer: str, holds: bool, rng: random.Random) -> str:
+    """The stand-in's oracle-free review: the answer holds, or a reflection-style text that finds a problem."""
+    from reflectevo.prompts import GENERIC_INSTRUCTION
+
+    if not holds:
+        return stand_in_reflection(task_name, answer, GENERIC_INSTRUCTION, rng)
+    named = _named(task_name, answer)
+    return " ".join([rng.choice(REVIEW_HOLDS_OPENINGS).format(answer=named), rng.choice(REVIEW_HOLDS_CHECKS),
+                     rng.choice(REVIEW_HOLDS_CLOSINGS)])
+
+
+def _retry_pairs(task_name: str, rng: random.Random, settings: TinySettings) -> list[Pair]:
+    from reflectevo.prompts import second_trial_prompt
+
+    task = _task(task_name)
+    pairs = []
+    for item in task.load_samples("train"):
+        for _ in range(RETRIES_PER_ITEM):
+            wrong, attempt, feedback = _failed_first_trial(task_name, item, rng)
+            user = second_trial_prompt(task, item, None, previous=(attempt, feedback))
+            pairs.append(([{"role": "user", "content": user}], _new_attempt(task_name, item, wrong, rng)))
+    return pairs
+
+
+def _review_pairs(task_name: str, rng: random.Random, settings: TinySettings) -> list[Pair]:
+    from reflectevo.prompts import review_prompt
+
+    pairs = []
+    for item in _task(task_name).load_samples("train"):
+        for _ in range(REVIEWS_PER_ITEM):
+            answer, attempt, _, holds = _judged_first_trial(task_name, item, rng)
+            pairs.append(([{"role": "user", "content": review_prompt(item, attempt)}], stand_in_review(task_name, answer, holds, rng)))
+    return pairs
+
+
+def _review_second_trial_pairs(task_name: str, rng: random.Random, settings: TinySettings) -> list[Pair]:
+    from reflectevo.prompts import render_attempt, review_second_trial_prompt
+
+    task = _task(task_name)
+    pairs = []
+    for item in task.load_samples("train"):
+        for _ in range(REVIEW_SECOND_TRIALS_PER_ITEM):
+            answer, attempt, right, holds = _judged_first_trial(task_name, item, rng)
+            review = stand_in_review(task_name, answer, holds, rng)
+            user = review_second_trial_prompt(task, item, None if rng.random() < REVIEW_OMITTED_SHARE else review, attempt)
+            if not holds:
+                completion = _new_attempt(task_name, item, answer, rng)
+            elif rng.random() < 2 / 3:  # kept: the same text (easiest to copy), or the same answer with a new thought
+                completion = attempt
+            else:
+                completion = render_attempt(task, _thought(task_name, item, answer, right, rng), answer)
+            pairs.append(([{"role": "user", "content": user}], completion))
+    return pairs
+
+
+def _one_stage_pairs(task_name: str, rng: random.Random, settings: TinySettings) -> list[Pair]:
+    """One-stage answers (a reflection, ``Answer:``, a new attempt): after the oracle's reflection prompt
+    on a failed attempt, and after the oracle-free review prompt, where an answer that holds is kept."""
+    from reflectevo.prompts import (
+        GENERIC_INSTRUCTION,
+        one_stage_completion,
+        one_stage_prompt,
+        review_prompt,
+        with_one_stage_suffix,
+    )
+
+    task = _task(task_name)
+    pairs = []
+    for item in task.load_samples("train"):
+        wrong, attempt, feedback = _failed_first_trial(task_name, item, rng)
+        reflection = stand_in_reflection(task_name, wrong, GENERIC_INSTRUCTION, rng)
+        pairs.append(([{"role": "user", "content": one_stage_prompt(task, item, attempt, feedback, GENERIC_INSTRUCTION)}],
+                      one_stage_completion(reflection, _new_attempt(task_name, item, wrong, rng))))
+        answer, attempt, _, holds = _judged_first_trial(task_name, item, rng)
+        second = attempt if holds else _new_attempt(task_name, item, answer, rng)
+        pairs.append(([{"role": "user", "content": with_one_stage_suffix(task, review_prompt(item, attempt))}],
+                      one_stage_completion(stand_in_review(task_name, answer, holds, rng), second)))
+    return pairs
+
+
+def _self_verify_pairs(task_name: str, rng: random.Random, settings: TinySettings) -> list[Pair]:
+    from reflectevo.prompts import self_verify_prompt
+
+    pairs = []
+    for item in _task(task_name).load_samples("train"):
+        for _ in range(SELF_VERIFICATIONS_PER_ITEM):
+            answer, attempt, _, judged_right = _judged_first_trial(task_name, item, rng)
+            verdict = "correct" if judged_right else "wrong"
+            named = "my code" if task_name == "mbpp" else f"my answer {answer}"
+            reason = rng.choice(SELF_VERIFY_REASONS[verdict]).format(answer=named)
+            pairs.append(([{"role": "user", "content": self_verify_prompt(item, attempt)}], f"{reason}\nVerdict: {verdict}"))
+    return pairs
+
+
 for _name in ("logiqa", "math", "mbpp", "bigbench"):
     corpus_part(f"reflections/{_name}")(lambda rng, settings, _n=_name: _reflection_pairs(_n, rng, settings))
     corpus_part(f"second_trials/{_name}")(lambda rng, settings, _n=_name: _second_trial_pairs(_n, rng, settings))
     corpus_part(f"judgements/{_name}")(lambda rng, settings, _n=_name: _judgement_pairs(_n, rng, settings))
+    corpus_part(f"one_stage/{_name}")(lambda rng, settings, _n=_name: _one_stage_pairs(_n, rng, settings))
+    corpus_part(f"retries/{_name}")(lambda rng, settings, _n=_name: _retry_pairs(_n, rng, settings))
+    corpus_part(f"reviews/{_name}")(lambda rng, settings, _n=_name: _review_pairs(_n, rng, settings))
+    corpus_part(f"review_second_trials/{_name}")(lambda rng, settings, _n=_name: _review_second_trial_pairs(_n, rng, settings))
+    corpus_part(f"self_verify/{_name}")(lambda rng, settings, _n=_name: _self_verify_pairs(_n, rng, settings))
 
 
 # ---- generic format-only examples: random text, so the format holds on unseen questions ----------
@@ -924,7 +1078,7 @@ def validation_quality(model, tokenizer) -> dict[str, Any]:
         per_task[name] = entry
     overall = {"items": total, "parseable": round(parsed / total, 4), "graded_items": graded, "accuracy": round(correct / max(graded, 1), 4)}
     return {"validation": per_task, "overall": overall, "reflection_stage": reflection_stage_quality(model, tokenizer),
-            "outputs": outputs}
+            "evaluation_prompts": evaluation_prompt_quality(model, tokenizer), "outputs": outputs}
 
 
 def reflection_stage_quality(model, tokenizer) -> dict[str, Any]:
@@ -962,6 +1116,67 @@ def reflection_stage_quality(model, tokenizer) -> dict[str, Any]:
         "second_attempts_repeating_the_rejected_answer": round(sum(answer == wrong for answer, (_, _, wrong, *_) in zip(answers, cases)) / n, 4),
         "judge_verdicts_parseable": round(sum(verdict is not None for verdict in verdicts) / n, 4),
         "judge_verdicts": {verdict or "none": verdicts.count(verdict) for verdict in dict.fromkeys(verdicts)},
+    }
+
+
+def evaluation_prompt_quality(model, tokenizer) -> dict[str, Any]:
+    """How the stand-in does at stage 05's prompts, on the validation items of the multiple-choice and
+    MATH tasks: parseable retries without reflection after a fixed wrong attempt; then, on a fixed first
+    attempt that is right for every other item, oracle-free reviews with no answer action, parseable
+    second attempts after its own review and how often they keep the previous answer, and parseable
+    self-verdicts (and how often they agree with the grader); and one-stage answers (reflection,
+    ``Answer:``, new attempt) to the reflection prompt on the failed attempts, with a parseable attempt."""
+    from reflectevo.prompts import (
+        GENERIC_INSTRUCTION,
+        one_stage_prompt,
+        parse_self_verdict,
+        review_prompt,
+        review_second_trial_prompt,
+        second_trial_prompt,
+        self_verify_prompt,
+        split_one_stage,
+    )
+
+    rng = random.Random("evaluation-prompt-quality")
+    retry_cases, cases = [], []
+    for name in ("logiqa", "bigbench", "math"):
+        for index, item in enumerate(_task(name).load_samples("validation")):
+            retry_cases.append((name, item, *_failed_first_trial(name, item, rng)))
+            cases.append((name, item, index % 2 == 0, *_first_trial(name, item, index % 2 == 0, rng)))
+
+    def ask(prompts: list[str]) -> list[str]:
+        return greedy_texts(model, tokenizer, [[{"role": "user", "content": prompt}] for prompt in prompts], DEFAULT_QUALITY_MAX_NEW_TOKENS)
+
+    def answer(name: str, item, text: str) -> str | None:
+        return _task(name).extract(text, "official", item).answer
+
+    retries = ask([second_trial_prompt(_task(name), item, None, previous=(attempt, feedback))
+                   for name, item, _, attempt, feedback in retry_cases])
+    retry_answers = [answer(name, item, text) for (name, item, *_), text in zip(retry_cases, retries)]
+    reviews = ask([review_prompt(item, attempt) for _, item, _, _, attempt in cases])
+    seconds = ask([review_second_trial_prompt(_task(name), item, review, attempt)
+                   for (name, item, _, _, attempt), review in zip(cases, reviews)])
+    kept = [(answer(name, item, text), answer(name, item, attempt)) for (name, item, _, _, attempt), text in zip(cases, seconds)]
+    verdicts = [parse_self_verdict(text) for text in ask([self_verify_prompt(item, attempt) for _, item, _, _, attempt in cases])]
+    one_stage = greedy_texts(model, tokenizer, [[{"role": "user", "content": one_stage_prompt(
+        _task(name), item, attempt, feedback, GENERIC_INSTRUCTION)}] for name, item, _, attempt, feedback in retry_cases], 2 * DEFAULT_QUALITY_MAX_NEW_TOKENS)
+    one_stage_attempts = [split_one_stage(text)[1] for text in one_stage]
+    n = len(cases)
+    return {
+        "cases": n,
+        "retry_second_attempts_parseable": round(sum(a is not None for a in retry_answers) / n, 4),
+        "retry_second_attempts_repeating_the_rejected_answer": round(
+            sum(a == wrong for a, (_, _, wrong, *_) in zip(retry_answers, retry_cases)) / n, 4),
+        "reviews_without_action": round(sum("Action:" not in text and text.strip() != "" for text in reviews) / n, 4),
+        "review_second_attempts_parseable": round(sum(new is not None for new, _ in kept) / n, 4),
+        "review_second_attempts_keeping_the_previous_answer": round(sum(new is not None and new == old for new, old in kept) / n, 4),
+        "self_verdicts_parseable": round(sum(verdict is not None for verdict in verdicts) / n, 4),
+        "self_verdicts_agreeing_with_the_grader": round(
+            sum(verdict == ("correct" if right else "wrong") for verdict, (_, _, right, *_) in zip(verdicts, cases)) / n, 4),
+        "self_verdicts": {verdict or "none": verdicts.count(verdict) for verdict in dict.fromkeys(verdicts)},
+        "one_stage_attempts_parseable": round(sum(
+            attempt is not None and answer(name, item, attempt) is not None
+            for attempt, (name, item, *_) in zip(one_stage_attempts, retry_cases)) / n, 4),
     }
 
 

@@ -159,6 +159,37 @@ def test_corpus_answers_mix_gold_and_wrong(sandbox):
     assert 0.5 <= correct / total <= 0.7  # about 60 % gold
 
 
+def test_corpus_second_attempts_change_a_rejected_answer_and_keep_one_that_holds():
+    from reflectevo.prompts import parse_self_verdict
+
+    counts = {"changed": 0, "kept": 0, "verdicts": 0}
+    for part, (messages, completion) in standin.build_corpus():
+        kind, name = part.split("/", 1)
+        # the generic parts hold multiple-choice questions, whose answers every choice task reads alike
+        task = get_task(name) if name in task_names() else get_task("logiqa")
+        kind = name if kind == "generic" else kind
+        prompt = messages[-1]["content"]
+        if kind in ("second_trials", "retries"):
+            previous = prompt.split("It was:\n", 1)[1].split("\nObservation:", 1)[0] if "It was:\n" in prompt else None
+            if previous is not None:  # never the rejected answer again
+                assert task.extract(completion).answer != task.extract(previous).answer, (part, prompt, completion)
+                counts["changed"] += 1
+        elif kind == "review_second_trials":
+            previous = prompt.split("was:\n", 1)[1].split("\nIf it was right", 1)[0]
+            same = task.extract(completion).answer == task.extract(previous).answer
+            if "Here is a review" in prompt:
+                review = prompt.split("previous attempt:\n", 1)[1].split("\n\n", 1)[0]
+                holds = any(sentence in review for sentence in standin.REVIEW_HOLDS_CHECKS)
+                assert same == holds, (part, review, previous, completion)
+            counts["kept"] += same
+        elif kind == "reviews":
+            assert "Action:" not in completion
+        elif kind == "self_verify":
+            assert parse_self_verdict(completion) in ("correct", "wrong")
+            counts["verdicts"] += 1
+    assert counts["changed"] > 200 and counts["kept"] > 50 and counts["verdicts"] > 50, counts
+
+
 def test_cache_key_follows_the_corpus(monkeypatch):
     key = standin.tiny_cache_key()
     assert key == standin.tiny_cache_key()  # deterministic
@@ -233,6 +264,22 @@ def test_tiny_answers_in_format_with_a_mix_of_right_and_wrong(tiny_model_dir, sa
     assert parsed / total >= 0.8
     assert 0 < correct < total, f"expected a mix of right and wrong answers, got {correct}/{total} right"
     assert stored["overall"]["parseable"] == pytest.approx(parsed / total, abs=1e-3)
+
+
+def test_tiny_answers_the_evaluation_prompts_in_format(tiny_model_dir):
+    """Stage 05's prompts (retry without reflection, oracle-free review and second attempt, self-verification,
+    one-stage answers)
+    get parseable answers from the stand-in; the build's own check measured the rates."""
+    stored = standin.read_standin_json(tiny_model_dir)["quality"]["evaluation_prompts"]
+    print("builtin:tiny on the evaluation prompts:", json.dumps(stored))
+    assert stored["cases"] == 12
+    assert stored["retry_second_attempts_parseable"] >= 0.8
+    assert stored["reviews_without_action"] >= 0.8
+    assert stored["review_second_attempts_parseable"] >= 0.8
+    assert stored["self_verdicts_parseable"] >= 0.8
+    assert stored["one_stage_attempts_parseable"] >= 0.8  # reflection, "Answer:", then a parseable attempt
+    # whether it keeps an answer after its own review is not asserted: at 4M parameters the stand-in does
+    # not follow its review (the build reports the share it kept; 0 to 0.25 in our builds)
 
 
 def test_load_model_info_for_the_manifest(tiny_model_dir):
