@@ -88,21 +88,21 @@ def test_raw_papermill_with_the_smoke_recipe(tmp_path):
     run_dir = tmp_path / "outputs" / "smoke"
     entry = read_manifest(run_dir)["stages"]["01_data"]
     assert entry["status"] == "done"
-    assert entry["counts"]["logiqa"] == {"train": 4, "validation": 2, "test": 2}
+    assert entry["counts"]["logiqa"] == {"train": 8, "validation": 2, "test": 2}
     assert (run_dir / "figures" / "01_question_lengths.png").stat().st_size > 10_000
     for task in ("logiqa", "math", "mbpp", "bigbench"):
         lines = (run_dir / "data" / task / "train.jsonl").read_text().splitlines()
-        assert len(lines) == 4 and all(json.loads(line)["split"] == "train" for line in lines)
+        assert len(lines) == 8 and all(json.loads(line)["split"] == "train" for line in lines)
     from datasets import load_from_disk
 
     dataset = load_from_disk(str(run_dir / "data" / "dataset"))
-    assert (dataset["train"].num_rows, dataset["validation"].num_rows, dataset["test"].num_rows) == (16, 8, 8)
+    assert (dataset["train"].num_rows, dataset["validation"].num_rows, dataset["test"].num_rows) == (32, 8, 8)
     assert not (run_dir / ".lock").exists()
 
     result = papermill("02_reflect.ipynb", "smoke.yaml", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     overall = assert_nonempty_curated_sets(run_dir)
-    assert overall["questions"] == 16
+    assert overall["questions"] == 32
     records = [json.loads(line) for line in (run_dir / "reflect" / "raw.jsonl").read_text().splitlines()]
     assert all(record["protocol"] == "oracle" for record in records)
     assert (run_dir / "figures" / "02_curation_counts.png").stat().st_size > 10_000

@@ -177,7 +177,7 @@ def tiny_engine(tiny_model_dir):
 @pytest.mark.parametrize("attempt_calls", [1, 2])
 def test_the_stored_prompts_are_exactly_what_the_model_was_sent(tmp_path, tiny_engine, attempt_calls):
     loaded, engine = tiny_engine
-    items = logiqa_items(4)
+    items = get_task("logiqa").load_samples("validation")  # unseen by the stand-in: some answers are wrong
     params = make_params(tmp_path, attempt_calls=attempt_calls)
     records = ReflectionPipeline(params, engine, tmp_path / "gen").run({"logiqa": items}).records
     template = loaded.tokenizer.apply_chat_template
