@@ -256,15 +256,15 @@ figure_notes: dict[str, str] = {
                             "answers reflection fixed, broke or left unparseable.",
     FIGURES["lengths"]: "Token lengths of first answers, reflections and second answers in the reflection data "
                         "(stage 02) and in each evaluated variant, per task.",
-    FIGURES["success"]: "Share of stage 02's reflections whose second trial was correct, per part of the instruction key "
-                        "(verify style, error type, plan level) and task.",
-    FIGURES["composition"]: "Number of curated training rows in D+, D± and Dpref per task.",
-    FIGURES["sft_loss"]: "SFT training loss per optimizer step (lines) and loss on held-out questions (points), per variant.",
-    FIGURES["dpo_loss"]: "DPO training loss per optimizer step (lines) and loss on held-out questions (points), per pair type.",
     FIGURES["localisation"]: "Where in the failed first attempt a reflection's words point (mean relative position, "
                              "0 = start, 1 = end) and how often it names the wrong answer, split by whether the second "
                              "trial succeeded; a lexical proxy, not a check that the true error was found.",
 }
+
+# notebook 06 redraws these figures of earlier stages from their data, under its own names
+for _key, _earlier in (("success", "02_reflection_success"), ("composition", "02_curation_counts"),
+                       ("sft_loss", "03_sft_loss"), ("dpo_loss", "04_dpo_loss")):
+    figure_notes[FIGURES[_key]] = figure_notes[_earlier]
 
 
 def training_phases(run_dir: str | Path, kind: str) -> list[dict[str, Any]]:

@@ -595,9 +595,9 @@ def evaluate_model(params: Params, *, adapter: str | None = None, adapter_as: st
     from reflectevo.data.prepare import prepare_data
 
     if adapter is not None:
-        from reflectevo.models import _adapter_folder
+        from reflectevo.models import adapter_folder
 
-        adapter_path = _adapter_folder(adapter)  # checked before anything loads
+        adapter_path = adapter_folder(adapter)  # checked before anything loads
         if adapter_as not in (*(f"sft/{m}" for m in ("one_stage", "two_stage", "qa_pairs")), "dpo/d_pm", "dpo/d_pref"):
             raise EvaluationError(f"--adapter-as must be a trained variant kind (sft/one_stage, sft/two_stage, sft/qa_pairs, "
                                   f"dpo/d_pm, dpo/d_pref), got {adapter_as!r}")

@@ -42,6 +42,8 @@ def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> Path:
 
     A reader never sees a half-written file, and a failure leaves no partial file behind.
     """
+    from reflectevo.runs import usual_permissions
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)  # noqa: SIM115  (closed below, renamed or removed)
@@ -51,6 +53,7 @@ def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> Path:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        usual_permissions(handle.name)
         os.replace(handle.name, path)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)

@@ -180,7 +180,7 @@ def load_model(params: ModelParams, *, for_training: bool = False) -> LoadedMode
     check_builtin_name(name)
 
     # checks that cost nothing come before anything is built or loaded
-    adapter = _adapter_folder(params.adapter) if params.adapter else None
+    adapter = adapter_folder(params.adapter) if params.adapter else None
     if random_builtin:
         if params.backend == "unsloth":
             raise BackendUnavailable(
@@ -381,7 +381,7 @@ def _check_four_bit(device: str) -> None:
         raise ModelLoadError("model.load_in_4bit needs the bitsandbytes package: pip install 'reflectevo[gpu]', or set load_in_4bit to false")
 
 
-def _adapter_folder(adapter: str) -> Path:
+def adapter_folder(adapter: str) -> Path:
     path = Path(adapter).expanduser().resolve()
     if not path.is_dir():
         raise ModelLoadError(f"adapter folder not found: {path} (model.adapter {adapter!r})")

@@ -12,12 +12,15 @@ from typing import Any
 
 
 def save_figure(figure: Any, path: str | Path, dpi: int = 120) -> Path:
+    from reflectevo.runs import usual_permissions
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
     try:
         figure.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        usual_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

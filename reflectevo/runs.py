@@ -116,11 +116,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        usual_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def usual_permissions(path: str | Path, directory: bool = False) -> None:
+    """Give a file or folder made by ``tempfile`` (owner-only, 0600 / 0700) the permissions a plain
+    ``open`` or ``mkdir`` would have given it under the process umask, so outputs stay readable by the group."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -141,6 +150,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
+        usual_permissions(tmp, directory=True)
         replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -203,3 +203,21 @@ def test_generation_events_reach_the_manifest(params):
     assert manifest["generation"]["02_reflect/first_trial"]["engine"] == "replay"
     backoffs = [e for e in manifest["events"] if e.get("event") == "oom_backoff"]
     assert len(backoffs) == 1 and backoffs[0]["from"] == 8 and backoffs[0]["stage"] == "02_reflect/first_trial"
+
+
+def test_atomic_writes_leave_files_readable_as_a_plain_write_would(tmp_path):
+    import os
+
+    from reflectevo.jsonl import write_jsonl_atomic
+    from reflectevo.runs import atomic_directory, atomic_write_text
+
+    previous = os.umask(0o022)
+    try:
+        text = atomic_write_text(tmp_path / "a.txt", "x")
+        rows = write_jsonl_atomic(tmp_path / "b.jsonl", [{"a": 1}])
+        with atomic_directory(tmp_path / "folder") as folder:
+            (folder / "inside.txt").write_text("y")
+    finally:
+        os.umask(previous)
+    assert oct(text.stat().st_mode & 0o777) == oct(rows.stat().st_mode & 0o777) == oct(0o644)
+    assert oct((tmp_path / "folder").stat().st_mode & 0o777) == oct(0o755)
