@@ -290,6 +290,15 @@ def transition_matrices(transitions: Any, grader: str, protocols: Sequence[str] 
             for (variant, protocol), part in rows.groupby(["variant", "protocol"], sort=False)}
 
 
+
+def provenance(record: dict[str, Any], model_name: str) -> str:
+    """One paragraph saying what produced stage 05's numbers, from its ``results.json``."""
+    items = ", ".join(f"{task}: {count}" for task, count in record["items"].items())
+    return (f"Split `{record['split']}` ({items} items); protocols {', '.join(record['protocols'])}; graders "
+            f"{', '.join(record['graders'])} (the oracle's: {record['gate_grader']}); second trial `{record['second_trial']}`; "
+            f"{record['fewshots']} few-shot examples; prompt versions {record['versions']}; seed {record['seed']}; "
+            f"{record['bootstrap_samples']} bootstrap samples, {record['confidence']:.0%} intervals; model `{model_name}`.")
+
 def note_for(stem: str) -> str | None:
     """The note of a figure file stem: an exact entry of :data:`figure_notes`, else the longest entry the
     stem starts with (``06_accuracy_by_task_oracle`` gets the note of ``06_accuracy_by_task``)."""

@@ -253,3 +253,15 @@ def test_markdown_table_escapes_and_formats():
     assert lines[0] == "| a | b |" and lines[1] == "|---|---|"
     assert lines[2:] == ["| 1 | x\\|y |", "|  |  |", "| 0.1235 | two lines |"]
     assert "(no rows)" in analysis.markdown_table(frame.iloc[0:0])
+
+
+def test_provenance_names_everything_that_produced_the_numbers():
+    from reflectevo.analysis import provenance
+
+    record = {"split": "test", "items": {"logiqa": 500}, "protocols": ["oracle", "oracle_free"], "graders": ["official"],
+              "gate_grader": "official", "second_trial": "reflection_and_attempt", "fewshots": 3,
+              "versions": {"review": "review-1"}, "seed": 7, "bootstrap_samples": 1000, "confidence": 0.95}
+    text = provenance(record, "meta-llama/Meta-Llama-3-8B-Instruct")
+    for part in ("logiqa: 500", "oracle, oracle_free", "the oracle's: official", "review-1", "seed 7", "95% intervals",
+                 "Meta-Llama-3-8B-Instruct"):
+        assert part in text
