@@ -367,12 +367,10 @@ def _thought(task_name: str, item, answer: str, correct: bool, rng: random.Rando
 
 def _failed_first_trial(task_name: str, item, rng: random.Random) -> tuple[str, str, str]:
     """A wrong first attempt at a training item: (answer, attempt text, feedback)."""
-    from reflectevo.prompts import render_attempt
     from reflectevo.tasks.base import INCORRECT_OBSERVATION
 
     task = _task(task_name)
-    answer = _wrong_answer(task_name, item, rng)
-    attempt = render_attempt(task, _thought(task_name, item, answer, False, rng), answer)
+    answer, attempt = _first_trial(task_name, item, False, rng)
     feedback = INCORRECT_OBSERVATION
     if task.needs_code_execution and item.tests:
         feedback = f"Test failed: {item.tests[0]}\n{INCORRECT_OBSERVATION}"
