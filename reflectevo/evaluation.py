@@ -554,8 +554,7 @@ def eval_record(params: Params, variants: Sequence[Variant], items_by_task: dict
         "oracle_free_wording": {"review": prompts.REVIEW_INTRO, "review_header": prompts.REVIEW_HEADER,
                                 "previous_attempt": prompts.PREVIOUS_ATTEMPT, "self_verify": prompts.SELF_VERIFY_INTRO},
         "models": evaluator.pool.describe() if evaluator is not None else None,
-        "seconds": dict(evaluator.seconds) if evaluator is not None else None,
-    }
+    }  # no wall-clock times: results.json is byte-identical across reruns (the times go to the manifest)
 
 
 def write_results(out_dir: Path, predictions: Sequence[dict[str, Any]], tables: EvalTables, record: dict[str, Any]) -> list[Path]:

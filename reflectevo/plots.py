@@ -12,18 +12,23 @@ from typing import Any
 
 
 def save_figure(figure: Any, path: str | Path, dpi: int = 120) -> Path:
-    from reflectevo.runs import usual_permissions
+    from reflectevo.runs import is_write_failure, usual_permissions, write_failure
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
+    tmp = None
     try:
-        figure.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # the temporary name of every atomic write (".<name>.<random>.tmp"), so a killed run's is recognised
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        figure.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or None)
         usual_permissions(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if is_write_failure(exc):
+            raise write_failure(path, exc) from exc
         raise
     return path
 

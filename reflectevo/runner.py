@@ -10,6 +10,7 @@ failed). The first failing stage stops the run, naming the notebook and the cell
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -109,7 +110,7 @@ def make_plan(params: Params, folder: Path, stages: list[str] | None = None, sta
                 action, reason = "run", "finished before, but output files are missing or changed"
         elif entry.get("status") == "done":
             action, reason = "run", "params or upstream changed since it finished"
-        elif entry.get("status") in ("running", "failed"):
+        elif entry.get("status") in ("running", "failed", "interrupted"):
             action, reason = "run", f"previous attempt {entry['status']}"
         else:
             action, reason = "run", "not run yet"
@@ -195,17 +196,23 @@ def run_pipeline(params_file: str | Path, *, stages: list[str] | None = None, st
             try:
                 pm.execute_notebook(str(planned.notebook), str(running), parameters={"params_file": str(params_path)},
                                     kernel_name="python3", cwd=os.getcwd(), progress_bar=False, log_output=False)
+            except KeyboardInterrupt:
+                # Ctrl-C: the kernel got the same signal; what the stage committed (generation batches,
+                # checkpoints, finished adapters) stays, so the same command resumes.
+                kept = keep_executed(running, run.notebooks / f"{planned.stage.key}.interrupted.ipynb")
+                run.mark_stage_failed(planned.stage.key, "interrupted (Ctrl-C)", status="interrupted")
+                out(f"{prefix}: INTERRUPTED (Ctrl-C); finished stages, committed generation batches and checkpoints "
+                    f"are kept: rerun the same command to resume.{kept}")
+                return 130
             except Exception as exc:  # noqa: BLE001  (a failing cell, a dead kernel: report any of them)
-                failed = run.notebooks / f"{planned.stage.key}.failed.ipynb"
-                if running.exists():
-                    os.replace(running, failed)
-                where = describe_failure(exc)
+                where = describe_failure(exc, running)
+                kept = keep_executed(running, run.notebooks / f"{planned.stage.key}.failed.ipynb")
                 run.mark_stage_failed(planned.stage.key, where)
-                out(f"{prefix}: FAILED in {planned.stage.notebook}, {where}\n"
-                    f"  executed notebook kept at {failed}")
+                out(f"{prefix}: FAILED in {planned.stage.notebook}, {where}{kept}")
                 return 1
             os.replace(running, run.notebooks / planned.stage.notebook)
-            (run.notebooks / f"{planned.stage.key}.failed.ipynb").unlink(missing_ok=True)
+            for leftover in ("failed", "interrupted"):
+                (run.notebooks / f"{planned.stage.key}.{leftover}.ipynb").unlink(missing_ok=True)
             entry = read_manifest(run.path).get("stages", {}).get(planned.stage.key, {})
             if entry.get("status") != "done" or entry.get("identity") != planned.identity:
                 out(f"{prefix}: FAILED, the notebook ran to the end but did not record the stage as done with "
@@ -222,14 +229,49 @@ def run_pipeline(params_file: str | Path, *, stages: list[str] | None = None, st
         run.close()
 
 
-def describe_failure(exc: Exception) -> str:
+def keep_executed(running: Path, kept: Path) -> str:
+    """Keep the executed copy of a stage that did not finish; returns the line that says where."""
+    if not running.exists():
+        return ""
+    os.replace(running, kept)
+    return f"\n  executed notebook kept at {kept}"
+
+
+def describe_failure(exc: Exception, executed: Path | None = None) -> str:
+    """Where and why a stage failed: the cell and its error, or, when the kernel died, the cell that
+    was running (papermill saves the executed copy as each cell starts)."""
     from papermill.exceptions import PapermillExecutionError
 
     if isinstance(exc, PapermillExecutionError):
         first_line = next((line for line in (exc.source or "").splitlines() if line.strip()), "")
         return (f"cell {exc.cell_index + 1} of the executed notebook (In [{exec_count(exc)}], starting "
                 f"{first_line[:60]!r}): {exc.ename}: {exc.evalue}")
+    if type(exc).__name__ == "DeadKernelError":
+        cell = running_cell(executed)
+        where = f"cell {cell[0] + 1} of the executed notebook (starting {cell[1][:60]!r})" if cell else "an unknown cell"
+        return (f"{where}: the kernel died ({exc}). A kernel killed without a Python error is most often the "
+                "operating system's out-of-memory killer: lower generation.batch_size or sft/dpo per_device_batch_size "
+                "and max_length, or free memory, then rerun; finished work is kept")
     return f"{type(exc).__name__}: {exc}"
+
+
+def running_cell(executed: Path | None) -> tuple[int, str] | None:
+    """The cell that was executing when the kernel died, with its first line: the one papermill marked
+    "running", else (papermill's last save marks it completed) the last cell that has a start time."""
+    if executed is None or not executed.is_file():
+        return None
+    try:
+        cells = json.loads(executed.read_text(encoding="utf-8"))["cells"]
+    except (OSError, ValueError, KeyError):
+        return None
+    marks = [cell.get("metadata", {}).get("papermill", {}) for cell in cells]
+    started = [index for index, mark in enumerate(marks) if mark.get("start_time")]
+    running = [index for index, mark in enumerate(marks) if mark.get("status") == "running"]
+    if not (running or started):
+        return None
+    index = (running or started)[-1]
+    source = "".join(cells[index].get("source", []))
+    return index, next((line for line in source.splitlines() if line.strip()), "")
 
 
 def exec_count(exc) -> str:

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -55,6 +56,37 @@ PACKAGES = (
 
 class RunLockedError(ReflectEvoError):
     """Another live process is writing this run."""
+
+
+class OutputWriteError(ReflectEvoError, OSError):
+    """An output could not be written (disk full, quota, read-only or unwritable folder); nothing
+    half-written was left behind."""
+
+
+def is_write_failure(exc: BaseException) -> bool:
+    """An OS error that means the output could not be written (not, say, a missing input file)."""
+    import errno
+
+    return (isinstance(exc, OSError) and not isinstance(exc, ReflectEvoError)
+            and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM))
+
+
+def write_failure(path: Path, exc: OSError) -> OutputWriteError:
+    """The clear error for an OS error while writing ``path``: what happened, what was kept, what to do."""
+    import errno
+
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        advice = (f"free space (or raise the quota) on the file system holding {path.parent}, or set run.output_dir "
+                  "to another disk")
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        advice = f"make {path.parent} writable, or set run.output_dir to a folder you can write"
+    else:
+        advice = f"check {path.parent}"
+    return OutputWriteError(
+        f"could not write {path}: {reason} [{errno.errorcode.get(exc.errno or 0, exc.errno)}]. Nothing half-written was "
+        f"left: the temporary copy was removed and any earlier {path.name} is unchanged. To go on, {advice}, then rerun "
+        "the same command: finished stages and committed generation batches are kept.")
 
 
 class StageError(ReflectEvoError):
@@ -109,17 +141,21 @@ def get_stage(name: str) -> Stage:
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder, then rename it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         usual_permissions(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if is_write_failure(exc):
+            raise write_failure(path, exc) from exc
         raise
     return path
 
@@ -146,14 +182,21 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     import shutil
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    except OSError as exc:
+        if is_write_failure(exc):
+            raise write_failure(path, exc) from exc
+        raise
     try:
         yield tmp
         usual_permissions(tmp, directory=True)
         replace_directory(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_write_failure(exc):
+            raise write_failure(path, exc) from exc
         raise
 
 
@@ -169,6 +212,31 @@ def replace_directory(new: Path, path: Path) -> None:
     os.replace(new, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# The hidden names the atomic writes above use while they work: ".<name>.<8 random chars>.tmp" (a file
+# or folder being written) and ".<name>.old-<8 hex>" (a folder being replaced). A process killed
+# mid-write leaves them behind; they are never results.
+TEMPORARY_NAME = re.compile(r"^\..+\.(?:[a-z0-9_]{8}\.tmp|old-[0-9a-f]{8})$")
+
+
+def remove_temporaries(folder: Path, *, prefix: str = ".", recursive: bool = True) -> list[str]:
+    """Delete the temporary files and folders killed writers left in ``folder`` (names starting with
+    ``prefix``). Only call it where no live process can be writing. Returns what was removed."""
+    import shutil
+
+    if not folder.is_dir():
+        return []
+    found = folder.rglob(f"{prefix}*") if recursive else folder.glob(f"{prefix}*")
+    removed = []
+    for path in sorted(found, key=lambda p: len(p.parts), reverse=True):
+        if TEMPORARY_NAME.match(path.name) and path.exists():
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(str(path.relative_to(folder)))
+    return sorted(removed)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -191,6 +259,16 @@ def _process_start(pid: int) -> str | None:
     except OSError:
         return None
     return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _alive(owner: dict[str, Any]) -> bool:
@@ -239,6 +317,7 @@ class RunLock:
         """Take the lock, or join it when this process was started by its holder. Returns a note."""
         joining = os.environ.get(LOCK_TOKEN_ENV)
         with self._guard():
+            remove_temporaries(self.path.parent, prefix=f".{self.path.name}.", recursive=False)  # made under this guard only
             owner = self.read()
             note = "lock taken"
             if owner is not None:
@@ -361,6 +440,8 @@ class RunDir:
         with open(self.path / ".manifest.guard", "a") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)
             try:
+                # manifest temporaries are only made under this guard: any there now is a killed writer's
+                remove_temporaries(self.path, prefix=f".{MANIFEST}.", recursive=False)
                 manifest = read_manifest(self.path)
                 change(manifest)
                 atomic_write_json(self.path / MANIFEST, manifest)
@@ -405,10 +486,10 @@ class RunDir:
             upstream[get_stage(number).key] = entry.get("identity") if entry.get("status") == "done" else None
         return identity_of(self.params, spec, upstream)
 
-    def mark_stage_failed(self, stage: str, reason: str) -> None:
+    def mark_stage_failed(self, stage: str, reason: str, status: str = "failed") -> None:
         def failed(manifest: dict[str, Any]) -> None:
             entry = manifest.setdefault("stages", {}).setdefault(get_stage(stage).key, {})
-            entry.update(status="failed", finished=now(), reason=reason)
+            entry.update(status=status, finished=now(), reason=reason)
 
         self.update_manifest(failed)
 
@@ -423,7 +504,15 @@ class RunDir:
             if missing:
                 raise StageError(f"stage {spec.key} needs {', '.join(missing)} to have finished in {self.path} first")
         identity = self.stage_identity(stage)
-        self.stage_dir(stage)
+        folder = self.stage_dir(stage)
+        previous = stages.get(spec.key, {}).get("pid")
+        if previous in (None, os.getpid()) or not _pid_alive(int(previous)):
+            # no other process is in this stage: what a killed attempt was writing can go
+            removed = remove_temporaries(folder) if spec.folder != "figures" else []
+            removed += [f"figures/{name}" for name in remove_temporaries(self.figures, prefix=f".{spec.number}_", recursive=False)]
+            if removed:
+                self.add_event({"kind": "cleanup", "stage": spec.key, "removed": removed,
+                                "note": "temporary files of an attempt that did not finish"})
 
         def start(manifest: dict[str, Any]) -> None:
             manifest.setdefault("stages", {})[spec.key] = {
@@ -492,9 +581,13 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
 def open_run(params: Params, *, params_file: str | Path | None = None, command: str = "") -> RunDir:
     """Create or reopen ``outputs/<run.name>/``, take (or join) its lock and refresh the manifest."""
     root = params.run_dir
-    root.mkdir(parents=True, exist_ok=True)
-    for sub in SUBDIRS:
-        (root / sub).mkdir(exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for sub in SUBDIRS:
+            (root / sub).mkdir(exist_ok=True)
+    except OSError as exc:  # before any work: a folder that cannot be made or written is a params problem
+        raise ReflectEvoError(f"cannot create the run folder {root}: {exc.strerror or exc}; set run.output_dir "
+                              f"(now {params.run.output_dir}) to a folder you can write") from None
     run = RunDir(params, root)
     note = run.lock.acquire(command or " ".join(sys.argv[:3]))
     try:

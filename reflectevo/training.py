@@ -406,6 +406,23 @@ def last_complete_checkpoint(folder: Path, main: bool) -> Path | None:
     return None
 
 
+def sort_adapter_config(folder: Path) -> None:
+    """Sort the module lists PEFT keeps as sets: it writes them in hash order, which changes from one
+    Python process to the next, so the same adapter would not be the same bytes."""
+    for path in folder.rglob("adapter_config.json"):  # DPO also saves its reference adapter in ref/
+        config = json.loads(path.read_text(encoding="utf-8"))
+        for key in ("target_modules", "exclude_modules"):
+            if isinstance(config.get(key), list):
+                config[key] = sorted(config[key])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")  # as PEFT writes it
+
+
+def checkpoint_is_final(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` was saved after the last training step (only saving the adapter was lost)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    return 0 < state.get("max_steps", 0) <= state.get("global_step", 0)
+
+
 # ---- one phase -----------------------------------------------------------------------------------
 @dataclass
 class PhaseResult:
@@ -495,7 +512,17 @@ def train_phase(*, kind: str, variant: str, phase: str, dataset_name: str, param
     tokens_at_start = 0
     if resume is not None:
         tokens_at_start = json.loads((resume / "trainer_state.json").read_text())["num_input_tokens_seen"]
-    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if resume is not None and checkpoint_is_final(resume):
+        # killed after the last step was saved: the Trainer, resumed from its final checkpoint, would run
+        # one step more, so load that checkpoint's weights and state and go on to evaluation and saving
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        trainer._load_from_checkpoint(str(resume))
+        trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+        output = TrainOutput(trainer.state.global_step, 0.0, {"train_runtime": 0.0})
+    else:
+        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     # "before" is the evaluation at step 0 (eval_on_start), kept in the trainer state through a resume
     before = {key: value for entry in trainer.state.log_history if entry.get("step") == 0
               for key, value in named_eval_metrics(entry).items()}
@@ -508,10 +535,15 @@ def train_phase(*, kind: str, variant: str, phase: str, dataset_name: str, param
     if main:
         shutil.rmtree(partial, ignore_errors=True)
     trainer.save_model(str(partial))
+    if main:
+        sort_adapter_config(partial)
     digest = lora_digest(trainer.model)
     state = trainer.state
-    tokens = state.num_input_tokens_seen - tokens_at_start
+    tokens = state.num_input_tokens_seen  # every token trained on, before a resume too
     seconds = output.metrics["train_runtime"]
+    # the Trainer's own train_loss averages only the steps of this process over all steps, so after a
+    # resume it is too low; the mean of the logged losses (kept in checkpoints) is the same either way
+    logged = [entry["loss"] for entry in state.log_history if "loss" in entry]
     metrics = {
         "kind": kind, "variant": variant, "phase": phase, "dataset": dataset_name,
         "rows": {"train": len(train_set), "heldout": len(heldout) if heldout is not None else 0,
@@ -522,9 +554,9 @@ def train_phase(*, kind: str, variant: str, phase: str, dataset_name: str, param
         "steps": state.global_step, "epochs": round(state.epoch or 0.0, 3),
         "resumed_from": resume.name if resume else None,
         "train_seconds": round(seconds, 2), "tokens": tokens,
-        "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+        "tokens_per_s": round((tokens - tokens_at_start) / seconds, 1) if seconds else None,
         "world_size": world, "backend": loaded.backend, "device": loaded.device, "dtype": loaded.dtype,
-        "train_loss": output.metrics.get("train_loss"),
+        "train_loss": sum(logged) / len(logged) if logged else None,  # mean of the logged training losses
         "evaluation": before_after(before, after),
         "adapter_sha256_of_tensors": digest, "seed": seed,
         "model": loaded.name, "model_source": loaded.source, "started_from_adapter": str(adapter_in) if adapter_in else None,
@@ -535,7 +567,9 @@ def train_phase(*, kind: str, variant: str, phase: str, dataset_name: str, param
         "rank": rank, "world_size": world, "distributed_type": str(trainer.accelerator.distributed_type),
         "backend": _process_group_backend(), "first_batches": trainer.first_batches,
         "adapter_sha256_of_tensors": digest, "torch_threads": _threads()})
-    history = [dict(entry) for entry in state.log_history]
+    # without the Trainer's end-of-training summary: wall-clock figures (in the metrics above) and a
+    # train_loss of this process's steps only, which a resumed run would report differently
+    history = [dict(entry) for entry in state.log_history if not ("train_loss" in entry and "loss" not in entry)]
     if main:
         tokenizer.save_pretrained(str(partial))
         replace_directory(partial, adapter_dir)

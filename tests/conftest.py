@@ -95,6 +95,29 @@ def smoke_reflect_run(tmp_path_factory, tiny_model_dir) -> Path:
     return cwd
 
 
+SMOKE_NOTEBOOKS = ("01_data", "02_reflect", "03_sft", "04_dpo", "05_eval", "06_analysis")
+
+
+@pytest.fixture(scope="session")
+def smoke_papermill_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A working directory where the six notebooks ran one after another with raw papermill and
+    ``params/smoke.yaml`` (``outputs/smoke/``, executed copies ``executed-<stage>.ipynb``). Tests that
+    change it work on a copy."""
+    import subprocess
+    import sys
+
+    cwd = tmp_path_factory.mktemp("smoke-papermill")
+    for stage in SMOKE_NOTEBOOKS:
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "papermill"), str(REPO / "notebooks" / f"{stage}.ipynb"),
+             str(cwd / f"executed-{stage}.ipynb"), "-f", str(REPO / "params" / "smoke.yaml"), "-k", "python3",
+             "--no-progress-bar"],
+            cwd=cwd, capture_output=True, text=True, check=False, timeout=900,
+        )
+        assert result.returncode == 0, f"{stage}: " + result.stderr[-3000:]
+    return cwd
+
+
 def clone_run(source_cwd: Path, dest_cwd: Path, name: str, overrides: dict | None = None):
     """Copy the smoke run's stages 01 and 02 into ``dest_cwd/outputs/<name>/`` and return the params
     of that run (``params/smoke.yaml`` with ``overrides``, sections replaced whole as papermill does,

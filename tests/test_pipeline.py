@@ -268,3 +268,44 @@ def test_a_run_killed_during_generation_resumes_with_every_record_exactly_once(t
     keys = [(r["task"], r["id"], o["instruction"], o["sample"]) for r in records for o in r["output"]]
     assert len(keys) == len(set(keys))
     assert records == expected  # nothing lost, nothing duplicated, the same bytes as an uninterrupted run
+
+
+def test_out_of_memory_halves_the_batch_the_run_completes_and_the_manifest_records_it(tmp_path, tiny_model_dir):
+    """CUDA's out-of-memory error injected into the model's forward pass above 2 rows: generation backs off,
+    the stage finishes with every record, and the run manifest lists each back-off."""
+    import torch
+
+    from reflectevo.runs import open_run, read_manifest
+
+    params = make_params(tmp_path)  # generation.batch_size 8
+    items = {"logiqa": logiqa_items(4), "math": get_task("math").load_samples("train")[:4]}  # some fail, so some reflect
+    loaded = load_model(params.model)
+    plain = ReflectionPipeline(params, make_engine(params.generation, loaded, progress=False)).run(items).records
+    forward = loaded.model.forward
+
+    def out_of_memory_above_two_rows(input_ids=None, **kwargs):
+        if input_ids is not None and input_ids.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected above 2 rows)")
+        return forward(input_ids=input_ids, **kwargs)
+
+    loaded.model.forward = out_of_memory_above_two_rows
+    engine = make_engine(params.generation, loaded, progress=False)
+    with open_run(params) as rundir:
+        stage = rundir.begin_stage("02_reflect", require_upstream=False)
+        records = ReflectionPipeline(params, engine, stage.dir / "generations").run(items).records
+        rundir.record_engine("02_reflect", engine)
+        stage.finish()
+    manifest = read_manifest(params.run_dir)
+    backoffs = [event for event in manifest["events"] if event.get("event") == "oom_backoff"]
+    assert [{k: v for k, v in event.items() if k != "time"} for event in backoffs] == [
+        {"kind": "generation", "event": "oom_backoff", "stage": "first_trial", "batch": 0, "old_size": 8, "new_size": 4},
+        {"kind": "generation", "event": "oom_backoff", "stage": "first_trial", "batch": 0, "old_size": 4, "new_size": 2},
+        # 2 samples per reflection prompt: 2 prompts are 4 rows, too many; 1 prompt (2 rows) fits
+        {"kind": "generation", "event": "oom_backoff", "stage": "reflection", "batch": 0, "old_size": 4, "new_size": 2},
+    ]
+    assert any(len(record["output"]) > 1 for record in records)  # reflections and second trials ran too
+    assert manifest["stages"]["02_reflect"]["status"] == "done"
+    # greedy first trials are the same text in smaller batches; every question and reflection has its record
+    assert [r["output"][0]["reasoning"] for r in records] == [r["output"][0]["reasoning"] for r in plain]
+    keys = [[(o["instruction"], o["sample"]) for o in r["output"]] for r in records]
+    assert keys == [[(o["instruction"], o["sample"]) for o in r["output"]] for r in plain]

@@ -167,3 +167,114 @@ def test_executed_notebook_records_the_injected_params_file(project):
     executed = json.loads((project / "outputs" / "r" / "notebooks" / "01_data.ipynb").read_text())
     injected = [c for c in executed["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
     assert injected and str(path) in "".join(injected[0]["source"])
+
+
+# ---- a dead kernel, a held lock, a stale lock, Ctrl-C ---------------------------------------------
+WAIT_FOR_RELEASE = """
+import time
+from pathlib import Path
+if params.reflect.fewshots == 2:  # the test's signal: hold the stage until the file "release" appears
+    Path("holding").write_text("yes")
+    deadline = time.monotonic() + 120
+    while not Path("release").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+"""
+
+
+def start_run(project: Path, path: Path) -> subprocess.Popen:
+    """``reflectevo run`` in its own process group, as a terminal would start it."""
+    return subprocess.Popen([sys.executable, "-m", "reflectevo", "run", str(path), "--notebooks", str(project / "notebooks")],
+                            cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(condition, process: subprocess.Popen, what: str, seconds: float = 120) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before {what}:\n" + process.communicate()[0][-3000:])
+        assert time.monotonic() < deadline, f"no {what} within {seconds} s"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def holding_project(tmp_path, monkeypatch):
+    """Like ``project``, but stage 01 can be held (fewshots 2) and stage 02 kills its own kernel (fewshots 1)."""
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    write_notebook(notebooks, "01_data", extra=WAIT_FOR_RELEASE)
+    write_notebook(notebooks, "02_reflect", extra=(
+        "import os, signal\nif params.reflect.fewshots == 1:  # as the out-of-memory killer would\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_a_dead_kernel_is_reported_with_stage_and_cell(holding_project):
+    status, lines = run(recipe(holding_project, reflect={"fewshots": 1}))
+    assert status == 1
+    failure = next(line for line in lines if "FAILED" in line)
+    assert "02_reflect" in failure and "cell 4 of the executed notebook (starting 'import os, signal')" in failure
+    assert "the kernel died" in failure and "out-of-memory killer" in failure
+    run_dir = holding_project / "outputs" / "r"
+    assert "executed notebook kept at" in failure and (run_dir / "notebooks" / "02_reflect.failed.ipynb").is_file()
+    entry = read_manifest(run_dir)["stages"]["02_reflect"]
+    assert entry["status"] == "failed" and "kernel died" in entry["reason"]
+    assert not (run_dir / ".lock").exists()
+    status, lines = run(recipe(holding_project))  # the memory was found: the same command goes on
+    assert status == 0 and "01_data: skipped" in lines[1] and "previous attempt failed" in lines[2]
+
+
+def test_a_second_run_is_refused_while_the_first_holds_the_lock_and_a_stale_lock_is_taken_over(holding_project):
+    import os
+    import signal
+
+    path = recipe(holding_project, reflect={"fewshots": 2})
+    first = start_run(holding_project, path)
+    try:
+        wait_for(lambda: (holding_project / "holding").exists(), first, "stage 01 to start")
+        second = subprocess.run([sys.executable, "-m", "reflectevo", "run", str(path), "--notebooks",
+                                 str(holding_project / "notebooks")], cwd=holding_project, capture_output=True, text=True,
+                                timeout=120, check=False)
+        assert second.returncode == 2
+        assert f"is being written by pid {first.pid}" in second.stderr and "reflectevo run" in second.stderr
+        # the machine loses the first run at once (kill -9 of the runner and its kernel): its lock stays behind
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.communicate()
+    run_dir = holding_project / "outputs" / "r"
+    assert json.loads((run_dir / ".lock").read_text())["pid"] == first.pid
+    (holding_project / "release").write_text("")
+    status, lines = run(path)
+    assert status == 0, lines
+    assert "previous attempt running" in lines[1]
+    events = read_manifest(run_dir)["events"]
+    assert any(e["kind"] == "lock" and f"pid {first.pid}" in e["note"] and "is gone" in e["note"] for e in events)
+
+
+def test_ctrl_c_leaves_a_resumable_run(holding_project):
+    import os
+    import signal
+
+    path = recipe(holding_project, reflect={"fewshots": 2})
+    process = start_run(holding_project, path)
+    try:
+        wait_for(lambda: (holding_project / "holding").exists(), process, "stage 01 to start")
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the runner and its kernel
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, out + err
+    assert "01_data: INTERRUPTED (Ctrl-C)" in out and "rerun the same command to resume" in out
+    run_dir = holding_project / "outputs" / "r"
+    assert read_manifest(run_dir)["stages"]["01_data"]["status"] == "interrupted"
+    assert not (run_dir / ".lock").exists() and (run_dir / "notebooks" / "01_data.interrupted.ipynb").is_file()
+    (holding_project / "release").write_text("")
+    status, lines = run(path)
+    assert status == 0 and "previous attempt interrupted" in lines[1]
+    assert not (run_dir / "notebooks" / "01_data.interrupted.ipynb").exists()

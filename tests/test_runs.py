@@ -3,6 +3,7 @@ and stage bookkeeping. Processes are real: a second writer is another Python pro
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -14,8 +15,10 @@ from pathlib import Path
 import pytest
 
 from reflectevo.config import load_params
+from reflectevo.errors import ReflectEvoError
 from reflectevo.runs import (
     LOCK_TOKEN_ENV,
+    OutputWriteError,
     RunLockedError,
     StageError,
     atomic_directory,
@@ -24,6 +27,8 @@ from reflectevo.runs import (
     open_run,
     read_manifest,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -221,3 +226,101 @@ def test_atomic_writes_leave_files_readable_as_a_plain_write_would(tmp_path):
         os.umask(previous)
     assert oct(text.stat().st_mode & 0o777) == oct(rows.stat().st_mode & 0o777) == oct(0o644)
     assert oct((tmp_path / "folder").stat().st_mode & 0o777) == oct(0o755)
+
+
+# ---- a full disk, an unwritable folder --------------------------------------------------------------
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("writer", ["json", "jsonl", "directory", "figure"])
+def test_a_full_disk_gives_a_clear_error_and_keeps_the_earlier_file(tmp_path, monkeypatch, writer):
+    """ENOSPC injected where the bytes reach the disk: a clear error, the earlier version intact, no temporary left."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from reflectevo.jsonl import write_jsonl_atomic
+    from reflectevo.plots import save_figure
+
+    target = tmp_path / {"json": "a.json", "jsonl": "a.jsonl", "directory": "adapter", "figure": "a.png"}[writer]
+    if writer == "directory":
+        target.mkdir()
+        (target / "weights").write_text("earlier")
+    else:
+        target.write_text("earlier")
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def write() -> None:
+        if writer == "json":
+            atomic_write_json(target, {"a": 1})
+        elif writer == "jsonl":
+            write_jsonl_atomic(target, [{"a": 1}, {"b": 2}])
+        elif writer == "directory":
+            with atomic_directory(target) as folder:
+                (folder / "weights").write_text("half")
+                no_space()  # as a library's save would fail on a full disk
+        else:
+            figure = plt.figure()
+            monkeypatch.setattr(type(figure), "savefig", lambda self, path, **kw: (Path(path).write_text("half"), no_space()))
+            save_figure(figure, target)
+
+    if writer in ("json", "jsonl"):
+        monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(OutputWriteError) as caught:
+        write()
+    message = str(caught.value)
+    assert f"could not write {target}" in message and "No space left on device [ENOSPC]" in message
+    assert "free space" in message and "run.output_dir" in message and "rerun the same command" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temporary file or folder left
+    assert (target / "weights" if writer == "directory" else target).read_text() == "earlier"
+
+
+def test_an_output_folder_that_cannot_be_made_is_refused_before_any_work(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    params = load_params(None, {"run": {"name": "r", "output_dir": str(blocker / "outputs")}})
+    with pytest.raises(ReflectEvoError, match=r"cannot create the run folder .*a-file/outputs/r.*run\.output_dir"):
+        open_run(params)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def namespace_mount(options: str) -> list[str] | None:
+    """A command prefix that runs a program with a private tmpfs (``options``) mounted on "$1", in a new
+    user and mount namespace; None where the system does not allow one."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        return None
+    prefix = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", f'mount -t tmpfs -o {options} tmpfs "$1" && shift && exec "$@"', "sh"]
+    probe = subprocess.run([*prefix, "/tmp", "true"], capture_output=True, check=False)
+    return prefix if probe.returncode == 0 else None
+
+
+@pytest.mark.parametrize("options", ["size=96k", "ro"], ids=["full-disk", "read-only"])
+def test_stage_01_on_a_small_or_read_only_file_system(tmp_path, options):
+    """A real small tmpfs (or a read-only one): stage 01 stops with the clear error and leaves nothing half-written."""
+    prefix = namespace_mount(options)
+    if prefix is None:
+        pytest.skip("no user and mount namespaces here for a private tmpfs; the injected errors above cover the writers")
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text((REPO / "params" / "smoke.yaml").read_text().replace("name: smoke", f"name: smoke\n  output_dir: {outputs}"))
+    result = subprocess.run([*prefix, str(outputs), sys.executable, str(REPO / "tests" / "faults.py"), "cells",
+                             str(REPO / "notebooks" / "01_data.ipynb"), str(recipe), "--check", str(outputs)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-3000:]
+    error = json.loads(result.stdout.strip().splitlines()[-1])
+    print(error["message"])
+    if options == "ro":
+        assert error["error"] == "ReflectEvoError" and "cannot create the run folder" in error["message"]
+        assert "Read-only file system" in error["message"]
+    else:
+        assert error["error"] == "OutputWriteError", error
+        assert "No space left on device [ENOSPC]" in error["message"] and "free space" in error["message"]
+    # checked inside, before the private tmpfs went away with its namespace
+    assert error["half_written"] == [] and error["leftovers"] == [], error
+    print("kept on the full disk:", error["files"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs", "recipe.yaml"]  # nothing written outside

@@ -29,7 +29,9 @@ from reflectevo.tasks.base import (
     Task,
     Verdict,
     check_grader,
+    check_optional,
     require_fields,
+    require_text,
 )
 
 QUESTION_TEMPLATE = "You are an expert Python programmer, and here is your task: {text}Your code should pass these tests: {tests}"
@@ -82,9 +84,13 @@ class MBPP(Task):
     # ---- loading -------------------------------------------------------------------------
     def _item(self, row: dict[str, Any], text: str, setup: str, where: str) -> Item:
         require_fields(row, {"task_id": int, "code": str, "test_list": list}, where)
+        require_text(row, ["code"], where)
+        check_optional(row, {"challenge_test_list": list}, where)
         tests = row["test_list"]
-        if not tests or not all(isinstance(test, str) for test in tests):
+        if not tests or not all(isinstance(test, str) and test.strip() for test in tests):
             raise DataError(f"{where}: test_list must be a non-empty list of assert strings")
+        if not all(isinstance(test, str) for test in row.get("challenge_test_list") or []):
+            raise DataError(f"{where}: challenge_test_list must be a list of assert strings")
         return Item(
             task=self.name,
             id=str(row["task_id"]),
@@ -98,10 +104,9 @@ class MBPP(Task):
 
     def from_official_row(self, row: dict[str, Any], index: int, where: str) -> Item:
         require_fields(row, {"text": str}, where)
-        setup = row.get("test_setup_code") or ""
-        if not isinstance(setup, str):
-            raise DataError(f"{where}: test_setup_code must be a string")
-        return self._item(row, row["text"], setup, where)
+        require_text(row, ["text"], where)
+        check_optional(row, {"test_setup_code": str}, where)
+        return self._item(row, row["text"], row.get("test_setup_code") or "", where)
 
     def from_hub_row(self, row: dict[str, Any], index: int, **context: Any) -> Item:
         where = f"{self.hub_dataset} row {index}"
@@ -109,6 +114,7 @@ class MBPP(Task):
         if "text" in row:
             return self.from_official_row(row, index, where)
         require_fields(row, {"prompt": str}, where)
+        require_text(row, ["prompt"], where)
         setup = "\n".join(row.get("test_imports") or [])
         return self._item(row, row["prompt"], setup, where)
 
@@ -191,10 +197,18 @@ class MBPP(Task):
                     grader=grader,
                     extracted=extraction.answer,
                     feedback=feedback,
-                    details={"method": extraction.method, "execution": run.to_dict()},
+                    details={"method": extraction.method, "execution": execution_details(run)},
                 )
             )
         return verdicts
+
+
+def execution_details(run: Any) -> dict[str, Any]:
+    """What a verdict keeps of a sandbox run: everything but its wall-clock duration, so records of
+    the same run are byte-identical (a time-out is already its own outcome)."""
+    details = run.to_dict()
+    details.pop("duration_s", None)
+    return details
 
 
 def _unfence(code: str) -> str:
