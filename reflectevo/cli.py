@@ -67,6 +67,8 @@ def _read_predictions(path: Path) -> dict[str, str]:
     for line, row in read_jsonl(path):
         if "id" not in row or not isinstance(row.get("output"), str):
             raise DataError(f"{path}:{line}: a prediction row needs an 'id' and a string 'output'")
+        if isinstance(row["id"], bool) or not isinstance(row["id"], (str, int)):  # str() of anything else never matches
+            raise DataError(f"{path}:{line}: 'id' must be a string or an integer, got {type(row['id']).__name__}")
         key = str(row["id"])
         if key in predictions:
             raise DataError(f"{path}:{line}: a second prediction for id {key!r}")

@@ -16,6 +16,7 @@ section passed in ``sections`` replaces that section of the file entirely.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import re
@@ -45,7 +46,16 @@ class ConfigError(ReflectEvoError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # NaN and infinity are never a meaningful setting (an infinite temperature or epoch count fails late, in torch)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _int_fits_in_64_bits(cls, value: Any) -> Any:
+        # counts and sizes end up in torch, numpy and tokenizers, which overflow beyond 64 bits
+        if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+            raise ValueError(f"is too large for a 64-bit integer (got {value:.3g})")
+        return value
 
 
 # ---- run ---------------------------------------------------------------------------------------
@@ -436,15 +446,59 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_unique_key_loader())  # a SafeLoader subclass: plain data only
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if data is None:
-        return {}
+        raise ConfigError(f"{path}{_yaml_line(exc, text)}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not a params file: its lists or mappings are nested too deeply") from None
+    if data is None:  # an empty file, or comments only: most likely truncated or the wrong file
+        raise ConfigError(f"{path}: the params file is empty; a params file is a mapping of sections "
+                          f"({', '.join(SECTIONS)}) and states at least one")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a params file is a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}")
     return data
+
+
+def _yaml_line(exc: Exception, text: str) -> str:
+    """``:line`` of a YAML error, for a ``file:line`` message ("" when PyYAML gives no position)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if mark is not None:
+        return f":{mark.line + 1}"
+    position = getattr(exc, "position", None)  # a ReaderError (a control character) has a character index
+    return f":{text.count(chr(10), 0, position) + 1}" if isinstance(position, int) else ""
+
+
+@functools.cache
+def _unique_key_loader() -> type:
+    """PyYAML's SafeLoader, except that a key given twice in one mapping is an error: plain YAML
+    keeps the last one silently, so a second ``sft:`` section would replace the first unnoticed."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, int] = {}
+                for key_node, _value in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # "<<: *defaults" merges are overridden on purpose
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        first = seen.setdefault(key, key_node.start_mark.line + 1)
+                    except TypeError:
+                        continue  # an unhashable key: SafeLoader reports it
+                    if first != key_node.start_mark.line + 1:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {key!r} is given twice (first on line {first}); keep one", key_node.start_mark)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def load_params(path: str | Path | None = None, sections: Mapping[str, Any] | None = None) -> Params:
@@ -456,10 +510,13 @@ def load_params(path: str | Path | None = None, sections: Mapping[str, Any] | No
     """
     raw: dict[str, Any] = dict(read_params_file(path)) if path is not None else {}
     source = str(path) if path is not None else "params"
+    if sections is not None and not isinstance(sections, Mapping):
+        raise ConfigError(f"sections must be a mapping of section name to keys ({', '.join(SECTIONS)}), "
+                          f"got {type(sections).__name__}")
     for name, value in (sections or {}).items():
         if name not in SECTIONS:
             raise ConfigError(f"unknown section {name!r}{did_you_mean(name, SECTIONS)}; the sections are {', '.join(SECTIONS)}")
-        if value in (None, {}):
+        if value is None or (isinstance(value, Mapping) and not value):
             continue
         raw[name] = value
     return validate_params(raw, source)
@@ -489,7 +546,8 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
             message = error["msg"].removeprefix("Value error, ")
             got = error.get("input")
             if not isinstance(got, (dict, list)) and not message.endswith(")"):
-                message += f" (got {got!r})"
+                shown = repr(got)
+                message += f" (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
         problems.setdefault(path, [])
         if message not in problems[path]:
             problems[path].append(message)

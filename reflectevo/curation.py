@@ -20,6 +20,7 @@ import json
 import math
 import random
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,9 +31,9 @@ from reflectevo import prompts
 from reflectevo.config import derive_seed
 from reflectevo.errors import DataError, DataFileNotFound
 from reflectevo.generation import GenerationRequest
-from reflectevo.jsonl import read_jsonl, write_jsonl_atomic
+from reflectevo.jsonl import read_jsonl, reject_lone_surrogates, write_jsonl_atomic
 from reflectevo.tasks import get_task
-from reflectevo.tasks.base import OUTCOMES, Item, require_fields
+from reflectevo.tasks.base import OUTCOMES, Item, check_optional, require_fields
 
 if TYPE_CHECKING:
     import datasets
@@ -98,6 +99,7 @@ def check_output(output: Any, index: int, where: str, needs_instruction: bool = 
     if not isinstance(output, dict):
         raise DataError(f"{where} must be a JSON object, got {type(output).__name__}")
     require_fields(output, OUTPUT_FIELDS, where)
+    check_optional(output, {"instruction": str, "sample": int}, where)  # they key the reflection (hashed, compared)
     expected_trial = 1 if index == 0 else 2
     if output["trial"] != expected_trial:
         raise DataError(f"{where}: trial must be {expected_trial} (output[0] is the first trial, every later "
@@ -625,7 +627,12 @@ def read_json_objects(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise DataFileNotFound(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8-sig")
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a byte-order mark (here, not in the codec: error offsets stay right)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad_line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}:{bad_line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from None
     decoder = json.JSONDecoder()
     position, line = 0, 1
     while (found := _NON_SPACE.search(text, position)) is not None:
@@ -633,9 +640,17 @@ def read_json_objects(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
         try:
             value, end = decoder.raw_decode(text, found.start())
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            # an object may span lines: the parser notices a missing brace or comma only further down
+            started = "" if exc.lineno == line else f" in the object that starts on line {line}"
+            raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}){started}") from None
+        except ValueError:  # Python refuses to convert integers of more than 4300 digits
+            raise DataError(f"{path}:{line}: a number too long to read (more than {sys.get_int_max_str_digits()} digits)") from None
+        except RecursionError:
+            raise DataError(f"{path}:{line}: lists or objects nested too deeply to read") from None
         if not isinstance(value, dict):
             raise DataError(f"{path}:{line}: expected a JSON object, got {type(value).__name__}")
+        if "\\u" in text[found.start():end]:
+            reject_lone_surrogates(value, f"{path}:{line}")
         yield line, value
         line += text.count("\n", found.start(), end)
         position = end
@@ -661,7 +676,7 @@ def infer_task(first_trial_text: str, question: str) -> str:
     return "bigbench" if OPTIONS_LINE.search(question) else "logiqa"
 
 
-def detect_kind(row: dict[str, Any], path: Path) -> str:
+def detect_kind(row: dict[str, Any], path: Path, where: str | None = None) -> str:
     if "output" in row:
         return "raw"
     if "reflection_chosen" in row:
@@ -670,7 +685,7 @@ def detect_kind(row: dict[str, Any], path: Path) -> str:
         return "d_pref" if judged else "d_pm"
     if "reflections" in row or "reflection" in row:
         return "d_plus"
-    raise DataError(f"{path}: cannot tell which ReflectEvo file this is from its fields {sorted(row)}; pass kind= "
+    raise DataError(f"{where or path}: cannot tell which ReflectEvo file this is from its fields {sorted(row)}; pass kind= "
                     f"(one of {', '.join(RELEASED_KINDS)})")
 
 
@@ -690,8 +705,8 @@ def load_released(path: str | Path, kind: str | None = None, task: str = "auto")
     rows: list[dict[str, Any]] = []
     seen: dict[tuple[Any, ...], int] = {}
     for line, obj in read_json_objects(path):
-        kind = kind or detect_kind(obj, path)
         where = f"{path}:{line}"
+        kind = kind or detect_kind(obj, path, where)
         require_released_fields(obj, kind, where)
         if kind == "raw":
             record = obj if is_our_record(obj) else released_record(obj, task, where)
@@ -740,6 +755,14 @@ def text_field(row: dict[str, Any], name: str, where: str) -> str:
     return value
 
 
+def scalar_field(row: dict[str, Any], name: str, where: str) -> str:
+    """An id or answer, which the released files store as a string or a number, as a string."""
+    value = pick(row, name)
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(f"{where}: field {name!r} must be a string or a number, got {type(value).__name__}")
+    return str(value)
+
+
 def task_of(row: dict[str, Any], first_trial_text: str, task: str) -> dict[str, Any]:
     if task != "auto":
         return {"task": task, "task_inferred": False}
@@ -750,8 +773,9 @@ def released_row(row: dict[str, Any], kind: str, task: str, where: str) -> dict[
     """A released D+, D± or Dpref row in the curated-row schema (source "released")."""
     first = text_field(row, "first_trial_reasoning", where)
     attempt, feedback = split_scratchpad(first)
-    head = {"id": str(row["id"]), "question": text_field(row, "question", where), "answer": str(row["answer"]),
-            "first_trial_reasoning": first, "first_trial_answer": str(row["first_trial_answer"])}
+    head = {"id": scalar_field(row, "id", where), "question": text_field(row, "question", where),
+            "answer": scalar_field(row, "answer", where), "first_trial_reasoning": first,
+            "first_trial_answer": scalar_field(row, "first_trial_answer", where)}
     named = task_of(row, first, task)
     if kind == "d_plus":
         second = text_field(row, "second_trial_reasoning", where)
@@ -759,7 +783,7 @@ def released_row(row: dict[str, Any], kind: str, task: str, where: str) -> dict[
         return {
             **head,
             "second_trial_reasoning": second,
-            "second_trial_answer": str(row["second_trial_answer"]),
+            "second_trial_answer": scalar_field(row, "second_trial_answer", where),
             "reflections": one_reflection(pick(row, "reflections"), where, "reflections"),
             "reason_prompt": [reason_prompt] if isinstance(reason_prompt, str) else reason_prompt,
             "reflect_prompt": pick(row, "reflect_prompt"),
@@ -772,10 +796,10 @@ def released_row(row: dict[str, Any], kind: str, task: str, where: str) -> dict[
     out = {
         **head,
         "second_trial_reasoning_chosen": text_field(row, "second_trial_reasoning_chosen", where),
-        "second_trial_answer_chosen": str(row["second_trial_answer_chosen"]),
+        "second_trial_answer_chosen": scalar_field(row, "second_trial_answer_chosen", where),
         "reflection_chosen": one_reflection(row["reflection_chosen"], where, "reflection_chosen"),
         "second_trial_reasoning_rejected": text_field(row, "second_trial_reasoning_rejected", where),
-        "second_trial_answer_rejected": str(row["second_trial_answer_rejected"]),
+        "second_trial_answer_rejected": scalar_field(row, "second_trial_answer_rejected", where),
         "reflection_rejected": one_reflection(row["reflection_rejected"], where, "reflection_rejected"),
         "reason_prompt": reason_prompt[0] if isinstance(reason_prompt, list) and reason_prompt else reason_prompt,
         "reflection_prompt": row.get("reflection_prompt", row.get("reflect_prompt")),
@@ -799,10 +823,10 @@ def released_record(record: dict[str, Any], task: str, where: str) -> dict[str, 
         raise DataError(f"{where}: 'output' must be a non-empty list of objects")
     first_text = str(outputs[0].get("scratchpad", outputs[0].get("reasoning", "")))
     named = task_of(record, first_text, task)
-    item_id = str(record["id"])
+    item_id = scalar_field(record, "id", where)
     converted = [released_output(output, index, named["task"], item_id, f"{where}: output[{index}]")
                  for index, output in enumerate(outputs)]
-    out = {"task": named["task"], "id": item_id, "question": record["question"], "answer": str(record["answer"])}
+    out = {"task": named["task"], "id": item_id, "question": record["question"], "answer": scalar_field(record, "answer", where)}
     if isinstance(record.get("test_list"), list):
         out["test_list"] = record["test_list"]
     out.update({"protocol": "oracle", "grader": None, "source": RELEASED, "task_inferred": named["task_inferred"],
@@ -814,16 +838,22 @@ def released_output(output: dict[str, Any], index: int, task: str, item_id: str,
     scratchpad = output.get("scratchpad", output.get("reasoning"))
     if not isinstance(scratchpad, str):
         raise DataError(f"{where}: missing field 'reasoning' (or 'scratchpad'), the text of the trial")
-    if "is_correct" not in output:
-        raise DataError(f"{where}: missing field 'is_correct'")
+    if not isinstance(output.get("is_correct"), bool):  # bool("false") would be True
+        raise DataError(f"{where}: field 'is_correct' must be true or false, got {output.get('is_correct')!r:.40}")
     trial = output.get("trial", output.get("trail", 1 if index == 0 else 2))
+    if isinstance(trial, str) and trial.strip().isdigit():
+        trial = int(trial)
+    if not isinstance(trial, int) or isinstance(trial, bool):
+        raise DataError(f"{where}: field 'trial' must be 1 or 2, got {trial!r:.40}")
     answer = str(output.get("generated_answer") or "")
-    correct = bool(output["is_correct"])
+    correct = output["is_correct"]
     attempt, feedback = split_scratchpad(scratchpad)
     reflections = output.get("reflections") or []
+    if not isinstance(reflections, (str, list)):
+        raise DataError(f"{where}: field 'reflections' must be a list of strings, got {type(reflections).__name__}")
     sample = None if index == 0 else index - 1
     return {
-        "trial": int(trial),
+        "trial": trial,
         "key": f"{task}/{item_id}/t1" if index == 0 else f"{task}/{item_id}/released/{sample}",
         "instruction": None,
         "sample": sample,

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from reflectevo.config import GenerationParams, ModelParams
-from reflectevo.errors import ReflectEvoError
+from reflectevo.errors import DataError, ReflectEvoError
 from reflectevo.jsonl import read_jsonl, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,10 @@ class StoreMismatchError(GenerationError):
 
 class ReplayMissingError(GenerationError, LookupError):
     """A replay engine was asked for a record key it has no stored output for."""
+
+
+class ReplayRowError(GenerationError, DataError):
+    """A replay row that is not a stored output (the message names ``file:line`` or the row number)."""
 
 
 # ---- data types --------------------------------------------------------------------------------
@@ -531,13 +535,20 @@ class ReplayEngine:
         self.source = source
         self.events: list[dict[str, Any]] = []
         self.rows: dict[tuple[str, int], dict[str, Any]] = {}
-        for row in rows:
-            if "key" not in row or "text" not in row:
-                raise GenerationError(f"{source}: a replay row needs 'key' and 'text', got keys {sorted(row)}")
-            slot = (str(row["key"]), int(row.get("sample", 0)))
-            if slot in self.rows:
-                raise DuplicateKeyError(f"{source}: key {slot[0]!r} sample {slot[1]} is stored twice")
-            self.rows[slot] = row
+        for number, row in enumerate(rows, start=1):
+            self.add(row, f"{source} row {number}")
+
+    def add(self, row: dict[str, Any], where: str) -> None:
+        """Store one row; ``where`` names it in errors (``file:line``)."""
+        if not isinstance(row, dict):
+            raise ReplayRowError(f"{where}: a replay row is an object with 'key' and 'text', got {type(row).__name__}")
+        if "key" not in row or "text" not in row:
+            raise ReplayRowError(f"{where}: a replay row needs 'key' and 'text', got keys {sorted(row)}")
+        check_replay_row(row, where)
+        slot = (row["key"], row.get("sample", 0))
+        if slot in self.rows:
+            raise DuplicateKeyError(f"{where}: key {slot[0]!r} sample {slot[1]} is stored twice")
+        self.rows[slot] = row
 
     @classmethod
     def from_path(cls, path: str | Path) -> ReplayEngine:
@@ -545,7 +556,10 @@ class ReplayEngine:
         path = Path(path)
         if path.is_dir():
             return cls((output.to_dict() for output in load_store(path)), str(path))
-        return cls((row for _line, row in read_jsonl(path)), str(path))
+        engine = cls((), str(path))
+        for line, row in read_jsonl(path):
+            engine.add(row, f"{path}:{line}")
+        return engine
 
     def describe(self) -> dict[str, Any]:
         return {"engine": self.name, "source": self.source, "rows": len(self.rows), "events": list(self.events)}
@@ -569,6 +583,29 @@ class ReplayEngine:
                     "prompt_tokens": 0, "new_tokens": 0, "engine": self.name, "batch": -1, "stage": stage,
                     **row, "key": request.key}))
         return outputs
+
+
+REPLAY_FIELDS: dict[str, type] = {
+    "key": str, "text": str, "sample": int, "finish_reason": str, "prompt": str, "settings": dict,
+    "prompt_tokens": int, "new_tokens": int, "engine": str, "batch": int, "stage": str,
+}  # the GenerationOutput fields a replay row may state
+
+
+def check_replay_row(row: dict[str, Any], where: str) -> None:
+    """Raise :class:`ReplayRowError` unless the fields a row states have the types of a stored output:
+    a wrong one would only fail later, in grading or in the records, far from the file."""
+    for name, kind in REPLAY_FIELDS.items():
+        if name not in row:
+            continue
+        value = row[name]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise ReplayRowError(f"{where}: field {name!r} must be {kind.__name__}, got {type(value).__name__}")
+    if not row["key"]:
+        raise ReplayRowError(f"{where}: field 'key' is empty")
+    if row.get("sample", 0) < 0:
+        raise ReplayRowError(f"{where}: field 'sample' must be >= 0, got {row['sample']}")
+    if row.get("finish_reason", "eos") not in ("eos", "stop", "length"):
+        raise ReplayRowError(f"{where}: field 'finish_reason' must be eos, stop or length, got {row['finish_reason']!r}")
 
 
 def make_engine(params: GenerationParams, loaded_model: Any = None, *, progress: bool = True) -> Engine:

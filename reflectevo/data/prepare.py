@@ -30,7 +30,7 @@ from reflectevo.errors import DataError, DataFileNotFound
 from reflectevo.jsonl import read_jsonl
 from reflectevo.runs import atomic_directory, atomic_write_json, file_sha256
 from reflectevo.tasks import SPLITS, Item, get_task
-from reflectevo.tasks.base import write_items
+from reflectevo.tasks.base import check_unique_ids, write_items
 
 DATASET_COLUMNS = ("task", "id", "question", "gold", "options", "tests", "setup_code", "split", "source_id", "metadata")
 
@@ -225,4 +225,13 @@ def load_run_items(data_dir: str | Path, task: str, split: str) -> list[Item]:
     path = Path(data_dir) / task / f"{split}.jsonl"
     if not path.is_file():
         raise DataFileNotFound(f"{path} not found: run stage 01_data for this run first")
-    return [Item.from_dict(row, where=f"{path}:{line}") for line, row in read_jsonl(path)]
+    items, lines = [], []
+    for line, row in read_jsonl(path):
+        item = Item.from_dict(row, where=f"{path}:{line}")
+        # the file's place says which task and split it holds; an item that disagrees was edited or moved
+        if item.task != task or item.split != split:
+            raise DataError(f"{path}:{line}: item {item.id!r} is task {item.task!r}, split {item.split!r}; "
+                            f"this file holds task {task!r}, split {split!r}")
+        items.append(item)
+        lines.append(line)
+    return check_unique_ids(items, source=str(path), lines=lines)

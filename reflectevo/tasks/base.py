@@ -77,6 +77,8 @@ class Item:
                 raise DataError(f"{where}: missing required field {key!r}")
             if not isinstance(row[key], kind):
                 raise DataError(f"{where}: field {key!r} must be a string, got {type(row[key]).__name__}")
+            if not row[key].strip():  # an empty id, question or gold cannot be asked, graded or keyed
+                raise DataError(f"{where}: field {key!r} is empty")
         for key, kind in optional.items():
             if key in row and not isinstance(row[key], kind):
                 raise DataError(f"{where}: field {key!r} has the wrong type ({type(row[key]).__name__})")
@@ -185,10 +187,14 @@ class Task:
 
     def load_official(self, path: str | Path) -> list[Item]:
         """Load a JSONL file in the official ``data_source`` schema; ids follow the official loader."""
-        items = []
+        items, lines = [], []
         for index, (line_number, row) in enumerate(read_jsonl(path)):
-            items.append(self.from_official_row(row, index, where=f"{path}:{line_number}"))
-        return check_unique_ids(items, source=str(path))
+            item = self.from_official_row(row, index, where=f"{path}:{line_number}")
+            if not item.question.strip():  # checked here: grading one answer from the command line needs no question
+                raise DataError(f"{path}:{line_number}: the question is empty")
+            items.append(item)
+            lines.append(line_number)
+        return check_unique_ids(items, source=str(path), lines=lines)
 
     def load_samples(self, split: str | None = None) -> list[Item]:
         """The built-in sample items written for this project, optionally only one split."""
@@ -215,11 +221,12 @@ class Task:
 
     def load_items(self, path: str | Path) -> list[Item]:
         """Load items saved in the unified schema (as written by :func:`write_items`)."""
-        items = [Item.from_dict(row, where=f"{path}:{line}") for line, row in read_jsonl(path)]
-        for item in items:
+        rows = list(read_jsonl(path))
+        items = [Item.from_dict(row, where=f"{path}:{line}") for line, row in rows]
+        for (line, _row), item in zip(rows, items):
             if item.task != self.name:
-                raise DataError(f"{path}: item {item.id} belongs to task {item.task!r}, not {self.name!r}")
-        return check_unique_ids(items, source=str(path))
+                raise DataError(f"{path}:{line}: item {item.id} belongs to task {item.task!r}, not {self.name!r}")
+        return check_unique_ids(items, source=str(path), lines=[line for line, _row in rows])
 
     # ---- answers -------------------------------------------------------------------------
     def render_answer(self, answer: str) -> str:
@@ -287,9 +294,13 @@ class Task:
         }
 
 
-def check_unique_ids(items: list[Item], source: str) -> list[Item]:
+def check_unique_ids(items: list[Item], source: str, lines: Sequence[int] | None = None) -> list[Item]:
+    """``items`` unchanged, or a :class:`DataError` for a repeated id (``source:line`` when ``lines`` are given)."""
     seen: dict[str, int] = {}
     for position, item in enumerate(items):
+        if item.id in seen and lines is not None:
+            raise DataError(f"{source}:{lines[position]}: item id {item.id!r} appears twice (rows {seen[item.id] + 1} and "
+                            f"{position + 1}), first on line {lines[seen[item.id]]}; ids must be unique within a task")
         if item.id in seen:
             raise DataError(
                 f"{source}: item id {item.id!r} appears twice (rows {seen[item.id] + 1} and {position + 1}); "
@@ -309,6 +320,27 @@ def require_fields(row: dict[str, Any], fields: dict[str, type | tuple[type, ...
     for key, kind in fields.items():
         if key not in row:
             raise DataError(f"{where}: missing field {key!r} (this row has {sorted(row)})")
-        if not isinstance(row[key], kind):
-            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            raise DataError(f"{where}: field {key!r} must be {names}, got {type(row[key]).__name__}")
+        check_type(row, key, kind, where)
+
+
+def check_optional(row: dict[str, Any], fields: dict[str, type | tuple[type, ...]], where: str) -> None:
+    """Like :func:`require_fields` for fields that may be missing or null."""
+    for key, kind in fields.items():
+        if row.get(key) is not None:
+            check_type(row, key, kind, where)
+
+
+def check_type(row: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> None:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    value = row[key]
+    # JSON true and false are Python ints too; a flag is never a count or an id
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise DataError(f"{where}: field {key!r} must be {names}, got {type(value).__name__}")
+
+
+def require_text(row: dict[str, Any], keys: Iterable[str], where: str) -> None:
+    """String fields that must hold more than white space (a question, a gold answer)."""
+    for key in keys:
+        if not row[key].strip():
+            raise DataError(f"{where}: field {key!r} is empty")

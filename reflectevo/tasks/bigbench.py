@@ -25,6 +25,7 @@ from reflectevo.tasks.base import (
     Task,
     Verdict,
     check_grader,
+    check_optional,
     official_finish,
     require_fields,
 )
@@ -100,6 +101,7 @@ class BigBench(Task):
 
     def from_official_row(self, row: dict[str, Any], index: int, where: str) -> Item:
         require_fields(row, {"question": str, "answer": (str, dict)}, where)
+        check_optional(row, {"id": (str, int)}, where)
         gold = row["answer"]
         if isinstance(gold, dict):  # the official env accepts {"answer": ...} golds as well
             gold = gold.get("answer")

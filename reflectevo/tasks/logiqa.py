@@ -21,6 +21,7 @@ from reflectevo.tasks.base import (
     Task,
     Verdict,
     check_grader,
+    check_optional,
     official_finish,
     require_fields,
 )
@@ -91,6 +92,7 @@ class LogiQA(Task):
     # ---- loading -------------------------------------------------------------------------
     def from_official_row(self, row: dict[str, Any], index: int, where: str) -> Item:
         require_fields(row, {"question": str, "answer": str}, where)
+        check_optional(row, {"id": (str, int)}, where)
         gold = row["answer"]
         if gold.upper() not in LETTERS[:N_OPTIONS] or len(gold) != 1:
             raise DataError(f"{where}: LogiQA answer must be one letter a-d, got {gold!r}")

@@ -24,6 +24,7 @@ from reflectevo.tasks.base import (
     Task,
     Verdict,
     check_grader,
+    check_optional,
     require_fields,
     split_once,
 )
@@ -221,9 +222,12 @@ class MATH(Task):
     # ---- loading -------------------------------------------------------------------------
     def _item(self, row: dict[str, Any], index: int, where: str) -> Item:
         require_fields(row, {"problem": str, "solution": str}, where)
+        check_optional(row, {"level": str, "type": str}, where)
         gold = unbox(last_boxed(row["solution"]))
         if gold is None:
             raise DataError(f"{where}: the solution has no final \\boxed{{...}} answer")
+        if not gold.strip():
+            raise DataError(f"{where}: the final \\boxed{{}} answer of the solution is empty")
         return Item(
             task=self.name,
             id=str(index + 1),
