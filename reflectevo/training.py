@@ -369,6 +369,22 @@ class RecordsFirstBatches:
         return super().training_step(model, inputs, *args, **kwargs)
 
 
+class RestoresTheTrainedAdapter:
+    """Mixed into the TRL trainer. A checkpoint that also holds other adapters in sub-folders (DPO's
+    ``ref/``) makes transformers load only those on resume, and the trained adapter at the checkpoint's
+    root stays as initialised: the run would go on from untrained weights. Load it as well."""
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        target = model if model is not None else self.model
+        root = Path(resume_from_checkpoint)
+        others = [p for p in root.iterdir() if p.is_dir() and (p / "adapter_config.json").is_file()]
+        if others and (root / "adapter_model.safetensors").is_file() and hasattr(target, "load_adapter"):
+            active = target.active_adapters[0]
+            target.load_adapter(str(root), active, is_trainable=True)
+            target.set_adapter(active)
+
+
 def make_trainer(kind: str, loaded: Any, args: Any, train_set: datasets.Dataset, eval_sets: dict[str, datasets.Dataset],
                  callbacks: tuple = ()):
     from trl import DPOTrainer, SFTTrainer
@@ -381,7 +397,7 @@ def make_trainer(kind: str, loaded: Any, args: Any, train_set: datasets.Dataset,
         except ImportError:
             pass
     base = DPOTrainer if kind == "dpo" else SFTTrainer
-    trainer_class = type(f"Recorded{base.__name__}", (RecordsFirstBatches, base), {})
+    trainer_class = type(f"Recorded{base.__name__}", (RecordsFirstBatches, RestoresTheTrainedAdapter, base), {})
     extra = {"ref_model": None} if kind == "dpo" else {}
     trainer = trainer_class(model=loaded.model, args=args, train_dataset=train_set, eval_dataset=eval_sets or None,
                             processing_class=loaded.tokenizer, callbacks=list(callbacks), **extra)

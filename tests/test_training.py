@@ -152,14 +152,15 @@ KILLABLE = textwrap.dedent('''
     import os, signal, sys
     from transformers import TrainerCallback
     from reflectevo.config import load_params
-    from reflectevo.training import run_sft
+    from reflectevo.training import run_dpo, run_sft
 
     class KillAt(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == int(sys.argv[2]):
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    run_sft(load_params(sys.argv[1]), callbacks=(KillAt(),) if int(sys.argv[2]) else ())
+    run = run_dpo if sys.argv[3] == "dpo" else run_sft
+    run(load_params(sys.argv[1]), callbacks=(KillAt(),) if int(sys.argv[2]) else ())
 ''')
 
 
@@ -168,33 +169,42 @@ def write_params(params, path: Path) -> Path:
     return path
 
 
-def test_a_killed_run_resumes_to_the_same_adapter(smoke_reflect_run, tmp_path):
-    sft = {**SFT, "max_steps": 12, "save_steps": 4, "per_device_batch_size": 2}
+# kind: (params section, variant, steps, save every, killed at, newest complete checkpoint then)
+KILLED_RUNS = {"sft": ({**SFT, "max_steps": 12, "save_steps": 4, "per_device_batch_size": 2}, "one_stage", 12, 6, "checkpoint-4"),
+               # DPO's checkpoints also hold its reference adapter in ref/, which once hid the trained one on resume
+               "dpo": ({**DPO, "max_steps": 6, "save_steps": 2, "learning_rate": 5e-4}, "d_pm", 6, 3, "checkpoint-2")}
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_a_killed_run_resumes_to_the_same_adapter(smoke_reflect_run, tmp_path, kind):
+    section, variant, steps, kill, newest = KILLED_RUNS[kind]
     script = tmp_path / "killable.py"
     script.write_text(KILLABLE)
     runs = {}
-    for name, kill_at in (("straight", 0), ("killed", 6)):
-        params = clone_run(smoke_reflect_run, tmp_path, name, {"sft": sft})
+    for name, kill_at in (("straight", 0), ("killed", kill)):
+        params = clone_run(smoke_reflect_run, tmp_path, name, {kind: section})
         file = write_params(params, tmp_path / f"{name}.yaml")
-        result = subprocess.run([sys.executable, str(script), str(file), str(kill_at)], capture_output=True, text=True,
+        result = subprocess.run([sys.executable, str(script), str(file), str(kill_at), kind], capture_output=True, text=True,
                                 timeout=600, check=False)
-        if kill_at:  # SIGKILLed at step 6: checkpoint-4 is the newest, steps 5 and 6 are lost
+        if kill_at:  # SIGKILLed after step `kill`: the steps after the newest checkpoint are lost
             assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
-            phase = next((params.run_dir / "sft" / "one_stage").glob("train-*/one_stage"))
-            assert sorted(p.name for p in phase.glob("checkpoint-*")) == ["checkpoint-4"]
-            assert not (params.run_dir / "sft" / "one_stage" / "adapter").exists()
-            result = subprocess.run([sys.executable, str(script), str(file), "0"], capture_output=True, text=True,
+            phase = next((params.run_dir / kind / variant).glob(f"train-*/{variant}"))
+            assert sorted(p.name for p in phase.glob("checkpoint-*")) == [newest]
+            assert not (params.run_dir / kind / variant / "adapter").exists()
+            result = subprocess.run([sys.executable, str(script), str(file), "0", kind], capture_output=True, text=True,
                                     timeout=600, check=False)
         assert result.returncode == 0, result.stderr[-3000:]
         runs[name] = params
-    straight, killed = (phase_metrics(runs[n], "sft", "one_stage") for n in ("straight", "killed"))
-    assert straight["resumed_from"] is None and killed["resumed_from"] == "checkpoint-4"
-    assert straight["steps"] == killed["steps"] == 12
-    difference = max_difference(*(lora_tensors(runs[n].run_dir / "sft" / "one_stage" / "adapter") for n in runs))
-    print(f"killed at step 6, resumed from checkpoint-4: max |difference| of the LoRA weights = {difference}")
+    straight, killed = (phase_metrics(runs[n], kind, variant) for n in ("straight", "killed"))
+    assert straight["resumed_from"] is None and killed["resumed_from"] == newest
+    assert straight["steps"] == killed["steps"] == steps and straight["tokens"] == killed["tokens"]
+    difference = max_difference(*(lora_tensors(runs[n].run_dir / kind / variant / "adapter") for n in runs))
+    print(f"{kind}: killed at step {kill}, resumed from {newest}: max |difference| of the LoRA weights = {difference}")
     assert difference == 0.0  # CPU, fp32: bit-equal, so no skipped or repeated batch can hide in a tolerance
     assert killed["adapter_sha256_of_tensors"] == straight["adapter_sha256_of_tensors"]
-    assert killed["evaluation"] == straight["evaluation"]
+    assert killed["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-6)  # the same whether resumed or not
+    for key, value in straight["evaluation"].items():  # evaluations agree to ~1e-5 between processes (README)
+        assert killed["evaluation"][key]["after"] == pytest.approx(value["after"], rel=1e-4, abs=1e-5), key
 
 
 def test_an_incomplete_checkpoint_is_not_resumed_from(tmp_path):
