@@ -139,3 +139,44 @@ def clone_run(source_cwd: Path, dest_cwd: Path, name: str, overrides: dict | Non
            "output_dir": str(dest_cwd / "outputs")}
     sections["run"] = run
     return load_params(REPO / "params" / "smoke.yaml", sections)
+
+
+# ---- the stand-in model builds in the background while tests that do not need it run --------------
+# Modules whose tests load builtin:tiny (directly, through a fixture, or in a notebook they execute).
+MODEL_MODULES = {"test_evaluation", "test_faults", "test_models", "test_notebooks", "test_openai_judge",
+                 "test_pipeline", "test_training", "test_trl_ready"}
+_BACKGROUND: list = []
+
+
+def _needs_model(item) -> bool:
+    return item.module.__name__.rsplit(".", 1)[-1] in MODEL_MODULES or "tiny_model_dir" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the tests that do not need ``builtin:tiny`` first, and meanwhile build it (or find it in the
+    cache) in a low-priority background process. With a cold cache (CI) the 5-minute build then
+    overlaps those tests instead of adding to them; the first test that needs the model waits on
+    the builder's lock. Each group keeps its collection order."""
+    import subprocess
+    import sys
+    import threading
+
+    later = [item for item in items if _needs_model(item)]
+    if not later or len(later) == len(items) or os.environ.get("REFLECTEVO_NO_BACKGROUND_BUILD") == "1":
+        return
+    items[:] = [item for item in items if not _needs_model(item)] + later
+    builder = subprocess.Popen(
+        [sys.executable, "-c", "import os; os.nice(19); from reflectevo.standin import tiny_model_dir; tiny_model_dir()"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # reaped as soon as it ends: the sandbox tests count zombie children of this process as strays
+    threading.Thread(target=builder.wait, daemon=True).start()
+    _BACKGROUND.append(builder)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import signal
+
+    for process in _BACKGROUND:
+        if process.poll() is None:  # the run ended before it needed the model: stop the build cleanly
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=60)
