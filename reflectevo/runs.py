@@ -275,14 +275,8 @@ def _alive(owner: dict[str, Any]) -> bool:
     if owner.get("host") != socket.gethostname():
         return True  # another machine's process: we cannot tell, so we must not take over
     pid = int(owner.get("pid", -1))
-    if pid <= 0:
+    if pid <= 0 or not _pid_alive(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
     started = _process_start(pid)
     return started is None or owner.get("pid_start") in (None, started)
 

@@ -498,6 +498,25 @@ def jsonl_with_one_bad_row(draw, rows: list[dict], row_mutation: Callable | None
     return bom + eol.join(text for _, text in tagged) + (eol if draw(st.booleans()) else b""), line
 
 
+REFUSED = object()  # what load_or_refused returns when the loader refused the file
+
+
+def load_or_refused(label: str, path: Path, raw: bytes, line: int, load: Callable[[Path], Any],
+                    error: type[Exception] = DataError) -> Any:
+    """Write ``raw`` to ``path`` and ``load`` it: what it returned, counted as accepted, or
+    :data:`REFUSED` after checking that the refusal names ``path:line``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(raw)
+    try:
+        loaded = load(path)
+    except error as exc:
+        count(label, accepted=False)
+        assert_names_line(exc, path, line)
+        return REFUSED
+    count(label, accepted=True)
+    return loaded
+
+
 def assert_names_line(exc: Exception, path: Path, line: int) -> None:
     message = str(exc)
     assert message.startswith(f"{path}:"), message
@@ -553,15 +572,10 @@ def test_official_rows_load_or_fail_at_their_line(case):
     task = get_task(task_name)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / task.official_file
-        path.write_bytes(raw)
-        try:
-            items = task.load_official(path)
-        except DataError as exc:
-            count("data: official rows", accepted=False)
-            assert_names_line(exc, path, line)
+        items = load_or_refused("data: official rows", path, raw, line, task.load_official)
+        if items is REFUSED:
             assert files_under(Path(tmp)) == {path.name}
             return
-        count("data: official rows", accepted=True)
         assert len(items) == n_rows
         for item in items:
             check_item(item)
@@ -588,20 +602,16 @@ def test_run_item_rows_load_or_fail_at_their_line(case):
     task_name, split, raw, line, n_rows, reader = case
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "data" / task_name / f"{split}.jsonl"
-        path.parent.mkdir(parents=True)
-        path.write_bytes(raw)
-        before = files_under(Path(tmp))
-        try:
+
+        def load(path: Path) -> list:
             if reader == "load_run_items":
-                items = load_run_items(Path(tmp) / "data", task_name, split)
-            else:  # `reflectevo grade --data FILE`: either schema, told apart by the first row
-                items = get_task(task_name).load_file(path)
-        except DataError as exc:
-            count("data: run item rows", accepted=False)
-            assert_names_line(exc, path, line)
-            assert files_under(Path(tmp)) == before
+                return load_run_items(Path(tmp) / "data", task_name, split)
+            return get_task(task_name).load_file(path)  # `reflectevo grade --data FILE`: either schema
+
+        items = load_or_refused("data: run item rows", path, raw, line, load)
+        if items is REFUSED:
+            assert files_under(Path(tmp)) == {"data", f"data/{task_name}", f"data/{task_name}/{split}.jsonl"}
             return
-        count("data: run item rows", accepted=True)
         assert len(items) == n_rows and len({item.id for item in items}) == n_rows
         for item in items:
             check_item(item)
@@ -624,15 +634,10 @@ def test_replay_rows_load_or_fail_at_their_line(data):
     chosen = data.draw(st.lists(st.integers(0, len(REPLAY_ROWS) - 1), min_size=2, max_size=4, unique=True))
     raw, line = data.draw(jsonl_with_one_bad_row([REPLAY_ROWS[i] for i in chosen]))
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "replay.jsonl"
-        path.write_bytes(raw)
-        try:
-            engine = ReplayEngine.from_path(path)
-        except ReflectEvoError as exc:
-            count("data: replay rows", accepted=False)
-            assert_names_line(exc, path, line)
+        engine = load_or_refused("data: replay rows", Path(tmp) / "replay.jsonl", raw, line, ReplayEngine.from_path,
+                                 error=ReflectEvoError)
+        if engine is REFUSED:
             return
-        count("data: replay rows", accepted=True)
         assert len(engine.rows) == len(chosen)
         for key in {key for key, _sample in engine.rows}:
             n = next(n for n in range(len(engine.rows) + 1) if (key, n) not in engine.rows)  # samples 0 .. n-1 stored
@@ -671,15 +676,9 @@ def test_raw_records_load_or_fail_at_their_line(data):
     chosen = data.draw(st.lists(st.integers(0, len(RAW_RECORDS) - 1), min_size=2, max_size=4, unique=True))
     raw, line = data.draw(jsonl_with_one_bad_row([RAW_RECORDS[i] for i in chosen]))
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "raw.jsonl"
-        path.write_bytes(raw)
-        try:
-            records = curation.read_records(path)
-        except DataError as exc:
-            count("data: raw records", accepted=False)
-            assert_names_line(exc, path, line)
+        records = load_or_refused("data: raw records", Path(tmp) / "raw.jsonl", raw, line, curation.read_records)
+        if records is REFUSED:
             return
-        count("data: raw records", accepted=True)
         assert len(records) == len(chosen)
         curation.build_d_plus(records)  # what reads them next must not trip over what was accepted
         curation.build_d_pm(records)
@@ -711,15 +710,10 @@ def test_released_rows_load_or_fail_at_their_line(data):
     raw, line = data.draw(jsonl_with_one_bad_row([pool[i] for i in chosen]))
     kind = data.draw(st.sampled_from([None, RELEASED_FILES[name]]))
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        path.write_bytes(raw)
-        try:
-            rows = curation.load_released(path, kind=kind)
-        except DataError as exc:
-            count("data: released rows", accepted=False)
-            assert_names_line(exc, path, line)
+        rows = load_or_refused("data: released rows", Path(tmp) / name, raw, line,
+                               lambda path: curation.load_released(path, kind=kind))
+        if rows is REFUSED:
             return
-        count("data: released rows", accepted=True)
         assert len(rows) == len(chosen)
         if RELEASED_FILES[name] == "raw" and kind:
             curation.build_d_plus(rows)
