@@ -111,6 +111,7 @@ class GenerationParams(Section):
     num_shards: int = Field(1, ge=1)  # split a generation stage into whole-batch shards ...
     shard_index: int = Field(0, ge=0)  # ... and run only this one
     vllm_gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    vllm_tensor_parallel_size: int = Field(1, ge=1)  # engine vllm: GPUs one model is split over, from one process
 
     @field_validator("batch_size")
     @classmethod
@@ -273,6 +274,11 @@ class TrainParams(Section):
 
 class SFTParams(TrainParams):
     modes: list[Literal["one_stage", "two_stage", "qa_pairs"]] = Field(default_factory=lambda: ["one_stage"], min_length=1)
+    # How rows make batches: padded (each batch padded to its longest row), length_grouped (rows of similar
+    # length batched together, then padded), padding_free (each batch's rows concatenated, no padding, the
+    # same rows and loss as padded), auto (padding_free where the attention kernel takes concatenated rows
+    # natively: Unsloth, or flash attention on a CUDA GPU; else padded). See params/README.md.
+    batching: Literal["auto", "padded", "length_grouped", "padding_free"] = "auto"
 
     @field_validator("modes")
     @classmethod

@@ -15,6 +15,9 @@ from (seed, stage, its first record key), so a batch's outputs do not depend on 
 before it. That makes three things give the same bytes as one uninterrupted run: resuming a killed
 run (each finished batch is committed atomically to ``store_dir`` and skipped on rerun), running
 whole-batch shards separately and merging them (:func:`merge_shards`), and running batch by batch.
+It is also what makes data-parallel generation exact (:meth:`BatchedEngine.data_parallel`, used by
+``accelerate launch -m reflectevo generate``): every process plans the same batches, generates its
+share into one store folder, then reads all of them back.
 """
 
 from __future__ import annotations
@@ -23,9 +26,12 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import re
+import socket
+import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -38,7 +44,7 @@ log = logging.getLogger(__name__)
 
 _PARAMS = GenerationParams()  # the one source of the sampling defaults below
 CPU_BATCH_SIZE = 16  # batch_size "auto" on CPU: larger batches stop paying off on a few cores
-AUTO_MAX_BATCH = 256  # batch_size "auto" on a GPU never exceeds this many sequences
+AUTO_MAX_BATCH = 512  # batch_size "auto" on a GPU plans this many sequences per batch (at most)
 AUTO_MEMORY_FRACTION = 0.8  # share of free GPU memory that "auto" plans to fill
 DEFAULT_MAX_SEQ_LENGTH = ModelParams().max_seq_length  # sizes "auto" when the model states none
 PLAN_FILE = "plan.json"
@@ -46,6 +52,7 @@ PLAN_FIELDS = {"plan_sha256": "set of record keys or prompts", "num_batches": "n
                "prompts_per_batch": "batch size"}  # plan.json fields, as the mismatch error names them
 BATCH_FILE = re.compile(r"batch-(\d{5})-([0-9a-f]{12})\.jsonl")
 BATCH_TEMP_FILE = re.compile(r"\.batch-(\d{5})-[0-9a-f]{12}\.jsonl\..*\.tmp")  # write_jsonl_atomic's temp name
+SHARD_LEDGER = "shard-{index}-of-{count}.json"  # which batches one shard generated and resumed, last pass
 FinishReason = Literal["eos", "stop", "length"]
 
 
@@ -234,6 +241,7 @@ class BatchedEngine:
             # each shard would size "auto" from its own free memory and plan different batches
             raise GenerationError("sharded generation needs an explicit batch_size, so every shard plans the same batches")
         self.num_shards, self.shard_index = num_shards, shard_index
+        self.barrier: Callable[[], None] | None = None  # set by data_parallel(): waits for every process
         self.model_name = model_name
         self.progress = progress
         self.events: list[dict[str, Any]] = []
@@ -246,6 +254,25 @@ class BatchedEngine:
     def auto_batch_size(self) -> int:
         self.batch_size_how = "CPU default"
         return CPU_BATCH_SIZE
+
+    def data_parallel(self, rank: int, world_size: int, barrier: Callable[[], None]) -> None:
+        """Generate as process ``rank`` of ``world_size`` (``accelerate launch``, ``torchrun``).
+
+        Each :meth:`generate` call then generates this process's share of the plan (the batches whose
+        index % world_size == rank) into its store folder, waits at ``barrier`` until every process
+        has committed its share, and reads every batch back: all processes return the same, whole
+        outputs, so the next, dependent step plans the same requests everywhere. The store folder
+        must be one every process sees (a shared file system when the processes span machines).
+        """
+        if self.requested_batch_size == "auto":
+            raise GenerationError(f"{world_size} processes must plan the same batches, and batch_size 'auto' depends on "
+                                  "each process's free memory: set generation.batch_size to a number")
+        if self.barrier is None and self.num_shards > 1:
+            raise GenerationError("generation.num_shards splits a stage by hand; under a distributed launch the "
+                                  "processes split it themselves: leave num_shards at 1")
+        if not 0 <= rank < world_size:
+            raise GenerationError(f"process rank {rank} must be below the world size {world_size}")
+        self.num_shards, self.shard_index, self.barrier = world_size, rank, barrier
 
     # subclass hooks
     def render(self, messages: list[dict[str, Any]]) -> str:
@@ -265,7 +292,8 @@ class BatchedEngine:
 
     def generate(self, requests: Sequence[GenerationRequest], settings: GenerationSettings, *, stage: str,
                  store_dir: str | Path | None = None, seed: int | None = None, force: bool = False) -> list[GenerationOutput]:
-        """Generate this shard's batches of the plan; outputs in request order.
+        """Generate this shard's batches of the plan (under :meth:`data_parallel`, this process's share,
+        then every process's outputs); outputs in request order.
 
         ``store_dir`` (one folder per stage) keeps every finished batch; a rerun skips those. A
         folder planned differently (other settings, keys, prompts, batch size) is an error unless
@@ -274,6 +302,12 @@ class BatchedEngine:
         requests = check_requests(requests)
         if seed is not None:
             settings = dataclasses.replace(settings, seed=seed)
+        if self.barrier is not None and store_dir is None:
+            raise GenerationError(f"data-parallel generation ({stage}) needs a store folder: the processes hand their "
+                                  "batches to each other through it")
+        if self.barrier is not None and force:
+            raise GenerationError(f"force cannot discard {store_dir} while other processes write into it: delete the "
+                                  "folder first, or use a new run name")
         prompts = [self.render(request.messages) for request in requests]
         token_ids = self.tokenize(prompts)
         store = BatchStore(Path(store_dir), self.num_shards, self.shard_index, force) if store_dir is not None else None
@@ -287,6 +321,11 @@ class BatchedEngine:
         mine = [batch for batch in plan if batch.index % self.num_shards == self.shard_index]
         done = store.committed(plan, settings, stage) if store is not None else {}
         by_batch = self._run_plan(mine, done, settings, stage, store)
+        if store is not None and self.num_shards > 1:
+            store.write_ledger(stage, mine, done)
+        if self.barrier is not None and store is not None:
+            self.barrier()  # every process has committed its share: the whole plan is on disk
+            by_batch, mine = store.read_plan(plan, settings, stage), plan
         position = {request.key: i for i, request in enumerate(requests)}
         outputs = [output for batch in mine for output in by_batch[batch.index]]
         return sorted(outputs, key=lambda o: (position[o.key], o.sample))
@@ -335,6 +374,16 @@ class BatchedEngine:
         return by_batch
 
 
+@dataclass(frozen=True)
+class MemoryBudget:
+    """What batch_size "auto" measured on the GPU: bytes it may fill and what one token costs."""
+
+    bytes: float
+    kv_per_token: int
+    activations_per_token: int
+    per_row: int  # last-token logits and their softmax, float32
+
+
 class TransformersEngine(BatchedEngine):
     """Batched, left-padded ``model.generate`` with per-sequence stops and CUDA out-of-memory back-off."""
 
@@ -351,6 +400,13 @@ class TransformersEngine(BatchedEngine):
         self.eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.chunk_size: int | None = None  # sequences per generate call once an OOM forced it down
+        self.memory_budget: MemoryBudget | None = None  # set by batch_size "auto" on a GPU
+        # n samples of one prompt share one prefill: the prompt is encoded once and its KV cache
+        # copied n times, instead of generate() encoding n copies of the prompt
+        self.shared_prefill = True
+        # callables (token_ids of a chunk, settings) -> a transformers LogitsProcessor, added to
+        # every generate call (the benchmarks impose output lengths on random-weight models this way)
+        self.processor_factories: list[Callable[[Sequence[Sequence[int]], GenerationSettings], Any]] = []
         super().__init__(**options)
 
     @classmethod
@@ -372,14 +428,23 @@ class TransformersEngine(BatchedEngine):
         dtype_bytes = next(self.model.parameters()).element_size()
         kv_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
         activations_per_token = (3 * config.intermediate_size + 4 * config.hidden_size) * dtype_bytes
-        per_sequence = self.max_seq_length * (kv_per_token + activations_per_token) + 2 * 4 * config.vocab_size
         free, _total = torch.cuda.mem_get_info(self.model.device)
-        fits = int(free * AUTO_MEMORY_FRACTION // per_sequence)
-        size = max(1, min(AUTO_MAX_BATCH, fits))
-        size = size - size % 8 if size >= 8 else size
-        self.batch_size_how = (f"{free / 2**30:.1f} GiB free x {AUTO_MEMORY_FRACTION} / {per_sequence / 2**20:.1f} MiB per "
-                               f"{self.max_seq_length}-token sequence, capped at {AUTO_MAX_BATCH}")
-        return size
+        # Batches are planned AUTO_MAX_BATCH sequences wide; run_batch then cuts each one into calls
+        # that fit this budget at that batch's own lengths (prompts are sorted longest first, so
+        # short prompts run in wide calls instead of all calls being sized for the longest one).
+        self.memory_budget = MemoryBudget(free * AUTO_MEMORY_FRACTION, kv_per_token, activations_per_token, 2 * 4 * config.vocab_size)
+        self.batch_size_how = (f"{free / 2**30:.1f} GiB free x {AUTO_MEMORY_FRACTION}, {AUTO_MAX_BATCH} sequences planned per "
+                               f"batch, each generate call cut to the rows whose KV cache fits at the batch's lengths")
+        return AUTO_MAX_BATCH
+
+    def rows_that_fit(self, prompt_tokens: int, settings: GenerationSettings) -> int:
+        """Prompts per generate call that the memory budget allows (each with its n samples)."""
+        budget = self.memory_budget
+        if budget is None:
+            return 1 << 30
+        # KV cache of the full sequence, one prefill layer's activations, the last-token logits
+        per_row = (prompt_tokens + settings.max_new_tokens) * budget.kv_per_token + prompt_tokens * budget.activations_per_token / settings.n + budget.per_row
+        return max(1, int(budget.bytes // (per_row * settings.n)))
 
     def render(self, messages: list[dict[str, Any]]) -> str:
         return render_chat(self.tokenizer, messages)
@@ -396,6 +461,11 @@ class TransformersEngine(BatchedEngine):
         import torch
 
         size = max(1, min(self.chunk_size or len(batch.keys), len(batch.keys)))
+        fits = self.rows_that_fit(len(batch.token_ids[0]), settings)
+        if fits < size:
+            # calls cut to the free memory: sampled outputs depend on it, so the cut is recorded
+            size = fits
+            self.events.append({"event": "memory_cut", "stage": stage, "batch": batch.index, "sequences_per_call": size * settings.n})
         while True:
             try:
                 samples = []
@@ -425,18 +495,44 @@ class TransformersEngine(BatchedEngine):
         sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p,
                     "top_k": settings.top_k} if settings.temperature > 0 else {"do_sample": False}
         stops = {"stop_strings": list(settings.stop), "tokenizer": self.tokenizer} if settings.stop else {}
+        extra: dict[str, Any] = {}
+        if self.processor_factories:
+            from transformers import LogitsProcessorList
+
+            extra["logits_processor"] = LogitsProcessorList([make(token_ids, settings) for make in self.processor_factories])
         was_training = self.model.training
         self.model.eval()  # dropout off: a model fresh from training is still in train mode
         try:
             with torch.inference_mode():
+                input_ids, attention = input_ids.to(self.model.device), attention.to(self.model.device)
+                repeats = settings.n
+                if settings.n > 1 and self.shared_prefill and width > 1:
+                    extra["past_key_values"] = self.prefill(input_ids, attention, settings.n)
+                    input_ids, attention = input_ids.repeat_interleave(settings.n, 0), attention.repeat_interleave(settings.n, 0)
+                    repeats = 1
                 generated = self.model.generate(
-                    input_ids=input_ids.to(self.model.device), attention_mask=attention.to(self.model.device),
+                    input_ids=input_ids, attention_mask=attention,
                     max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens or None,
-                    num_return_sequences=settings.n, pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids),
-                    **sampling, **stops)
+                    num_return_sequences=repeats, pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids),
+                    **sampling, **stops, **extra)
         finally:
             self.model.train(was_training)
         return [self.finish(row, settings.stop) for row in generated[:, width:].tolist()]
+
+    def prefill(self, input_ids: Any, attention: Any, n: int) -> Any:
+        """The KV cache of every prompt but its last token, computed once and repeated ``n`` times
+        (prompt-major, as ``num_return_sequences`` orders rows). ``generate`` then feeds only the last
+        prompt token, so its first sampling step sees the same logits it would have computed itself."""
+        from transformers import DynamicCache
+
+        # left padding: positions count real tokens only, as generate() derives them from the mask
+        positions = attention.long().cumsum(-1) - 1
+        positions.masked_fill_(attention == 0, 1)
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions[:, :-1],
+                   past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(n)
+        return cache
 
     def finish(self, new_ids: list[int], stop: tuple[str, ...]) -> tuple[str, FinishReason, int]:
         """The text of one generated row, why it ended and how many tokens it took."""
@@ -471,6 +567,7 @@ class UnslothEngine(TransformersEngine):
         super().__init__(loaded.model, loaded.tokenizer, model_name=loaded.name, batch_size=params.batch_size,
                          num_shards=params.num_shards, shard_index=params.shard_index, progress=progress,
                          max_seq_length=(loaded.info or {}).get("max_seq_length"))
+        self.shared_prefill = False  # Unsloth's patched forward keeps its own cache; let it prefill
 
 
 class VLLMEngine(BatchedEngine):
@@ -478,18 +575,22 @@ class VLLMEngine(BatchedEngine):
 
     vLLM batches internally; the plan's batches are only the units that are seeded and committed.
     Each prompt gets its own sampling seed from (seed, stage, key), as vLLM supports per-request seeds.
+    ``tensor_parallel_size`` splits the one model over that many GPUs of this machine (vLLM starts
+    its own worker per GPU), which is how vLLM uses several GPUs from a single process.
     """
 
     name = "vllm"
 
     def __init__(self, model: str, *, gpu_memory_utilization: float = _PARAMS.vllm_gpu_memory_utilization,
-                 max_model_len: int | None = None, dtype: str = "auto", **options: Any) -> None:
+                 tensor_parallel_size: int = _PARAMS.vllm_tensor_parallel_size, max_model_len: int | None = None,
+                 dtype: str = "auto", **options: Any) -> None:
         try:
             import vllm
         except ImportError:
             raise GenerationError("engine 'vllm' needs the vllm package: pip install 'reflectevo[vllm]' (GPU only)") from None
         self._vllm = vllm
-        self.llm = vllm.LLM(model=model, gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, dtype=dtype)
+        self.llm = vllm.LLM(model=model, gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+                            max_model_len=max_model_len, dtype=dtype)
         self.tokenizer = self.llm.get_tokenizer()
         super().__init__(model_name=model, **options)
 
@@ -624,8 +725,8 @@ def make_engine(params: GenerationParams, loaded_model: Any = None, *, progress:
         if getattr(loaded_model, "source", "config") == "config":
             raise GenerationError(f"engine 'vllm' needs weights on disk or on the hub; {loaded_model.name} has none")
         return VLLMEngine(str(loaded_model.source), gpu_memory_utilization=params.vllm_gpu_memory_utilization,
-                          batch_size=params.batch_size, num_shards=params.num_shards,
-                          shard_index=params.shard_index, progress=progress)
+                          tensor_parallel_size=params.vllm_tensor_parallel_size, batch_size=params.batch_size,
+                          num_shards=params.num_shards, shard_index=params.shard_index, progress=progress)
     return TransformersEngine.from_loaded(loaded_model, params, progress=progress)
 
 
@@ -650,17 +751,20 @@ class BatchStore:
                 temp.unlink(missing_ok=True)
         plan_path = self.folder / PLAN_FILE
         if plan_path.is_file():
-            recorded = json.loads(plan_path.read_text(encoding="utf-8"))
-            differing = sorted(name for name in set(record) | set(recorded) if record.get(name) != recorded.get(name))
-            if differing:
-                described = ", ".join(PLAN_FIELDS.get(name, name) for name in differing)
-                self._mismatch(f"it was planned with a different {described}")
+            self._check_recorded(record)
         names = {batch.file_name for batch in plan}
         strangers = [p.name for p in self.folder.iterdir() if BATCH_FILE.fullmatch(p.name) and p.name not in names]
         if strangers:
             self._mismatch(f"batch file(s) {strangers[:3]} do not belong to this plan (other keys)")
-        if not plan_path.is_file():
-            write_jsonl_atomic(plan_path, [record])
+        if not plan_path.is_file() and not create_once(plan_path, json.dumps(record, ensure_ascii=False) + "\n"):
+            self._check_recorded(record)  # another process of the same launch wrote it first: same plan?
+
+    def _check_recorded(self, record: dict[str, Any]) -> None:
+        recorded = json.loads((self.folder / PLAN_FILE).read_text(encoding="utf-8"))
+        differing = sorted(name for name in set(record) | set(recorded) if record.get(name) != recorded.get(name))
+        if differing:
+            described = ", ".join(PLAN_FIELDS.get(name, name) for name in differing)
+            self._mismatch(f"it was planned with a different {described}")
 
     def _mismatch(self, why: str) -> None:
         if not self.force:
@@ -684,9 +788,7 @@ class BatchStore:
                 log.warning("ignoring damaged batch file %s (%s); generating it again", path, exc)
                 path.unlink()
                 continue
-            expected = [(key, sample) for key in batch.keys for sample in range(settings.n)]
-            found = [(o.key, o.sample) for o in outputs]
-            if found != expected or any(o.settings != settings.to_dict() or o.stage != stage for o in outputs):
+            if not self._matches(batch, outputs, settings, stage):
                 why = f"{path.name} holds other keys, samples or settings than the plan's batch {batch.index}"
                 if not self.force:
                     self._mismatch(why)
@@ -696,8 +798,82 @@ class BatchStore:
             done[batch.index] = outputs
         return done
 
+    @staticmethod
+    def _matches(batch: Batch, outputs: list[GenerationOutput], settings: GenerationSettings, stage: str) -> bool:
+        expected = [(key, sample) for key in batch.keys for sample in range(settings.n)]
+        found = [(o.key, o.sample) for o in outputs]
+        return found == expected and all(o.settings == settings.to_dict() and o.stage == stage for o in outputs)
+
+    def read_plan(self, plan: list[Batch], settings: GenerationSettings, stage: str) -> dict[int, list[GenerationOutput]]:
+        """Every batch of the plan, whichever process committed it (after all of them finished their
+        shares); a batch that is not there, or not whole, is an error: nothing can regenerate it now."""
+        done, missing = {}, []
+        for batch in plan:
+            path = self.folder / batch.file_name
+            if not path.is_file():
+                missing.append(batch.index)
+                continue
+            try:
+                outputs = [GenerationOutput.from_dict(row) for _line, row in read_jsonl(path)]
+            except (ValueError, TypeError) as exc:
+                raise GenerationError(f"{path} cannot be read ({exc}); delete it and generate again") from None
+            if not self._matches(batch, outputs, settings, stage):
+                raise GenerationError(f"{path} holds other keys, samples or settings than the plan's batch {batch.index}; "
+                                      "were all processes started with the same params?")
+            done[batch.index] = outputs
+        if missing:
+            raise GenerationError(
+                f"{len(missing)} of the {len(plan)} {stage} batches are not in {self.folder} after every process finished "
+                f"its share (e.g. batch {missing[0]}, shard {missing[0] % self.num_shards}). The processes exchange batches "
+                "through this folder: run.output_dir must be on a file system that every machine of the launch shares")
+        return done
+
+    def write_ledger(self, stage: str, mine: list[Batch], done: dict[int, list[GenerationOutput]]) -> None:
+        """Record which batches this shard generated and which it found committed (its last pass):
+        who produced what, when several processes or machines share the store."""
+        ledger = {"stage": stage, "shard_index": self.shard_index, "num_shards": self.num_shards,
+                  "host": socket.gethostname(), "pid": os.getpid(),
+                  "generated": [batch.index for batch in mine if batch.index not in done],
+                  "resumed": [batch.index for batch in mine if batch.index in done]}
+        write_jsonl_atomic(self.folder / SHARD_LEDGER.format(index=self.shard_index, count=self.num_shards), [ledger])
+
     def commit(self, batch: Batch, outputs: list[GenerationOutput]) -> None:
         write_jsonl_atomic(self.folder / batch.file_name, (output.to_dict() for output in outputs))
+
+
+def create_once(path: Path, text: str) -> bool:
+    """Put ``text`` at ``path`` unless a file is there already; True when this call wrote it.
+
+    Processes racing to create the same file: exactly one wins, and none ever reads half a file (it
+    is written under a temporary name, then hard-linked into place, which fails if ``path`` exists).
+    """
+    from reflectevo.runs import is_write_failure, usual_permissions, write_failure
+
+    handle = None
+    try:
+        handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)  # noqa: SIM115  (closed below, then removed)
+        with handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        usual_permissions(handle.name)
+        try:
+            os.link(handle.name, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: a rename, whose last writer wins
+            if path.exists():
+                return False
+            os.replace(handle.name, path)
+            return True
+    except OSError as exc:
+        if is_write_failure(exc):
+            raise write_failure(path, exc) from exc
+        raise
+    finally:
+        if handle is not None:
+            Path(handle.name).unlink(missing_ok=True)
 
 
 def load_store(store_dir: str | Path) -> list[GenerationOutput]:

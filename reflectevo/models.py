@@ -181,12 +181,7 @@ def load_model(params: ModelParams, *, for_training: bool = False) -> LoadedMode
 
     # checks that cost nothing come before anything is built or loaded
     adapter = adapter_folder(params.adapter) if params.adapter else None
-    if random_builtin:
-        if params.backend == "unsloth":
-            raise BackendUnavailable(
-                f"{name} cannot load through Unsloth: its weights are created from the config, and Unsloth's loader "
-                "reads weights from disk; set model.backend to auto or transformers"
-            )
+    if random_builtin and params.backend != "unsloth":
         if params.load_in_4bit:
             raise ModelLoadError(f"{name} has random weights created in place; load_in_4bit is for pretrained weights, set it to false")
         choice = BackendChoice("transformers", "random built-ins are created from their config with transformers")
@@ -202,7 +197,13 @@ def load_model(params: ModelParams, *, for_training: bool = False) -> LoadedMode
         _check_four_bit(device)
 
     builtin_info: dict[str, Any] = {}
-    if random_builtin:
+    if random_builtin and choice.name == "unsloth":
+        # Unsloth's loader reads weights from a folder: save the same random weights once, load them from there
+        folder = standin.random_model_dir(name, dtype)
+        model, tokenizer = _load_with_unsloth(params, str(folder), "builtin", device, dtype)
+        source, source_kind = str(folder), "builtin"
+        builtin_info = standin.random_model_info(name)
+    elif random_builtin:
         model, tokenizer = standin.random_model(name, device=device, dtype=dtype)
         source, source_kind = "config", "builtin"
         builtin_info = standin.random_model_info(name)

@@ -1262,6 +1262,32 @@ def random_model(name: str, device: str = "cpu", dtype: str = "float32", seed: i
     return model, tokenizer
 
 
+def random_model_dir(name: str, dtype: str = "bfloat16", seed: int = RANDOM_INIT_SEED) -> Path:
+    """A random built-in saved to disk (``cache_dir()/models``), for loaders that read weights from a
+    folder, such as Unsloth's. The same seed gives the same weights as :func:`random_model`, so both
+    backends of a benchmark train and generate with identical models. Written once, atomically
+    (about 2.5 GB for random-1b and 16 GB for random-8b in 16-bit)."""
+    tokenizer = llama3_vocab_tokenizer()
+    root = cache_dir() / "models"
+    final = root / f"{name.removeprefix('builtin:')}-{dtype}-seed{seed}-{Path(tokenizer.name_or_path).name}"
+    if (final / "config.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(root / f".{final.name}.lock", what=f"{name} saved to {final}"):
+        if not (final / "config.json").is_file():
+            staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+            try:
+                model, tokenizer = random_model(name, device="cpu", dtype=dtype, seed=seed)
+                model.save_pretrained(staging)
+                tokenizer.save_pretrained(staging)
+                del model
+                os.rename(staging, final)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+    return final
+
+
 def llama3_vocab_tokenizer():
     """A tokenizer with exactly Llama 3's 128,256 ids, every one of which decodes to text.
 

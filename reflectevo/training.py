@@ -30,7 +30,9 @@ Folder of one variant:
 The folder of the trainer is named after the stage identity, so a rerun with the same params resumes
 from the newest *complete* checkpoint (with its optimizer, scheduler and RNG state) and a run with
 other params starts afresh beside it. The backend is Unsloth's ``FastLanguageModel`` when the model
-loaded through Unsloth (a CUDA GPU), else transformers + PEFT, with the same hyper-parameters.
+loaded through Unsloth (a CUDA GPU), else transformers + PEFT, with the same hyper-parameters. SFT
+batches are padded, length-grouped or padding-free (``sft.batching``; :func:`choose_batching`), and
+each phase's metrics say which ran and why.
 """
 
 from __future__ import annotations
@@ -305,9 +307,90 @@ def merge_adapter(model_params: ModelParams, adapter: Path, out_dir: Path, card:
     return out_dir
 
 
+# ---- batching ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Batching:
+    """How an SFT phase puts rows into batches (``sft.batching`` resolved for the loaded model)."""
+
+    mode: str  # padded, length_grouped or padding_free
+    requested: str  # as configured, auto included
+    attention: str  # the attention that sees the batches: the model's implementation, or "unsloth"
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"mode": self.mode, "requested": self.requested, "attention": self.attention, "reason": self.reason}
+
+
+def attention_implementation(loaded: Any) -> str:
+    if loaded.backend == "unsloth":
+        return "unsloth"  # its own kernels, which take padding-free batches with their row lengths
+    config = getattr(loaded.model, "config", None)
+    return str(getattr(config, "_attn_implementation", None) or "unknown")
+
+
+def choose_batching(requested: str, loaded: Any) -> Batching:
+    """Resolve ``sft.batching`` for ``loaded`` (a LoadedModel).
+
+    A padding-free batch is every row of the batch concatenated into one sequence, each row restarting
+    its position ids at 0. Flash attention and Unsloth's kernels attend within each row natively. With
+    sdpa or eager attention, transformers builds a block-diagonal mask from the position ids, so rows
+    still never see each other (the loss equals the padded batch's), but attention is then computed over
+    the whole concatenation; ``auto`` therefore picks padding_free only where the kernel is natively
+    per-row, switching a bf16/fp16 model on a CUDA GPU to flash attention when flash-attn is installed.
+    """
+    if requested not in ("auto", "padded", "length_grouped", "padding_free"):
+        raise ValueError(f"unknown batching {requested!r}; choose auto, padded, length_grouped or padding_free")
+    attention = attention_implementation(loaded)
+    if requested == "padded":
+        return Batching("padded", requested, attention, "requested")
+    if requested == "length_grouped":
+        return Batching("length_grouped", requested, attention, "requested: rows of similar length share a batch")
+    native = attention == "unsloth" or "flash" in attention
+    if not native and requested == "auto" and loaded.device == "cuda" and loaded.dtype in ("bfloat16", "float16"):
+        from transformers.utils import is_flash_attn_2_available
+
+        if is_flash_attn_2_available():
+            try:
+                loaded.model.set_attn_implementation("flash_attention_2")
+            except (ImportError, ValueError, NotImplementedError) as exc:  # a model class without flash attention
+                log.info("flash attention not used for training: %s", exc)
+            else:
+                attention, native = attention_implementation(loaded), True
+    if requested == "padding_free":
+        why = ("the attention kernel takes the concatenated rows natively" if native else
+               f"{attention} attention: transformers masks each row off from the others by its position ids "
+               "(same loss as padded), attention computed over the whole concatenated batch")
+        return Batching("padding_free", requested, attention, why)
+    if native:
+        return Batching("padding_free", requested, attention, f"auto: {attention} attention takes concatenated rows natively")
+    return Batching("padded", requested, attention,
+                    f"auto: {attention} attention has no per-row kernel for concatenated rows here "
+                    "(set sft.batching to length_grouped or padding_free to reduce padding anyway)")
+
+
+def use_padding_free(trainer: Any, backend: str) -> None:
+    """Switch a built SFT trainer to padding-free batches. The trainer is built padded, so that TRL
+    prepares the rows exactly as for padded batches (cut to max_length, rows without a trained token
+    dropped: it refuses padding_free with max_length at construction); only the collation changes."""
+    collator = trainer.data_collator
+    if not hasattr(collator, "padding_free"):
+        raise TrainingError(f"padding-free batches need TRL's language-modelling collator, and this trainer has "
+                            f"{type(collator).__name__}; set sft.batching to padded or length_grouped")
+    collator.padding_free = True
+    trainer.padding_free = True
+    if backend == "unsloth":
+        try:  # the row lengths Unsloth's attention kernels read (what it does itself for padding_free=True)
+            from unsloth.utils import enable_padding_free_metadata
+        except ImportError as exc:
+            raise TrainingError("this Unsloth release has no padding-free batches (unsloth.utils."
+                                "enable_padding_free_metadata); upgrade it, or set sft.batching to padded") from exc
+        enable_padding_free_metadata(trainer.model, trainer)
+
+
 # ---- trainer -------------------------------------------------------------------------------------
 def training_arguments(kind: str, train: TrainParams, out_dir: Path, *, seed: int, device: str, dtype: str,
-                       has_eval: bool, eval_on_start: bool = False, beta: float | None = None, precompute_ref: bool = False):
+                       has_eval: bool, eval_on_start: bool = False, beta: float | None = None, precompute_ref: bool = False,
+                       batching: str = "padded"):
     """SFTConfig or DPOConfig from the params: the same fields for every backend.
 
     The evaluation before training runs inside ``train()`` (``eval_on_start``): a ``trainer.evaluate()``
@@ -351,9 +434,13 @@ def training_arguments(kind: str, train: TrainParams, out_dir: Path, *, seed: in
     }
     if train.gradient_checkpointing:
         args["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    if batching == "length_grouped":
+        args["train_sampling_strategy"] = "group_by_length"
     if kind == "dpo":
         return DPOConfig(beta=beta, loss_type=["sigmoid"], precompute_ref_log_probs=precompute_ref, **args)
-    return SFTConfig(completion_only_loss=True, **args)
+    # padding_free is switched on after the trainer is built (use_padding_free); stated here so that
+    # Unsloth, which turns it on by itself when it is left unset, keeps the batching chosen
+    return SFTConfig(completion_only_loss=True, padding_free=False, **args)
 
 
 class RecordsFirstBatches:
@@ -386,7 +473,7 @@ class RestoresTheTrainedAdapter:
 
 
 def make_trainer(kind: str, loaded: Any, args: Any, train_set: datasets.Dataset, eval_sets: dict[str, datasets.Dataset],
-                 callbacks: tuple = ()):
+                 callbacks: tuple = (), batching: str = "padded"):
     from trl import DPOTrainer, SFTTrainer
 
     if kind == "dpo" and loaded.backend == "unsloth":
@@ -402,6 +489,8 @@ def make_trainer(kind: str, loaded: Any, args: Any, train_set: datasets.Dataset,
     trainer = trainer_class(model=loaded.model, args=args, train_dataset=train_set, eval_dataset=eval_sets or None,
                             processing_class=loaded.tokenizer, callbacks=list(callbacks), **extra)
     trainer.first_batches = []
+    if kind == "sft" and batching == "padding_free":
+        use_padding_free(trainer, loaded.backend)
     return trainer
 
 
@@ -519,11 +608,14 @@ def train_phase(*, kind: str, variant: str, phase: str, dataset_name: str, param
     tokenizer = loaded.tokenizer
     phase_dir.mkdir(parents=True, exist_ok=True)
     resume = last_complete_checkpoint(phase_dir, main)
+    batching = (choose_batching(getattr(train, "batching", "padded"), loaded) if kind == "sft" else
+                Batching("padded", "padded", attention_implementation(loaded), "TRL's DPO trainer pads its batches"))
     args = training_arguments(kind, train, phase_dir, seed=seed, device=loaded.device, dtype=loaded.dtype,
                               has_eval=bool(eval_sets), eval_on_start=bool(eval_sets) and resume is None,
                               beta=getattr(train, "beta", None),
-                              precompute_ref=getattr(train, "precompute_ref_log_probs", False))
-    trainer = make_trainer(kind, loaded, args, train_set, eval_sets, callbacks)
+                              precompute_ref=getattr(train, "precompute_ref_log_probs", False),
+                              batching=batching.mode)
+    trainer = make_trainer(kind, loaded, args, train_set, eval_sets, callbacks, batching=batching.mode)
 
     tokens_at_start = 0
     if resume is not None:
@@ -572,6 +664,7 @@ def train_phase(*, kind: str, variant: str, phase: str, dataset_name: str, param
         "train_seconds": round(seconds, 2), "tokens": tokens,
         "tokens_per_s": round((tokens - tokens_at_start) / seconds, 1) if seconds else None,
         "world_size": world, "backend": loaded.backend, "device": loaded.device, "dtype": loaded.dtype,
+        "batching": batching.to_dict(),
         "train_loss": sum(logged) / len(logged) if logged else None,  # mean of the logged training losses
         "evaluation": before_after(before, after),
         "adapter_sha256_of_tensors": digest, "seed": seed,
@@ -740,7 +833,7 @@ class StageSummary:
     def manifest_entry(self) -> dict[str, Any]:
         return {f"{r.variant}/{r.phase}": {k: v for k, v in r.metrics.items() if k in (
             "rows", "steps", "epochs", "tokens", "tokens_per_s", "train_seconds", "train_loss", "evaluation",
-            "resumed_from", "rows_longer_than_max_length", "world_size", "backend")} for r in self.results}
+            "resumed_from", "rows_longer_than_max_length", "world_size", "backend", "batching")} for r in self.results}
 
 
 def run_training_stage(stage: str, params: Params, rundir: RunDir | None = None, *, callbacks: tuple = (),

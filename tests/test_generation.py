@@ -7,6 +7,7 @@ seeding, resume, sharding and stops are checked by comparing outputs byte for by
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import json
 import os
@@ -210,6 +211,44 @@ def test_samples_differ_and_are_reproducible(tiny):
         texts = [o.text for o in first if o.key == request.key]
         assert len(set(texts)) == 2
     assert [o.text for o in first] != [o.text for o in other_seed]
+
+
+def test_shared_prefill_samples_equal_separate_prefills_and_encode_each_prompt_once(tiny):
+    """n samples of a prompt reuse one prefill: the same samples, and the model sees each prompt once."""
+    model = tiny[0]
+    rows_seen = []
+    hook = model.register_forward_pre_hook(lambda _m, args, kwargs: rows_seen.append(tuple(kwargs["input_ids"].shape)),
+                                           with_kwargs=True)
+    settings = dataclasses.replace(SAMPLING, n=4)
+    requests = make_requests(5)
+    try:
+        separate = engine(tiny, batch_size=20)
+        separate.shared_prefill = False
+        expected = separate.generate(requests, settings, stage="s")
+        separate_prefill = rows_seen[0]
+        rows_seen.clear()
+        shared = engine(tiny, batch_size=20).generate(requests, settings, stage="s")
+    finally:
+        hook.remove()
+    assert [(o.key, o.sample, o.text) for o in shared] == [(o.key, o.sample, o.text) for o in expected]
+    width = max(len(ids) for ids in separate.tokenize([separate.render(r.messages) for r in requests]))
+    assert separate_prefill == (20, width)  # generate() alone encodes every prompt 4 times
+    assert rows_seen[0] == (5, width - 1)  # the shared prefill: each prompt once, all but its last token
+    assert rows_seen[1] == (20, 1)  # generate() then feeds the last prompt token of every sample
+
+
+def test_memory_budget_cuts_calls_by_the_batch_lengths(tiny):
+    from reflectevo.generation import MemoryBudget
+
+    eng = engine(tiny, batch_size=64)
+    settings = dataclasses.replace(SAMPLING, n=2, max_new_tokens=100)
+    assert eng.rows_that_fit(300, settings) >= 64  # no budget (CPU): the planned batch runs whole
+    # 1 MB budget; a 300-token prompt with 100 new tokens: 400 x 1000 B of KV + 300 x 500 / 2 B of
+    # activations + 1000 B of logits = 476 kB per sample, 952 kB per prompt with its 2 samples
+    eng.memory_budget = MemoryBudget(1_000_000, kv_per_token=1000, activations_per_token=500, per_row=1000)
+    assert eng.rows_that_fit(300, settings) == 1
+    assert eng.rows_that_fit(100, settings) == 2  # 200 kB + 25 kB + 1 kB = 226 kB per sample
+    assert eng.rows_that_fit(10_000, settings) == 1  # never below one prompt: the OOM back-off takes over
 
 
 # ---- out-of-memory back-off --------------------------------------------------------------------
