@@ -278,6 +278,94 @@ def training_phases(run_dir: str | Path, kind: str) -> list[dict[str, Any]]:
     return phases
 
 
+# ---- self-evolution: one row per round -------------------------------------------------------------------
+STABILITY_FIGURE = "06_stability"  # drawn only by runs of several rounds, so not in FIGURES
+STABILITY_COLUMNS = [
+    "round", "generator", "acc_t1", "acc_t2", "delta", "wrong_to_right", "right_to_wrong", "train_acc_t1",
+    "reflections", "reflection_length", "d_plus", "d_plus_yield", "next_generator", "validation_acc_t2",
+]
+figure_notes[STABILITY_FIGURE] = (
+    "Per round of self-evolution: Acc@t1 and Acc@t2 of the round's model (its prompted reflection, variant base, "
+    "on the eval split), answers reflection fixed (wrong->right) and broke (right->wrong), the mean reflection "
+    "length and the D+ yield (successful reflections per reflection) of the round's stage 02. A falling Acc@t1 "
+    "with a rising Acc@t2 is the first answer getting worse so that correction looks better.")
+
+
+def read_round(round_dir: str | Path) -> dict[str, Any]:
+    """What the stability table reads of one round's folder: stage 05's ``summary.csv``, stage 02's raw
+    records and ``counts.json``, and the round's manifest."""
+    import json
+
+    import pandas as pd
+
+    from reflectevo.curation import read_records
+    from reflectevo.runs import read_manifest
+
+    round_dir = Path(round_dir)
+    return {"summary": pd.read_csv(round_dir / "eval" / "summary.csv"),
+            "records": read_records(round_dir / "reflect" / "raw.jsonl"),
+            "counts": json.loads((round_dir / "reflect" / "counts.json").read_text(encoding="utf-8")),
+            "manifest": read_manifest(round_dir)}
+
+
+def stability_table(rounds: dict[int, dict[str, Any]], count_tokens: Callable[[str], int], *, protocol: str,
+                    grader: str, variant: str = "base") -> Any:
+    """One row per round (``rounds``: round number -> :func:`read_round`), so that collapse or reward hacking
+    shows across rounds:
+
+    - generator: the variant of the previous round merged into this round's model (round 1: the base model);
+    - acc_t1, acc_t2, delta, wrong_to_right, right_to_wrong: stage 05 on the eval split, all tasks, for
+      ``variant`` (``base``: the round's own model answering and reflecting), under ``protocol`` and ``grader``;
+    - train_acc_t1: the share of stage 02's first trials (on the reflection split) that were correct;
+    - reflections, reflection_length: the reflections stage 02 generated and their mean length in tokens
+      of ``count_tokens``; d_plus: its successful reflections; d_plus_yield = d_plus / reflections;
+    - next_generator, validation_acc_t2: the variant this round chose for the next one and its validation score.
+    """
+    import pandas as pd
+
+    rows = []
+    for number in sorted(rounds):
+        data = rounds[number]
+        summary = data["summary"]
+        picked = summary[(summary["variant"] == variant) & (summary["protocol"] == protocol)
+                         & (summary["grader"] == grader) & (summary["task"] == "overall")]
+        metrics = picked.iloc[0] if len(picked) else {}
+        totals = next((row for row in data["counts"] if row.get("task") == "all"), {})
+        reflections = [_reflection_text(output) for record in data["records"] for output in record["output"][1:]]
+        stages = data["manifest"].get("stages", {})
+        generator = (stages.get("02_reflect", {}).get("generator") or {}).get("variant")
+        validation = stages.get("05_eval", {}).get("validation") or {}
+        questions, d_plus = totals.get("questions", 0), totals.get("d_plus", 0)
+        rows.append({
+            "round": number,
+            "generator": generator or ("base model" if number == 1 else None),
+            **{key: float(metrics[key]) if key in metrics and pd.notna(metrics[key]) else math.nan
+               for key in ("acc_t1", "acc_t2", "delta", "wrong_to_right", "right_to_wrong")},
+            "train_acc_t1": round(totals.get("first_correct", 0) / questions, 4) if questions else math.nan,
+            "reflections": len(reflections),
+            "reflection_length": _mean([count_tokens(text) for text in reflections]),
+            "d_plus": d_plus,
+            "d_plus_yield": round(d_plus / len(reflections), 4) if reflections else math.nan,
+            "next_generator": validation.get("generator"),
+            "validation_acc_t2": validation.get("score", math.nan) if validation.get("score") is not None else math.nan,
+        })
+    return pd.DataFrame(rows, columns=STABILITY_COLUMNS)
+
+
+def evolution_note(params: Any, manifest: dict[str, Any], rounds: Sequence[int]) -> str:
+    """One paragraph on how the rounds were run: the generator rule, the data policy, and why it stopped."""
+    evolve = params.evolve
+    stopped = (manifest.get("evolve") or {}).get("stopped") or {}
+    ending = (f"It stopped after round {stopped['after_round']}: {stopped['reason']}." if stopped
+              else f"It ran all {evolve.rounds} rounds" + (f" (stop margin {evolve.stop_margin:g})." if evolve.stop_margin
+                                                           is not None else " (no stopping rule)."))
+    return (f"{len(rounds)} round(s) of self-evolution. Each round after the first generates with, and trains further, "
+            f"the previous round's `{evolve.generator}` variant merged into the model's weights (chosen by validation "
+            f"Acc@t2 under the `{evolve.protocol}` protocol); each round trains on "
+            + ("its own data only" if evolve.data == "fresh" else "the data of every round so far, de-duplicated")
+            + f". {ending} The sections after this one analyse round {rounds[-1]}, the last round.")
+
+
 def transition_matrices(transitions: Any, grader: str, protocols: Sequence[str] | None = None) -> dict[str, Any]:
     """``{"<variant> · <protocol>": 4x4 counts}`` from stage 05's ``transitions.csv`` (long form), for one grader."""
     rows = transitions[transitions["grader"] == grader]

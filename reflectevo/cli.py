@@ -6,8 +6,10 @@
     reflectevo check-graders --official-dir path/to/reflectevo-official --allow-code-execution
     reflectevo sandbox
     reflectevo run params/quickstart.yaml [--stages 01,02 | --from 03] [--force] [--dry-run]
+    reflectevo run params/evolve-smoke.yaml --from round_2:03      (a run of several rounds: evolve.rounds)
     reflectevo serve MODEL [--host 127.0.0.1] [--port 8000]
     reflectevo train sft|dpo params/quickstart.yaml      (also under accelerate launch -m reflectevo ...)
+    accelerate launch --multi_gpu --num_processes 8 -m reflectevo generate params/quickstart.yaml --stage reflect|eval
 """
 
 from __future__ import annotations
@@ -205,6 +207,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from reflectevo.config import load_params
+    from reflectevo.distributed import generate_stage
+
+    params = load_params(args.params)
+    generate_stage(params, args.stage, params_file=Path(args.params).resolve(), notebooks=args.notebooks)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from reflectevo.config import load_params, validate_params
     from reflectevo.models import select_backend
@@ -270,8 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the numbered notebooks of a recipe with papermill")
     run.add_argument("params", help="a params file, e.g. params/quickstart.yaml")
-    run.add_argument("--stages", help="only these stages, comma-separated (01,02 or 01_data,02_reflect)")
-    run.add_argument("--from", dest="start", help="this stage and every later one")
+    run.add_argument("--stages", help="only these stages, comma-separated (01,02 or 01_data,02_reflect); with "
+                     "evolve.rounds >= 2 a plain 03 means 03 of every round, round_2:03 that of round 2")
+    run.add_argument("--from", dest="start", help="this stage and every later one (with rounds: round_2:03, or 03 "
+                     "for round 1's 03 onwards)")
     run.add_argument("--force", action="store_true", help="rerun stages even when their identity matches")
     run.add_argument("--dry-run", action="store_true",
                      help="print the resolved params, the stage plan and one prompt per task; load no model")
@@ -282,6 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("stage", choices=["sft", "dpo"], help="sft: every mode of sft.modes; dpo: every pair type of dpo.pairs")
     train.add_argument("params", help="a params file, e.g. params/quickstart.yaml")
     train.set_defaults(run=cmd_train)
+
+    generate = commands.add_parser(
+        "generate", help="fill stage 02's or 05's generation store, split between processes (accelerate launch)",
+        description="Generate what stage 02 (reflect) or 05 (eval) generates, split between the processes of "
+                    "`accelerate launch` (one per GPU, on one or several machines), into the store the stage's "
+                    "notebook reads; then `reflectevo run PARAMS` finds every batch committed and only merges.")
+    generate.add_argument("params", help="the params file the run uses, unchanged")
+    generate.add_argument("--stage", required=True, choices=["reflect", "eval"], help="reflect (02) or eval (05)")
+    generate.add_argument("--notebooks", help="folder of the numbered notebooks, as for run (which stages exist)")
+    generate.set_defaults(run=cmd_generate)
 
     evaluate = commands.add_parser("eval", help="evaluate any model or adapter on the eval split, without the other stages")
     evaluate.add_argument("params", help="a params file: its data, generation and eval sections are used")

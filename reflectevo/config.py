@@ -28,6 +28,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -365,9 +366,42 @@ class AnalysisParams(Section):
     dpi: int = Field(120, ge=50, le=600)
 
 
+GENERATOR_CHOICES = ("best_on_validation", *(f"sft/{m}" for m in SFT_MODES), *(f"dpo/{p}" for p in DPO_PAIRS))
+
+
 class EvolveParams(Section):
-    rounds: int = Field(1, ge=1)  # 1: the plain single-round layout
-    generator: str = "best_on_validation"  # which variant generates the next round's reflections
+    # 1: the plain layout (outputs/<run>/data, reflect, ...); N >= 2: stage 01 once, then stages 02-05 once per
+    # round into outputs/<run>/round_<k>/, then stage 06 once over every round
+    rounds: int = Field(1, ge=1)
+    # the trained variant of round k whose adapter, merged into the base weights, generates (and is trained
+    # further in) round k+1: best_on_validation (the highest validation Acc@t2 under `protocol`) or a name
+    generator: str = "best_on_validation"
+    # what round k trains on: fresh (only what round k generated) or accumulate (rounds 1..k, de-duplicated)
+    data: Literal["fresh", "accumulate"] = "fresh"
+    # the protocol of the validation Acc@t2 that chooses the generator and drives stop_margin, and of the
+    # stability table; oracle_free, because under the oracle a worse first answer makes correction look better
+    protocol: Literal["oracle", "oracle_free", "self_verify"] = "oracle_free"
+    # stop after round k (k >= 2) when its validation Acc@t2 rose by less than this over round k-1; null: run every round
+    stop_margin: float | None = Field(None, ge=-1.0, le=1.0)
+    # the round a per-round stage (02-05) works on: set by `reflectevo run` (it injects the evolve section);
+    # null in a params file, and for stages 01 and 06
+    round: int | None = Field(None, ge=1)
+
+    @field_validator("generator")
+    @classmethod
+    def _known_generator(cls, value: str) -> str:
+        if value not in GENERATOR_CHOICES:
+            raise ValueError(f"unknown generator {value!r}{did_you_mean(value, GENERATOR_CHOICES)}; "
+                             f"choose one of {', '.join(GENERATOR_CHOICES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _round_in_range(self) -> EvolveParams:
+        if self.round is not None and self.rounds < 2:
+            raise ValueError("round is only set in a run of several rounds (evolve.rounds >= 2); leave it null")
+        if self.round is not None and self.round > self.rounds:
+            raise ValueError(f"round {self.round} is beyond evolve.rounds ({self.rounds})")
+        return self
 
 
 class Params(Section):
@@ -383,6 +417,9 @@ class Params(Section):
     eval: EvalParams = Field(default_factory=EvalParams)
     analysis: AnalysisParams = Field(default_factory=AnalysisParams)
     evolve: EvolveParams = Field(default_factory=EvolveParams)
+    # set by runs.for_round on one round's params: the run's params they were made from (the round's seed and
+    # model are applied; the run's own are kept here, to make another round's params from them)
+    _run_params: Params | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _dpo_starts_from_a_trained_variant(self) -> Params:
@@ -395,7 +432,37 @@ class Params(Section):
             if untrained:
                 raise ValueError(f"eval.variants names {untrained}, which sft.modes / dpo.pairs do not train; "
                                  "add them there or remove them from eval.variants")
+        if self.evolve.rounds >= 2:
+            self._check_evolve()
         return self
+
+    def _check_evolve(self) -> None:
+        """What several rounds need from the other sections, refused before any work."""
+        trained = [*(f"sft/{m}" for m in self.sft.modes), *(f"dpo/{p}" for p in self.dpo.pairs)]
+        generator = self.evolve.generator
+        if generator != "best_on_validation" and generator not in trained:
+            raise ValueError(f"evolve.generator is {generator!r}, which sft.modes / dpo.pairs do not train; "
+                             "add it there, or use best_on_validation")
+        if self.evolve.protocol not in self.eval.protocols:
+            raise ValueError(f"evolve.protocol {self.evolve.protocol!r} is not in eval.protocols {self.eval.protocols}: "
+                             "the stability table reports it on the eval split; add it there")
+        if isinstance(self.eval.variants, list):
+            if "base" not in self.eval.variants:
+                raise ValueError("several rounds (evolve.rounds >= 2) need 'base' in eval.variants: each round's first "
+                                 "answers and prompted reflection are the stability table's rows")
+            if generator != "best_on_validation" and generator not in self.eval.variants:
+                raise ValueError(f"evolve.generator {generator!r} is not in eval.variants; add it, its validation score "
+                                 "is recorded with every round")
+
+    @property
+    def round_resolved(self) -> bool:
+        """Whether these are one round's params as :func:`reflectevo.runs.for_round` made them."""
+        return self._run_params is not None
+
+    @property
+    def run_params(self) -> Params:
+        """The run's params: these, or the ones a round's params were made from."""
+        return self._run_params if self._run_params is not None else self
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved params, every default filled in (what the manifest records)."""
@@ -417,7 +484,17 @@ class Params(Section):
 
     @property
     def run_dir(self) -> Path:
+        """Where this run's stages write: ``outputs/<run>/``, or its round's folder for a per-round stage."""
+        return self.top_run_dir / round_folder(self.evolve.round) if self.evolve.round else self.top_run_dir
+
+    @property
+    def top_run_dir(self) -> Path:
+        """``outputs/<run>/``: the run's folder, holding every round's (stage 01, 06 and the manifest of the run)."""
         return Path(self.run.output_dir) / self.run.name
+
+
+def round_folder(round_number: int) -> str:
+    return f"round_{round_number}"
 
 
 def derive_seed(*parts: Any) -> int:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,7 +178,7 @@ class ModelPool:
     """Loads each base model once and every adapter onto it under its own name; :meth:`active` gives
     the engine that generates with one adapter active, or with none (the base model)."""
 
-    def __init__(self, params: Params, *, progress: bool = True) -> None:
+    def __init__(self, params: Params, *, progress: bool = True, on_engine: Callable[[Any], Any] | None = None) -> None:
         if params.model.adapter:
             raise EvaluationError(f"model.adapter is set ({params.model.adapter}); evaluation attaches the trained variants' "
                                   "adapters to the base model itself: unset it, and evaluate an adapter with "
@@ -187,6 +187,7 @@ class ModelPool:
             raise EvaluationError(f"evaluation switches LoRA adapters on a loaded model; generation.engine "
                                   f"{params.generation.engine!r} cannot, use auto, transformers or unsloth")
         self.params, self.progress = params, progress
+        self.on_engine = on_engine  # applied to every engine made (reflectevo.distributed: data-parallel generation)
         self.loaded: dict[str, Any] = {}  # base key -> LoadedModel (its model a PeftModel once adapters are on)
         self.engines: dict[str, Any] = {}
         self.adapters: dict[str, dict[Path, str]] = {}  # base key -> adapter folder -> adapter name
@@ -206,7 +207,8 @@ class ModelPool:
                 self.engines.pop(ref.base_key, None)  # the first adapter wraps the model: a new engine must see it
         for base_key, loaded in self.loaded.items():
             if base_key not in self.engines:
-                self.engines[base_key] = make_engine(self.params.generation, loaded, progress=self.progress)
+                engine = make_engine(self.params.generation, loaded, progress=self.progress)
+                self.engines[base_key] = self.on_engine(engine) if self.on_engine is not None else engine
 
     def _attach(self, base_key: str, adapter: Path, name: str) -> str:
         from peft import PeftModel
@@ -260,6 +262,8 @@ class Evaluator:
     store_dir: Path | None = None
     sandbox: Any = None
     force: bool = False
+    # under data-parallel generation: every process takes the main process's verdicts (see ReflectionPipeline)
+    share_verdicts: Callable[[dict[str, dict[str, Verdict]]], dict[str, dict[str, Verdict]]] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     first_turns: dict[str, dict[tuple[str, str], Turn]] = field(default_factory=dict)  # first-turn model key -> turns
 
@@ -302,7 +306,7 @@ class Evaluator:
             for grader in self.graders:
                 for key, verdict in zip(keys, task.grade_many([items[k] for k in keys], [texts[k] for k in keys], grader, self.sandbox)):
                     verdicts[key][grader] = verdict
-        return verdicts
+        return self.share_verdicts(verdicts) if self.share_verdicts is not None else verdicts
 
     def turns(self, ref: ModelRef, items: dict[str, Item], users: dict[str, str], kind: str, store: str) -> dict[str, Turn]:
         outputs = self.generate(ref, users, kind, store)

@@ -1,6 +1,6 @@
 """The two-trial ReflectEvo loop over one split (method.md §1), batched stage by stage.
 
-    pipeline = ReflectionPipeline(params, engine, store_dir=stage.dir / "generations" / stage.identity[:12])
+    pipeline = ReflectionPipeline(params, engine, store_dir=generations_dir(stage.dir, stage.identity))
     result = pipeline.run(items_by_task)           # or the four steps below, one by one
     write_records(result.records, stage.dir / "raw.jsonl")
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,13 @@ log = logging.getLogger(__name__)
 
 PROTOCOL = "oracle"  # the grader (which knows the gold answer) decides which questions get a reflection
 RECORDS_FILE = "raw.jsonl"
+
+
+def generations_dir(stage_dir: str | Path, identity: str) -> Path:
+    """Where stage 02's generation stores live: named after the stage identity, so a rerun with the same
+    params resumes and other params start afresh beside it. Notebook 02 and ``reflectevo generate``
+    both use it, so a store filled by several processes is the one the notebook then reads."""
+    return Path(stage_dir) / "generations" / identity[:12]
 
 
 # ---- what one step produces ------------------------------------------------------------------
@@ -119,8 +126,12 @@ class ReflectionPipeline:
     """The paper's generate -> verify -> reflect -> retry loop over many questions at once."""
 
     def __init__(self, params: Params, engine: Any, store_dir: str | Path | None = None, *, sandbox: Any = None,
-                 force: bool = False) -> None:
+                 force: bool = False, share_verdicts: Callable[[list[Verdict]], list[Verdict]] | None = None) -> None:
         self.params, self.engine, self.force = params, engine, force
+        # Under data-parallel generation every process grades, then all take the main process's verdicts:
+        # a code test that times out on one busy machine only must not make the processes plan different
+        # reflections (reflectevo.distributed).
+        self.share_verdicts = share_verdicts
         self.reflect = params.reflect
         self.store_dir = Path(store_dir) if store_dir is not None else None
         self.sandbox = sandbox
@@ -175,6 +186,8 @@ class ReflectionPipeline:
                                      self.reflect.grader, self.sandbox)
             for index, verdict in zip(indices, graded):
                 verdicts[index] = verdict
+        if self.share_verdicts is not None:
+            verdicts = self.share_verdicts(verdicts)
         self.seconds[f"verify_{stage}"] = self.seconds.get(f"verify_{stage}", 0.0) + time.perf_counter() - started
         return verdicts  # type: ignore[return-value]
 

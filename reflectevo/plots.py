@@ -364,3 +364,45 @@ def error_localisation(table: Any, path: str | Path | None = None, dpi: int = 12
         _no_data(right, "no reflections" if len(data) == 0 else "no extracted wrong answers")
     right.set_title("Reflections that name the wrong answer")
     return _finish(figure, path, dpi)
+
+
+# ---- self-evolution over rounds ------------------------------------------------------------------------
+STABILITY_PANELS = (
+    ((("acc_t1", "Acc@t1"), ("acc_t2", "Acc@t2")), "accuracy (eval split)", (0, 1)),
+    ((("wrong_to_right", "wrong → right"), ("right_to_wrong", "right → wrong")), "answers (eval split)", None),
+    ((("reflection_length", "mean reflection length"),), "tokens", None),
+    ((("d_plus_yield", "D+ yield"),), "D+ per reflection", (0, 1)),
+)
+
+
+def stability(table: Any, path: str | Path | None = None, dpi: int = 120) -> Any:
+    """The stability table of :func:`reflectevo.analysis.stability_table` across rounds: Acc@t1 and Acc@t2,
+    the answers reflection fixed and broke, the mean reflection length and the D+ yield, one panel each,
+    so collapse or a first answer that gets worse while correction looks better is visible."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    frame = pd.DataFrame(table)
+    figure, axes = plt.subplots(1, len(STABILITY_PANELS), figsize=(4 * len(STABILITY_PANELS), 3.4))
+    rounds = [int(number) for number in frame["round"]] if "round" in frame else []
+    for axis, (series, label, limits) in zip(axes, STABILITY_PANELS):
+        drawn = False
+        for column, name in series:
+            values = pd.to_numeric(frame[column], errors="coerce") if column in frame else pd.Series(dtype=float)
+            if len(values) and values.notna().any():
+                axis.plot(rounds, values.to_numpy(), marker="o", label=name)
+                drawn = True
+        if not drawn:
+            _no_data(axis)
+        else:
+            axis.set_xticks(rounds)
+            axis.set_xlabel("round")
+            axis.set_ylabel(label)
+            if limits:
+                axis.set_ylim(*limits)
+            else:
+                axis.set_ylim(bottom=0)  # counts and lengths: a change reads against zero, not against a zoomed axis
+            if len(series) > 1:
+                axis.legend(fontsize="small")
+        axis.set_title(" / ".join(name for _, name in series))
+    return _finish(figure, path, dpi)

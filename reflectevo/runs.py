@@ -8,6 +8,12 @@
       data/ reflect/ sft/ dpo/ eval/    one folder per stage
       .lock              who is writing this run (pid, host, start time)
 
+With several rounds of self-evolution (``evolve.rounds: N``, N >= 2), stage 01 runs once into
+``outputs/<run>/data/``, stages 02-05 run once per round into ``outputs/<run>/round_<k>/`` (each round
+folder has the layout above, its own ``manifest.json``, ``notebooks/`` and ``figures/``; its stage 01
+is the run's), and stage 06 runs once at the top over every round. One ``.lock`` at the top guards
+the whole run. A stage of a round is addressed ``round_<k>:<stage>`` (``round_2:03_sft``).
+
 Every file is written whole through a temporary file and a rename (:func:`atomic_write_bytes`), so a
 reader or a resumed run never sees half a file. A second writer is refused with a message that says
 who holds the lock; a lock left behind by a process that no longer exists is taken over.
@@ -34,13 +40,19 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Self
 
-from reflectevo.config import Params, canonical_hash
+from reflectevo.config import (
+    Params,
+    canonical_hash,
+    derive_seed,
+    round_folder,
+    validate_params,
+)
 from reflectevo.errors import ReflectEvoError
 
 # The environment variable through which ``reflectevo run`` lets the notebooks it starts write
@@ -135,6 +147,192 @@ def get_stage(name: str) -> Stage:
         if name in (stage.number, stage.key):
             return stage
     raise StageError(f"unknown stage {name!r}; the stages are {', '.join(s.key for s in STAGES)}")
+
+
+# ---- rounds of self-evolution ------------------------------------------------------------------
+ROUND_STAGES = ("02", "03", "04", "05")  # run once per round; 01 and 06 once per run
+GENERATOR_FOLDER = "generator"  # round_<k>/generator/: the model round k starts from (k >= 2)
+
+
+def is_round_stage(stage: Stage) -> bool:
+    return stage.number in ROUND_STAGES
+
+
+def evolving(params: Params) -> bool:
+    """Whether the run has several rounds (the round layout); one round is the plain layout."""
+    return params.evolve.rounds >= 2
+
+
+def round_seed(seed: int, round_number: int) -> int:
+    """Round k's ``run.seed``: the run's seed in round 1 (round 1 is exactly the plain run), else one
+    derived from it and k, so later rounds draw other instructions and samples."""
+    return seed if round_number == 1 else derive_seed(seed, "evolve-round", round_number) % 2**31
+
+
+def generator_dir(params: Params, round_number: int) -> Path:
+    """Where round ``round_number`` (>= 2) keeps the merged model it generates with and trains further."""
+    return params.top_run_dir / round_folder(round_number) / GENERATOR_FOLDER
+
+
+def for_round(params: Params, round_number: int | None = None) -> Params:
+    """One round's params: its folder (``run_dir``), its seed (:func:`round_seed`) and, from round 2 on,
+    its model: the merged generator folder that stage 02 of the round writes. ``round_number`` defaults
+    to ``evolve.round`` (which ``reflectevo run`` injects into the per-round notebooks). Params without a
+    round (the plain layout, stages 01 and 06) come back unchanged; so do params already resolved for
+    that round. Every stage notebook calls this right after validating its params."""
+    number = params.evolve.round if round_number is None else round_number
+    if not params.round_resolved and params.evolve.round is not None:
+        params = params.model_copy(update={"evolve": params.evolve.model_copy(update={"round": None})})  # as injected
+    if number is None or not evolving(params):
+        if number not in (None, 1):
+            raise StageError(f"round {number} asked for, but evolve.rounds is {params.evolve.rounds}")
+        return params
+    if not 1 <= number <= params.evolve.rounds:
+        raise StageError(f"round {number} is outside 1..{params.evolve.rounds} (evolve.rounds)")
+    if params.round_resolved:
+        return params if params.evolve.round == number else for_round(params.run_params, number)
+    raw = params.to_dict()
+    raw["evolve"]["round"] = number
+    if number >= 2:
+        raw["run"]["seed"] = round_seed(params.run.seed, number)
+        raw["model"].update(name=str(generator_dir(params, number)), adapter=None, revision=None)
+    resolved = validate_params(raw, f"round {number} of run {params.run.name}")
+    resolved._run_params = params
+    return resolved
+
+
+@dataclass(frozen=True)
+class Address:
+    """A stage of a run: ``01_data``, ``06_analysis``, or a per-round stage ``round_<k>:03_sft``."""
+
+    stage: Stage
+    round: int | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{round_folder(self.round)}:{self.stage.key}" if self.round else self.stage.key
+
+
+def run_order(params: Params, stages: Sequence[Stage] = STAGES) -> list[Address]:
+    """Every stage of the run in execution order: 01, then 02-05 of round 1, of round 2, ..., then 06."""
+    if not evolving(params):
+        return [Address(stage) for stage in stages]
+    order = [Address(stage) for stage in stages if stage.number < ROUND_STAGES[0]]
+    for number in range(1, params.evolve.rounds + 1):
+        order += [Address(stage, number) for stage in stages if is_round_stage(stage)]
+    return order + [Address(stage) for stage in stages if stage.number > ROUND_STAGES[-1]]
+
+
+ROUND_ADDRESS = re.compile(r"round_(\d+):(.+)")
+
+
+def parse_address(name: str, params: Params) -> list[Address]:
+    """The stages a ``--stages``/``--from`` name means: ``03`` (or ``03_sft``) is that stage, in every
+    round of a run of several rounds; ``round_2:03`` is stage 03 of round 2. Mistakes are errors."""
+    name = name.strip()
+    found = ROUND_ADDRESS.fullmatch(name)
+    if found is None:
+        if name.startswith("round"):
+            raise StageError(f"malformed stage address {name!r}: write round_<k>:<stage>, e.g. round_2:03")
+        stage = get_stage(name)
+        if evolving(params) and is_round_stage(stage):
+            return [Address(stage, number) for number in range(1, params.evolve.rounds + 1)]
+        return [Address(stage)]
+    number, stage = int(found.group(1)), get_stage(found.group(2))
+    if not evolving(params):
+        raise StageError(f"{name!r} names a round, but this run has one round (evolve.rounds: 1, the plain layout); "
+                         f"address the stage as {stage.number}")
+    if not 1 <= number <= params.evolve.rounds:
+        raise StageError(f"{name!r}: round {number} is outside 1..{params.evolve.rounds} (evolve.rounds)")
+    if not is_round_stage(stage):
+        raise StageError(f"{name!r}: stage {stage.key} runs once per run, not per round; address it as {stage.number}")
+    return [Address(stage, number)]
+
+
+def upstream_of(address: Address, params: Params, last_round: int | None = None) -> dict[str, Address]:
+    """The stages ``address`` reads outputs of, by the names its identity records them under. In the
+    plain layout these are :func:`depends_on`. With rounds, a round's stages depend on the run's 01 and
+    on the stages of their own round as in the plain layout; stage 02 of round k >= 2 also on round
+    k-1's 03, 04 and 05 (its generator is chosen from their results); stage 06 on 02 and 05 of every
+    round up to ``last_round`` (the last round run: evolve.rounds, or the round the stopping rule
+    stopped after)."""
+    stage = address.stage
+    if not evolving(params):
+        return {get_stage(n).key: Address(get_stage(n)) for n in depends_on(stage, params)}
+    if address.round is None:
+        if not is_round_stage(stage) and stage.number > ROUND_STAGES[-1]:
+            last = params.evolve.rounds if last_round is None else last_round
+            return {Address(get_stage(n), k).key: Address(get_stage(n), k)
+                    for k in range(1, last + 1) for n in ("02", "05")}
+        return {get_stage(n).key: Address(get_stage(n)) for n in depends_on(stage, params)}
+    upstream = {}
+    for number in depends_on(stage, params):
+        dep = get_stage(number)
+        upstream[dep.key] = Address(dep, address.round if is_round_stage(dep) else None)
+    if stage.number == "02" and address.round >= 2:
+        for number in ("03", "04", "05"):
+            previous = Address(get_stage(number), address.round - 1)
+            upstream[previous.key] = previous
+    return upstream
+
+
+def evolve_marker(params: Params, address: Address, last_round: int | None = None) -> dict[str, Any] | None:
+    """What a stage of a run of several rounds depends on beyond its params sections and upstream, in
+    its identity. None where the stage does exactly what it does in the plain layout (stage 01, and 02-04
+    of round 1), so those identities equal the plain run's."""
+    if not evolving(params):
+        return None
+    evolve = params.evolve
+    if address.round is None:
+        if address.stage.number > ROUND_STAGES[-1]:
+            last = evolve.rounds if last_round is None else last_round
+            return {"rounds": list(range(1, last + 1)), "protocol": evolve.protocol}
+        return None
+    marker: dict[str, Any] = {}
+    if address.round >= 2:
+        marker.update(round=address.round, generator=evolve.generator, data=evolve.data)
+    if address.stage.number == "05":  # it also scores the trained variants on the validation split
+        marker["validation_protocol"] = evolve.protocol
+    return marker or None
+
+
+def address_identity(params: Params, address: Address, upstream: dict[str, str | None],
+                     last_round: int | None = None) -> str:
+    """The identity of a stage of the run (:func:`identity_of` with the round's params and marker)."""
+    own = for_round(params, address.round) if address.round else params
+    marker = evolve_marker(params, address, last_round)
+    if marker is None:
+        return identity_of(own, address.stage, upstream)
+    return canonical_hash({"params": own.section_hash(address.stage.reads), "upstream": upstream, "evolve": marker})
+
+
+def round_manifest_path(top: Path, round_number: int | None) -> Path:
+    return top / round_folder(round_number) if round_number else top
+
+
+def recorded_entry(top: Path, address: Address, cache: dict[Path, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The manifest entry of ``address`` in the run at ``top`` (empty when it never ran)."""
+    folder = round_manifest_path(top, address.round)
+    if cache is not None and folder in cache:
+        manifest = cache[folder]
+    else:
+        manifest = read_manifest(folder)
+        if cache is not None:
+            cache[folder] = manifest
+    return manifest.get("stages", {}).get(address.stage.key, {})
+
+
+def last_round(params: Params, top_manifest: dict[str, Any]) -> int:
+    """The last round of the run: evolve.rounds, or the round the stopping rule stopped after (recorded
+    in the run's manifest by ``reflectevo run``)."""
+    stopped = (top_manifest.get("evolve") or {}).get("stopped") or {}
+    after = stopped.get("after_round")
+    return min(int(after), params.evolve.rounds) if isinstance(after, int) else params.evolve.rounds
+
+
+def included_rounds(params: Params, top_manifest: dict[str, Any]) -> list[int]:
+    """The rounds stage 06 analyses: 1..last_round; empty in the plain layout."""
+    return list(range(1, last_round(params, top_manifest) + 1)) if evolving(params) else []
 
 
 # ---- atomic files ------------------------------------------------------------------------------
@@ -245,6 +443,19 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def folder_sha256(folder: str | Path, exclude: Sequence[str] = ()) -> str:
+    """One digest of a folder's files (relative paths and contents; hidden files and the relative paths in
+    ``exclude`` left out): equal digests, equal folders. The manifest records it for each round's merged
+    generator."""
+    folder = Path(folder)
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts) and str(relative) not in exclude:
+            files[str(relative)] = file_sha256(path)
+    return canonical_hash(files)
 
 
 def now() -> str:
@@ -409,11 +620,15 @@ class RunDir:
     def __init__(self, params: Params, root: Path):
         self.params = params
         self.path = root
-        self.lock = RunLock(root)
+        self.round = params.evolve.round if evolving(params) else None
+        self.top = root.parent if self.round else root  # the run's folder; a round's is inside it
+        self.lock = RunLock(self.top)  # one writer for the whole run, every round included
 
     # -- paths
     def stage_dir(self, stage: str) -> Path:
-        path = self.path / get_stage(stage).folder
+        spec = get_stage(stage)
+        # every round reads the run's one stage 01
+        path = (self.top if self.round and not is_round_stage(spec) else self.path) / spec.folder
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -427,7 +642,13 @@ class RunDir:
 
     # -- manifest
     def manifest(self) -> dict[str, Any]:
-        return read_manifest(self.path)
+        """This folder's manifest; a round's shows the run's stage 01 among its stages (it reads its data)."""
+        manifest = read_manifest(self.path)
+        if self.round:
+            shared = read_manifest(self.top).get("stages", {}).get("01_data")
+            if shared is not None:
+                manifest.setdefault("stages", {})["01_data"] = shared
+        return manifest
 
     def update_manifest(self, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         """Read, change and rewrite the manifest atomically, serialised between processes."""
@@ -470,15 +691,32 @@ class RunDir:
         self.update_manifest(change)
 
     # -- stages
+    def address(self, stage: str) -> Address:
+        """The stage as a stage of this run; a per-round stage of a run of several rounds needs its round."""
+        spec = get_stage(stage)
+        if evolving(self.params):
+            if is_round_stage(spec) and self.round is None:
+                raise StageError(f"run {self.top} has {self.params.evolve.rounds} rounds (evolve.rounds): stage {spec.key} runs "
+                                 "once per round; give its round as evolve.round (reflectevo run does), then "
+                                 "params = reflectevo.runs.for_round(params)")
+            if not is_round_stage(spec) and self.round is not None:
+                raise StageError(f"stage {spec.key} runs once per run, not in round {self.round}; leave evolve.round null")
+        return Address(spec, self.round if is_round_stage(spec) else None)
+
+    def upstream_entries(self, stage: str) -> dict[str, tuple[Address, dict[str, Any]]]:
+        """The manifest entry of every stage ``stage`` depends on, by the name its identity uses."""
+        address = self.address(stage)
+        top = read_manifest(self.top)
+        cache: dict[Path, dict[str, Any]] = {self.top: top}
+        return {key: (dep, recorded_entry(self.top, dep, cache))
+                for key, dep in upstream_of(address, self.params, last_round(self.params, top)).items()}
+
     def stage_identity(self, stage: str) -> str:
         """The stage's identity from the identities its upstream stages recorded when they finished."""
-        spec = get_stage(stage)
-        stages = self.manifest().get("stages", {})
-        upstream = {}
-        for number in depends_on(spec, self.params):
-            entry = stages.get(get_stage(number).key, {})
-            upstream[get_stage(number).key] = entry.get("identity") if entry.get("status") == "done" else None
-        return identity_of(self.params, spec, upstream)
+        address = self.address(stage)
+        upstream = {key: entry.get("identity") if entry.get("status") == "done" else None
+                    for key, (_, entry) in self.upstream_entries(stage).items()}
+        return address_identity(self.params, address, upstream, last_round(self.params, read_manifest(self.top)))
 
     def mark_stage_failed(self, stage: str, reason: str, status: str = "failed") -> None:
         def failed(manifest: dict[str, Any]) -> None:
@@ -489,14 +727,18 @@ class RunDir:
 
     def begin_stage(self, stage: str, *, require_upstream: bool = True) -> StageRun:
         spec = get_stage(stage)
+        if self.round and not self.params.round_resolved:
+            raise StageError(f"these params name round {self.round} but are not resolved for it: call "
+                             "params = reflectevo.runs.for_round(params) first (it sets the round's seed and model)")
         stages = self.manifest().get("stages", {})
         if require_upstream:
-            missing = [get_stage(n).key for n in depends_on(spec, self.params) if stages.get(get_stage(n).key, {}).get("status") != "done"]
+            missing = [dep.key for dep, entry in self.upstream_entries(stage).values() if entry.get("status") != "done"]
             # 05_eval can evaluate the base model without 03/04; only 01 is indispensable there.
             if spec.key == "05_eval":
                 missing = [key for key in missing if key == "01_data"]
             if missing:
-                raise StageError(f"stage {spec.key} needs {', '.join(missing)} to have finished in {self.path} first")
+                raise StageError(f"stage {self.address(stage).key} needs {', '.join(missing)} to have finished in "
+                                 f"{self.top} first")
         identity = self.stage_identity(stage)
         folder = self.stage_dir(stage)
         previous = stages.get(spec.key, {}).get("pid")
@@ -575,6 +817,9 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
 def open_run(params: Params, *, params_file: str | Path | None = None, command: str = "") -> RunDir:
     """Create or reopen ``outputs/<run.name>/``, take (or join) its lock and refresh the manifest."""
     root = params.run_dir
+    if params.evolve.round and not params.round_resolved:
+        raise StageError(f"these params name round {params.evolve.round} but are not resolved for it: call "
+                         "params = reflectevo.runs.for_round(params) first (it sets the round's seed and model)")
     try:
         root.mkdir(parents=True, exist_ok=True)
         for sub in SUBDIRS:
@@ -590,7 +835,7 @@ def open_run(params: Params, *, params_file: str | Path | None = None, command: 
             "params": params.to_dict(),
             "params_hash": params.hash(),
             "params_file": None if params_file is None else {"path": str(params_file), "sha256": file_sha256(params_file)},
-            "seeds": {"run": params.run.seed},
+            "seeds": {"run": params.run.seed, **({"round": run.round} if run.round else {})},
             "packages": package_versions(),
             "git": git_commit(),
             "device": device_info(),
