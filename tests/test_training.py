@@ -175,7 +175,9 @@ KILLED_RUNS = {"sft": ({**SFT, "max_steps": 12, "save_steps": 4, "per_device_bat
                "dpo": ({**DPO, "max_steps": 6, "save_steps": 2, "learning_rate": 5e-4}, "d_pm", 6, 3, "checkpoint-2")}
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo"])
+# SFT killed mid-run is covered by tests/test_faults.py (stage 03, killed at drawn points, compared with an
+# uninterrupted run); DPO is kept here for its reference adapter, which once hid the trained one on resume.
+@pytest.mark.parametrize("kind", ["dpo"])
 def test_a_killed_run_resumes_to_the_same_adapter(smoke_reflect_run, tmp_path, kind):
     section, variant, steps, kill, newest = KILLED_RUNS[kind]
     script = tmp_path / "killable.py"
