@@ -17,10 +17,13 @@ rounds, and stage 06 covers the rounds that ran.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,6 +74,44 @@ class PlannedStage:
     def key(self) -> str:
         """``03_sft``, or ``round_2:03_sft`` for a stage of a round."""
         return self.address.key
+
+
+def child_processes() -> list[int]:
+    """Process ids of this process's children (Linux: /proc/self/task/<tid>/children)."""
+    children: list[int] = []
+    for task in Path("/proc/self/task").glob("*"):
+        with contextlib.suppress(OSError):
+            children += [int(pid) for pid in (task / "children").read_text().split()]
+    return children
+
+
+@contextlib.contextmanager
+def ctrl_c_noted(presses: list[float]) -> Iterator[None]:
+    """While a stage's notebook runs, the first Ctrl-C is noted in ``presses`` and passed on to the kernel.
+
+    The kernel runs in its own session, so a terminal's Ctrl-C does not reach it; forwarded (as a
+    Jupyter front end does), it stops the running cell, and papermill returns with that cell's error
+    and shuts its kernel down as after any failure. Raising KeyboardInterrupt in this process instead
+    lands at an arbitrary point of papermill's event loop, whose cleanup can then wait forever. A
+    second Ctrl-C raises as usual.
+    """
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield
+        return
+
+    def note(signum: int, frame: Any) -> None:
+        if presses:
+            raise KeyboardInterrupt
+        presses.append(time.monotonic())
+        for child in child_processes():  # the kernel is this process's child
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(child, signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def notebooks_dir(explicit: str | Path | None = None) -> Path:
@@ -305,10 +346,23 @@ def run_pipeline(params_file: str | Path, *, stages: list[str] | None = None, st
             if planned.round is not None:  # the round travels in the evolve section, which replaces the file's whole
                 injected["evolve"] = {**params.evolve.model_dump(mode="json"), "round": planned.round}
             started = time.monotonic()
+            interrupted, ctrl_c = False, []
             try:
-                pm.execute_notebook(str(planned.notebook), str(running), parameters=injected,
-                                    kernel_name="python3", cwd=os.getcwd(), progress_bar=False, log_output=False)
+                with ctrl_c_noted(ctrl_c):
+                    pm.execute_notebook(str(planned.notebook), str(running), parameters=injected,
+                                        kernel_name="python3", cwd=os.getcwd(), progress_bar=False, log_output=False)
+                interrupted = bool(ctrl_c)  # the kernel finished the stage anyway: stop before the next one
             except KeyboardInterrupt:
+                interrupted = True
+            except Exception as exc:  # noqa: BLE001  (a failing cell, a dead kernel: report any of them)
+                interrupted = bool(ctrl_c)  # the kernel's cell stopped on the same Ctrl-C
+                if not interrupted:
+                    reason = describe_failure(exc, running)
+                    kept = keep_executed(running, where.notebooks / f"{planned.stage.key}.failed.ipynb")
+                    where.mark_stage_failed(planned.stage.key, reason)
+                    out(f"{prefix}: FAILED in {planned.stage.notebook}, {reason}{kept}")
+                    return 1
+            if interrupted:
                 # Ctrl-C: the kernel got the same signal; what the stage committed (generation batches,
                 # checkpoints, finished adapters) stays, so the same command resumes.
                 kept = keep_executed(running, where.notebooks / f"{planned.stage.key}.interrupted.ipynb")
@@ -316,12 +370,6 @@ def run_pipeline(params_file: str | Path, *, stages: list[str] | None = None, st
                 out(f"{prefix}: INTERRUPTED (Ctrl-C); finished stages, committed generation batches and checkpoints "
                     f"are kept: rerun the same command to resume.{kept}")
                 return 130
-            except Exception as exc:  # noqa: BLE001  (a failing cell, a dead kernel: report any of them)
-                reason = describe_failure(exc, running)
-                kept = keep_executed(running, where.notebooks / f"{planned.stage.key}.failed.ipynb")
-                where.mark_stage_failed(planned.stage.key, reason)
-                out(f"{prefix}: FAILED in {planned.stage.notebook}, {reason}{kept}")
-                return 1
             os.replace(running, where.notebooks / planned.stage.notebook)
             for leftover in ("failed", "interrupted"):
                 (where.notebooks / f"{planned.stage.key}.{leftover}.ipynb").unlink(missing_ok=True)

@@ -269,6 +269,7 @@ def test_ctrl_c_leaves_a_resumable_run(holding_project):
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)  # reaped: no zombie left for later tests' process checks
     assert process.returncode == 130, out + err
     assert "01_data: INTERRUPTED (Ctrl-C)" in out and "rerun the same command to resume" in out
     run_dir = holding_project / "outputs" / "r"
