@@ -843,29 +843,41 @@ def tiny_model_dir(settings: TinySettings = DEFAULT_TINY) -> Path:
     """
     corpus = build_corpus(settings)
     key = tiny_cache_key(settings, corpus)
-    root = cache_dir() / "models"
-    final = root / f"tiny-{key[:16]}"
-    if (final / "standin.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(root / f".tiny-{key[:16]}.lock", what=f"{TINY} in {final}"):
-        if (final / "standin.json").is_file():
-            return final  # built by another process while this one waited
-        if final.exists():  # an incomplete folder left by hand: a complete one always has standin.json
-            shutil.rmtree(final)
-        staging = Path(tempfile.mkdtemp(prefix=f".tiny-{key[:16]}-", dir=root))
-        try:
-            _announce(f"building the stand-in model {TINY} in {final} (once per corpus version; about 5 minutes on 2 CPU cores)")
-            info = build_tiny(staging, settings, corpus, key)
-            os.rename(staging, final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+    final = cache_dir() / "models" / f"tiny-{key[:16]}"
+
+    def build(staging: Path) -> None:
+        _announce(f"building the stand-in model {TINY} in {final} (once per corpus version; about 5 minutes on 2 CPU cores)")
+        info = build_tiny(staging, settings, corpus, key)
         quality = info["quality"]["overall"]
         _announce(
             f"built {TINY} in {info['build_seconds']:.0f} s: validation answers parseable {quality['parseable']:.2f}, "
             f"accuracy {quality['accuracy']:.2f} (a stand-in for demos and tests, not a research model)"
         )
+
+    return _build_once(final, "standin.json", f"{TINY} in {final}", build)
+
+
+def _build_once(final: Path, marker: str, what: str, build: Callable[[Path], Any]) -> Path:
+    """``final``, built by ``build(staging)`` first unless it holds ``marker`` (a file a build writes).
+
+    Safe from several processes at once: one builds into a temporary folder beside ``final`` and
+    renames it into place when complete; the others wait on the lock and then use its result.
+    """
+    if (final / marker).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(final.parent / f".{final.name}.lock", what=what):
+        if (final / marker).is_file():
+            return final  # built by another process while this one waited
+        if final.exists():  # an incomplete folder left by hand: a complete one always has the marker
+            shutil.rmtree(final)
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+        try:
+            build(staging)
+            os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return final
 
 
@@ -1267,25 +1279,15 @@ def random_model_dir(name: str, dtype: str = "bfloat16", seed: int = RANDOM_INIT
     folder, such as Unsloth's. The same seed gives the same weights as :func:`random_model`, so both
     backends of a benchmark train and generate with identical models. Written once, atomically
     (about 2.5 GB for random-1b and 16 GB for random-8b in 16-bit)."""
-    tokenizer = llama3_vocab_tokenizer()
-    root = cache_dir() / "models"
-    final = root / f"{name.removeprefix('builtin:')}-{dtype}-seed{seed}-{Path(tokenizer.name_or_path).name}"
-    if (final / "config.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(root / f".{final.name}.lock", what=f"{name} saved to {final}"):
-        if not (final / "config.json").is_file():
-            staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
-            try:
-                model, tokenizer = random_model(name, device="cpu", dtype=dtype, seed=seed)
-                model.save_pretrained(staging)
-                tokenizer.save_pretrained(staging)
-                del model
-                os.rename(staging, final)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-    return final
+    vocabulary = Path(llama3_vocab_tokenizer().name_or_path).name
+    final = cache_dir() / "models" / f"{name.removeprefix('builtin:')}-{dtype}-seed{seed}-{vocabulary}"
+
+    def build(staging: Path) -> None:
+        model, tokenizer = random_model(name, device="cpu", dtype=dtype, seed=seed)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+    return _build_once(final, "config.json", f"{name} saved to {final}", build)
 
 
 def llama3_vocab_tokenizer():
@@ -1302,19 +1304,9 @@ def llama3_vocab_tokenizer():
     )
     for doc in stdlib_docstrings():
         digest.update(json.dumps(doc).encode())
-    root = cache_dir() / "models"
-    final = root / f"llama3-vocab-{digest.hexdigest()[:16]}"
-    if not (final / "tokenizer.json").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        with _exclusive_lock(root / f".{final.name}.lock", what=f"the {LLAMA3_VOCAB_SIZE}-token tokenizer in {final}"):
-            if not (final / "tokenizer.json").is_file():
-                staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
-                try:
-                    _padded_tokenizer(LLAMA3_VOCAB_SIZE).save_pretrained(staging)
-                    os.rename(staging, final)
-                except BaseException:
-                    shutil.rmtree(staging, ignore_errors=True)
-                    raise
+    final = cache_dir() / "models" / f"llama3-vocab-{digest.hexdigest()[:16]}"
+    _build_once(final, "tokenizer.json", f"the {LLAMA3_VOCAB_SIZE}-token tokenizer in {final}",
+                lambda staging: _padded_tokenizer(LLAMA3_VOCAB_SIZE).save_pretrained(staging))
     return AutoTokenizer.from_pretrained(final)
 
 
