@@ -27,15 +27,17 @@ import json
 import platform
 import random
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lengths
+from generation import (
+    timed,  # bench/generation.py: a call timed with the GPU synchronised
+)
 
-from reflectevo.generation import GenerationRequest, GenerationSettings
+from reflectevo.generation import GenerationRequest, GenerationSettings, render_chat
 from reflectevo.prompts import (
     INSTRUCTIONS,
     attempt_messages,
@@ -87,7 +89,7 @@ def imposed_factory(step: Step, tokenizer, eos_id: int):
     by_prompt: dict[tuple[int, ...], list[list[int]]] = {}
 
     def key_of(request: GenerationRequest) -> tuple[int, ...]:
-        return tuple(tokenizer(render(tokenizer, request.messages), add_special_tokens=False)["input_ids"])
+        return tuple(tokenizer(render_chat(tokenizer, request.messages), add_special_tokens=False)["input_ids"])
 
     for request in step.requests:
         by_prompt.setdefault(key_of(request), []).append(step.targets[request.key])
@@ -102,12 +104,6 @@ def imposed_factory(step: Step, tokenizer, eos_id: int):
         return ImposedLengths(targets, max(len(ids) for ids in token_ids), eos_id)
 
     return make
-
-
-def render(tokenizer, messages) -> str:
-    from reflectevo.generation import render_chat
-
-    return render_chat(tokenizer, messages)
 
 
 # ---- the three steps -------------------------------------------------------------------------------
@@ -184,6 +180,9 @@ class PlainWay:
         self.eos = eos[0] if isinstance(eos, list) else eos
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
 
+    def prepare(self, step: Step) -> None:
+        """Nothing to set up: the imposed lengths travel with each call's prompts."""
+
     def run_step(self, step: Step) -> dict[str, list[tuple[str, int]]]:
         import torch
 
@@ -192,7 +191,7 @@ class PlainWay:
         per_call = max(1, self.batch // step.settings.n)
         for start in range(0, len(step.requests), per_call):
             chunk = step.requests[start:start + per_call]
-            prompts = [render(self.tokenizer, r.messages) for r in chunk]
+            prompts = [render_chat(self.tokenizer, r.messages) for r in chunk]
             rows = generate_rows(self.model, self.tokenizer, self.pad, self.eos, prompts,
                                  [step.targets[r.key] for r in chunk], step.settings)
             for i, request in enumerate(chunk):
@@ -208,8 +207,11 @@ class EngineWay:
         eos = engine.model.generation_config.eos_token_id
         self.eos = eos[0] if isinstance(eos, list) else eos
 
-    def run_step(self, step: Step) -> dict[str, list[tuple[str, int]]]:
+    def prepare(self, step: Step) -> None:
+        """Untimed: the imposed lengths by prompt (tokenizing every prompt is the benchmark's work, not the engine's)."""
         self.engine.processor_factories = [imposed_factory(step, self.engine.tokenizer, self.eos)]
+
+    def run_step(self, step: Step) -> dict[str, list[tuple[str, int]]]:
         outputs = self.engine.generate(step.requests, step.settings, stage=f"bench-{step.name}")
         results: dict[str, list[tuple[str, int]]] = {}
         for output in outputs:
@@ -222,45 +224,35 @@ def run_stage(way, mix: list[lengths.MixItem], k: int, scale: float, seed: int, 
     max_new = scaled(max(max(v.values()) for v in lengths.OUTPUT_MEANS.values()) * lengths.SPREAD_CAP, scale)
     groups = [[m] for m in mix] if naive else [mix]
     steps: dict[str, dict[str, float]] = {name: {"seconds": 0.0, "records": 0, "tokens": 0} for name in lengths.STEPS}
-    context = 0.0  # sum over records of prompt tokens + half the record's output: its mean context
-    started = time.perf_counter()
+    done: list[tuple[Step, dict[str, list[tuple[str, int]]]]] = []
+
+    def run(step: Step) -> dict[str, list[tuple[str, int]]]:
+        way.prepare(step)
+        results, seconds = timed(way.run_step, step)
+        steps[step.name]["seconds"] += seconds
+        steps[step.name]["records"] += sum(len(rows) for rows in results.values())
+        steps[step.name]["tokens"] += sum(n for rows in results.values() for _t, n in rows)
+        done.append((step, results))
+        return results
+
     for group in groups:
-        ran = {}
-        step = first_trials(group, scale, max_new)
-        ran[step.name] = (step, *timed(way.run_step, step))
-        attempts = {key: rows[0][0] for key, rows in ran[step.name][1].items()}
-        step = reflections(group, attempts, k, scale, seed, max_new)
-        ran[step.name] = (step, *timed(way.run_step, step))
-        texts = {key: [text for text, _n in rows] for key, rows in ran[step.name][1].items()}
-        step = second_trials(group, texts, scale, max_new)
-        ran[step.name] = (step, *timed(way.run_step, step))
-        for name, (step, results, seconds) in ran.items():
-            steps[name]["seconds"] += seconds
-            steps[name]["records"] += sum(len(rows) for rows in results.values())
-            steps[name]["tokens"] += sum(n for rows in results.values() for _t, n in rows)
-            for request in step.requests:
-                prompt = len(way.tokenizer(render(way.tokenizer, request.messages), add_special_tokens=False)["input_ids"])
-                context += sum(prompt + n / 2 for _t, n in results[request.key])
-    seconds = time.perf_counter() - started
+        attempts = {key: rows[0][0] for key, rows in run(first_trials(group, scale, max_new)).items()}
+        reflected = run(reflections(group, attempts, k, scale, seed, max_new))
+        run(second_trials(group, {key: [text for text, _n in rows] for key, rows in reflected.items()}, scale, max_new))
+    # the stage's time is the generation steps' time; building prompts in between is the benchmark's own
+    seconds = sum(s["seconds"] for s in steps.values())
     records = sum(s["records"] for s in steps.values())
     tokens = sum(s["tokens"] for s in steps.values())
+    context = 0.0  # sum over records of prompt tokens + half the record's output: its mean context
+    for step, results in done:
+        for request in step.requests:
+            prompt = len(way.tokenizer(render_chat(way.tokenizer, request.messages), add_special_tokens=False)["input_ids"])
+            context += sum(prompt + n / 2 for _t, n in results[request.key])
     return {"way": way.name, "seconds": round(seconds, 3), "records": records, "generated_tokens": tokens,
             "mean_context": round(context / records, 1),
             "records_per_s": round(records / seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
             "steps": {name: {**s, "seconds": round(s["seconds"], 3),
                              "tokens_per_s": round(s["tokens"] / max(s["seconds"], 1e-9), 1)} for name, s in steps.items()}}
-
-
-def timed(function, *args):
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    result = function(*args)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - started
 
 
 # ---- entry -----------------------------------------------------------------------------------------
