@@ -301,8 +301,17 @@ def one_stage_completion(reflection: str, attempt: str) -> str:
 
 
 def split_one_stage(text: str) -> tuple[str, str | None]:
-    """(reflection, attempt) of a one-stage answer; the attempt is None when ``Answer:`` is missing."""
-    head, separator, tail = text.partition(ONE_STAGE_SEPARATOR.strip("\n"))
+    """(reflection, attempt) of a one-stage answer; the attempt is None when there is no separator.
+
+    This package's rule (the paper gives none): the split is at the LAST line that reads exactly
+    ``Answer:``, i.e. the :data:`ONE_STAGE_SEPARATOR` that :func:`one_stage_completion` writes
+    between the reflection and the attempt. A reflection that mentions "Answer:" in a sentence, or
+    quotes an old attempt with its own ``Answer:`` line, stays in the reflection; an ``Answer:`` that
+    is not alone on its line (``Answer: Finish[B]``) is no separator, so the attempt is None and the
+    second turn is a parse failure.
+    """
+    # a leading newline lets a separator on the very first line count as a line of its own
+    head, separator, tail = ("\n" + text).rpartition(ONE_STAGE_SEPARATOR)
     if not separator:
         return text.strip(), None
     return head.strip(), tail.strip()

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pytest
 
+from reflectevo.curation import infer_task
 from reflectevo.tasks import TASKS
-from reflectevo.tasks.selfcheck import check_graders, format_report
+from reflectevo.tasks.selfcheck import check_graders, format_report, wrong_answer
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +50,8 @@ LETTER_VARIANTS = ["(B)", "B.", "Option B", "B)", "' B '", "B. text", "option te
 def test_option_letter_perturbations(reports):
     """The official rule accepts none of these forms of the right letter; the robust one accepts them."""
     expected = {
-        "logiqa": {kind: 500 for kind in LETTER_VARIANTS[:5]} | {"B. text": 479, "option text": 479},
+        # option texts exist for 496 LogiQA items: 4 have a malformed option block (see below)
+        "logiqa": {kind: 500 for kind in LETTER_VARIANTS[:5]} | {"B. text": 496, "option text": 496},
         "bigbench": {kind: 356 for kind in LETTER_VARIANTS},
     }
     for task, cases in expected.items():
@@ -58,9 +60,22 @@ def test_option_letter_perturbations(reports):
             assert table[kind]["cases"] == count and table[kind]["official"] == 0, (task, kind)
     assert all(reports["bigbench"]["perturbations"][kind]["robust"] == 356 for kind in LETTER_VARIANTS)
     assert all(reports["logiqa"]["perturbations"][kind]["robust"] == 500 for kind in LETTER_VARIANTS[:5])
-    assert reports["logiqa"]["perturbations"]["B. text"]["robust"] == 479
+    assert reports["logiqa"]["perturbations"]["B. text"]["robust"] == 496
     # one LogiQA option text itself starts with "A.B and C ...", which reads as the letter A
-    assert reports["logiqa"]["perturbations"]["option text"]["robust"] == 478
+    assert reports["logiqa"]["perturbations"]["option text"]["robust"] == 495
+
+
+def test_logiqa_option_blocks_that_cannot_be_parsed_are_listed_with_the_reason(reports, official_items):
+    """17 questions list their options as A, C, B, D and are parsed; these 4 are malformed in the file."""
+    assert reports["logiqa"]["options_unparsed"] == [
+        {"id": "46", "reason": "no option line for A (option lines: B, C, D)"},  # "A All American ..." has no dot
+        {"id": "113", "reason": "no option line for A (option lines: B, C)"},  # options A and D run into the text
+        {"id": "441", "reason": "no option lines of the form 'A. text'"},  # "A Shannan", "B Jiangnan", ...
+        {"id": "451", "reason": "no option lines of the form 'A. text'"},
+    ]
+    assert reports["bigbench"]["options_unparsed"] == []
+    # row 68 lists A.F, C.J, B.G, D.N: each text belongs to the letter written before it
+    assert official_items["logiqa"][67].options == ["F", "G", "J", "N"]
 
 
 def test_free_text_perturbations(reports):
@@ -78,3 +93,31 @@ def test_math_perturbations(reports):
     assert table["n.0"] == {"cases": 312, "official": 0, "robust": 312, "disagree": 312}
     assert table["decimal"] == {"cases": 22, "official": 4, "robust": 22, "disagree": 18}
     assert table["x = answer"]["official"] == 493 and table["x = answer"]["robust"] == 496
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_a_thought_that_quotes_the_rejected_answer_does_not_count(official_items, name):
+    """A second attempt restates its rejected first answer in the thought; only the action is graded.
+    MBPP is checked by extraction (the code that would run), the others by full task."""
+    task, items = TASKS[name], official_items[name]
+    for position, item in enumerate(items):
+        right = task.render_answer(item.gold)
+        rejected = task.render_answer(wrong_answer(task, item, items, position))
+        output = f"Thought: My previous answer {rejected} was wrong. Let me redo it.\nAction: {right}"
+        reverse = f"Thought: Earlier I wrote {right}, but I now think otherwise.\nAction: {rejected}"
+        for grader in ("official", "robust"):
+            if task.needs_code_execution:
+                assert task.extract(output, grader, item).answer.strip() == item.gold.strip(), (grader, item.id)
+                assert task.extract(reverse, grader, item).answer.strip() != item.gold.strip(), (grader, item.id)
+                continue
+            assert task.grade(item, output, grader).correct, (grader, item.id)
+            assert not task.grade(item, reverse, grader).correct, (grader, item.id)
+
+
+def test_released_rows_infer_the_task_of_every_official_question(official_items):
+    """The released files carry no task name: the question's shape must tell LogiQA from BIG-bench,
+    free-text BIG-bench questions (no options at all) included."""
+    attempt = "Thought: I have worked it out.\nAction: Finish[A]"
+    for task in ("logiqa", "bigbench"):
+        inferred = [infer_task(attempt, item.question) for item in official_items[task]]
+        assert inferred == [task] * 500, [item.id for item, name in zip(official_items[task], inferred) if name != task][:10]

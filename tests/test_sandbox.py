@@ -170,8 +170,8 @@ def test_run_many_keeps_job_order(sandbox):
 def test_mbpp_grading_maps_outcomes(hostile):
     task = get_task("mbpp")
     item = task.load_samples("train")[0]  # square(n)
-    outputs = ["[BEGIN]\ndef square(n):\n    return n * n\n[END]", "[BEGIN]\nwhile True: pass\n[END]",
-               "[BEGIN]\ndef square(n):\n    return n\n[END]", "no code"]
+    outputs = ["Action: [BEGIN]\ndef square(n):\n    return n * n\n[END]", "Action: [BEGIN]\nwhile True: pass\n[END]",
+               "Action: [BEGIN]\ndef square(n):\n    return n\n[END]", "Action: no code"]
     outcomes = [v.outcome for v in task.grade_many([item] * 4, outputs, "official", hostile)]
     assert outcomes == ["correct", "timeout", "wrong", "parse_failure"]
     verdict = task.grade(item, outputs[2], "robust", hostile)

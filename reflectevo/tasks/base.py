@@ -2,9 +2,12 @@
 
 A task module (``logiqa.py``, ``math.py``, ...) subclasses :class:`Task` and fills in four things:
 how rows become :class:`Item` objects (official JSONL, hub dataset), how the answer is written
-(``render_answer``), how it is read back (``extract``), and how it is judged (``judge``).
-Both graders live side by side: ``official`` reproduces the paper's code, ``robust`` is tolerant
-of formatting, and :meth:`Task.grade_both` returns both verdicts for one output.
+(``render_answer``), how it is read back from an action (``extract_answer``), and how it is judged
+(``judge``). Both graders live side by side: ``official`` reproduces the paper's code, ``robust`` is
+tolerant of formatting, and :meth:`Task.grade_both` returns both verdicts for one output.
+
+Answers are read from the action only (:func:`action_part`), as the paper's agent does: an answer
+quoted in the thought ("my previous answer Finish[A] was wrong") never counts.
 """
 
 from __future__ import annotations
@@ -25,6 +28,12 @@ SPLITS = ("train", "validation", "test")
 # The observation strings of the paper's environments; the model sees them after an attempt.
 CORRECT_OBSERVATION = "Answer is CORRECT"
 INCORRECT_OBSERVATION = "Answer is INCORRECT"
+
+# Where an attempt's action starts. The paper's agent stops its thought call at the first
+# "Action:" and parses the answer from the action call's output alone.
+ACTION_MARKER = "Action:"
+NO_ACTION_LINE = "no action line (no 'Action:' in the output)"
+WHOLE_TEXT = "whole_text"  # Extraction.fallback: the robust grader read an output without an action line
 
 
 def check_grader(grader: str) -> str:
@@ -97,6 +106,7 @@ class Extraction:
     answer: str | None
     method: str  # the rule that matched, e.g. "finish", "option_text", "boxed"; "none" on failure
     reason: str = ""  # why parsing failed, for the record
+    fallback: str | None = None  # WHOLE_TEXT when the output had no action line and the whole text was read
 
     @property
     def ok(self) -> bool:
@@ -133,6 +143,25 @@ class FewShot:
     question: str
     thought: str
     action: str
+
+
+def action_part(text: str) -> str | None:
+    """The action of an attempt: the text after its first ``Action:``, None when it has none.
+
+    In a two-call attempt (``reflectevo.prompts.join_two_calls``) this is exactly the action call's
+    output, because the thought call stops at ``Action:``. In a one-call attempt it is what the
+    paper's agent would have parsed had the same text come from its two calls.
+    """
+    _, marker, action = text.partition(ACTION_MARKER)
+    return action if marker else None
+
+
+def extraction_details(extraction: Extraction) -> dict[str, Any]:
+    """What a verdict records of how its answer was read (the fallback only when there was one)."""
+    details: dict[str, Any] = {"method": extraction.method}
+    if extraction.fallback is not None:
+        details["fallback"] = extraction.fallback
+    return details
 
 
 def official_finish(text: str) -> Extraction:
@@ -234,7 +263,25 @@ class Task:
         raise NotImplementedError
 
     def extract(self, text: str, grader: str = "official", item: Item | None = None) -> Extraction:
-        """Read the answer out of a model's action text under ``grader``'s rules."""
+        """Read the answer out of a model's attempt (``Thought: ... Action: ...``) under ``grader``'s rules.
+
+        Only the action part (:func:`action_part`) is read. Without an ``Action:`` the official
+        grader reports a parse failure, as the paper's agent would have no action to parse; the
+        robust grader reads the whole text instead and marks the extraction ``fallback="whole_text"``
+        (recorded in the verdict's details, so such outputs can be counted).
+        """
+        check_grader(grader)
+        action = action_part(text)
+        if action is not None:
+            return self.extract_answer(action, grader, item)
+        if grader == "official":
+            return Extraction(None, "none", NO_ACTION_LINE)
+        extraction = self.extract_answer(text, grader, item)
+        extraction.fallback = WHOLE_TEXT
+        return extraction
+
+    def extract_answer(self, action: str, grader: str, item: Item | None = None) -> Extraction:
+        """Read the answer out of an action text (what follows ``Action:``) under ``grader``'s rules."""
         raise NotImplementedError
 
     def judge(self, item: Item, extraction: Extraction, grader: str) -> Verdict:
@@ -268,7 +315,7 @@ class Task:
             grader=grader,
             extracted=None,
             feedback=self.invalid_hint,
-            details={"method": extraction.method, "reason": extraction.reason},
+            details={**extraction_details(extraction), "reason": extraction.reason},
         )
 
     @staticmethod
@@ -278,7 +325,7 @@ class Task:
             grader=grader,
             extracted=extraction.answer,
             feedback=CORRECT_OBSERVATION if ok else INCORRECT_OBSERVATION,
-            details={"method": extraction.method, **details},
+            details={**extraction_details(extraction), **details},
         )
 
     def describe(self) -> dict[str, Any]:

@@ -6,10 +6,11 @@ multiple-choice rows (kept as ``source_id``). A multiple-choice row lists its op
 short text gold ("1930", "the girl"). Items are numbered by row (index + 1); each item records
 ``metadata["answer_type"]`` (``choice`` or ``free``) so results can be split by row type.
 
-Grading. official: the text between ``Finish[`` and the next ``]``, compared with the gold
-case-insensitively, for every row (free text included), as the paper's code does. robust:
-multiple-choice rows read the option letter tolerantly; free-text rows use SQuAD-normalised
-exact match, and report token F1.
+Grading reads the action only (the text after ``Action:``, see :meth:`Task.extract`). official:
+the text between ``Finish[`` and the next ``]``, compared with the gold case-insensitively, for
+every row (free text included), as the paper's code does. robust: multiple-choice rows read the
+option letter tolerantly (a letter that is not an option is a wrong answer, not a parse failure);
+free-text rows use SQuAD-normalised exact match, and report token F1.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from reflectevo.tasks.base import (
     Item,
     Task,
     Verdict,
-    check_grader,
     check_optional,
     official_finish,
     require_fields,
@@ -33,7 +33,7 @@ from reflectevo.tasks.text import (
     LETTERS,
     finish_argument_balanced,
     parse_options,
-    read_option_letter,
+    read_option_extraction,
     squad_normalize,
     token_f1,
 )
@@ -43,7 +43,7 @@ _SINGLE_LETTER = re.compile(r"[A-Za-z]")
 
 class BigBench(Task):
     name = "bigbench"
-    version = "1"
+    version = "2"
     description = "BIG-bench mix: multiple-choice rows (letter) and free-text rows (short answer)"
     answer_format = (
         "finish with your answer inside square brackets after Finish: the option letter for a "
@@ -151,16 +151,14 @@ class BigBench(Task):
     def render_answer(self, answer: str) -> str:
         return f"Finish[{answer}]"
 
-    def extract(self, text: str, grader: str = "official", item: Item | None = None) -> Extraction:
-        check_grader(grader)
+    def extract_answer(self, action: str, grader: str, item: Item | None = None) -> Extraction:
         if grader == "official":
-            return official_finish(text)
-        argument = finish_argument_balanced(text)
+            return official_finish(action)
+        argument = finish_argument_balanced(action)
         if argument is None:
             return Extraction(None, "none", "no Finish[...] action")
         if item is not None and item.metadata.get("answer_type") == "choice":
-            letter, how = read_option_letter(argument, item.options, len(item.options))
-            return Extraction(letter, how) if letter else Extraction(None, "none", how)
+            return read_option_extraction(argument, item.options, len(item.options))
         if not argument.strip():
             return Extraction(None, "none", "empty Finish[]")
         return Extraction(argument.strip(), "finish")

@@ -2,11 +2,17 @@
 
 Official file: ``logiqa_test.jsonl`` rows ``{id, question, answer}``; the question ends with the
 options ``A.…`` to ``D.…`` and the gold is a lower-case letter. The official loader numbers items
-by row (index + 1); the file's own ``id`` is kept as ``source_id``.
+by row (index + 1); the file's own ``id`` is kept as ``source_id``. 17 questions list their options
+as A, C, B, D (parsed: each text goes to the letter written before it); 4 have a malformed block
+(rows 46, 113, 441, 451: ``A text`` without the dot, or options run into the passage), so their
+``options`` is empty and the robust grader reads only letters there (``reflectevo check-graders``
+lists them with the reason).
 
-Grading. official: the text between ``Finish[`` and the next ``]``, compared with the gold letter
-case-insensitively and without stripping ("B." or "(B)" are wrong). robust: the option letter read
-tolerantly ("(B)", "B. text", "Option B", the option's own text).
+Grading reads the action only (the text after ``Action:``, see :meth:`Task.extract`). official:
+the text between ``Finish[`` and the next ``]``, compared with the gold letter case-insensitively
+and without stripping ("B." or "(B)" are wrong). robust: the option letter read tolerantly ("(B)",
+"B. text", "Option B", the option's own text); a letter that is not an option (``Finish[E]``) is
+a wrong answer, as under the official grader, not a parse failure.
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ from reflectevo.tasks.base import (
     Item,
     Task,
     Verdict,
-    check_grader,
     check_optional,
     official_finish,
     require_fields,
@@ -29,7 +34,7 @@ from reflectevo.tasks.text import (
     LETTERS,
     finish_argument_balanced,
     parse_options,
-    read_option_letter,
+    read_option_extraction,
 )
 
 N_OPTIONS = 4
@@ -37,7 +42,7 @@ N_OPTIONS = 4
 
 class LogiQA(Task):
     name = "logiqa"
-    version = "1"
+    version = "2"
     description = "LogiQA logical reasoning, 4 options, answer letter"
     answer_format = (
         "finish with the letter of the correct option inside square brackets after Finish, "
@@ -141,18 +146,14 @@ class LogiQA(Task):
     def render_answer(self, answer: str) -> str:
         return f"Finish[{answer}]"
 
-    def extract(self, text: str, grader: str = "official", item: Item | None = None) -> Extraction:
-        check_grader(grader)
+    def extract_answer(self, action: str, grader: str, item: Item | None = None) -> Extraction:
         if grader == "official":
-            return official_finish(text)
-        argument = finish_argument_balanced(text)
+            return official_finish(action)
+        argument = finish_argument_balanced(action)
         if argument is None:
             return Extraction(None, "none", "no Finish[...] action")
         options = item.options if item is not None else []
-        letter, how = read_option_letter(argument, options, N_OPTIONS)
-        if letter is None:
-            return Extraction(None, "none", how)
-        return Extraction(letter, how)
+        return read_option_extraction(argument, options, N_OPTIONS)
 
     def judge(self, item: Item, extraction: Extraction, grader: str) -> Verdict:
         assert extraction.answer is not None

@@ -3,11 +3,12 @@
 Official file: ``math_test.jsonl`` rows ``{problem, level, type, solution}``; the gold answer is the
 content of the last ``\\boxed{...}`` in the solution; items are numbered by row (index + 1).
 
-Grading. official: the text between ``Finish<<<`` and the next ``>>>``, compared with the gold
-after the string normalisation of the MATH paper's ``is_equiv`` (reimplemented below, quirks
-included: any exception while normalising falls back to plain string equality). robust: the same
+Grading reads the action only (the text after ``Action:``, see :meth:`Task.extract`). official:
+the text between ``Finish<<<`` and the next ``>>>``, compared with the gold after the string
+normalisation of the MATH paper's ``is_equiv`` (reimplemented below, quirks included: any
+exception while normalising falls back to plain string equality). robust: the same
 check, then symbolic equivalence with ``math-verify`` when the strings differ; the answer may
-also come from a final ``\\boxed{}`` when the model forgot the ``Finish<<<>>>`` syntax.
+also come from the action's last ``\\boxed{}`` when the model forgot the ``Finish<<<>>>`` syntax.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from reflectevo.tasks.base import (
     Item,
     Task,
     Verdict,
-    check_grader,
     check_optional,
     require_fields,
     split_once,
@@ -189,7 +189,7 @@ def math_verify_equal(gold: str, answer: str) -> bool | None:
 
 class MATH(Task):
     name = "math"
-    version = "1"
+    version = "2"
     description = "MATH competition problems, final answer in LaTeX"
     answer_format = (
         "finish with the final answer inside triple angle brackets after Finish, for example "
@@ -279,19 +279,18 @@ class MATH(Task):
     def render_answer(self, answer: str) -> str:
         return f"Finish<<<{answer}>>>"
 
-    def extract(self, text: str, grader: str = "official", item: Item | None = None) -> Extraction:
-        check_grader(grader)
-        answer = split_once(text, "Finish<<<", ">>>")
+    def extract_answer(self, action: str, grader: str, item: Item | None = None) -> Extraction:
+        answer = split_once(action, "Finish<<<", ">>>")
         if answer is not None and answer.strip():
             if grader == "robust":
                 answer = answer.strip().strip("$").strip()
             return Extraction(answer, "finish")
         if grader == "official":
             return Extraction(None, "none", "no Finish<<<...>>> action" if answer is None else "empty answer")
-        boxed = unbox(last_boxed(text))
+        boxed = unbox(last_boxed(action))
         if boxed is not None and boxed.strip():
             return Extraction(boxed.strip(), "boxed")
-        bracketed = split_once(text, "Finish[", "]")
+        bracketed = split_once(action, "Finish[", "]")
         if bracketed is not None and bracketed.strip():
             return Extraction(bracketed.strip().strip("$").strip(), "finish_bracket")
         return Extraction(None, "none", "no Finish<<<...>>>, Finish[...] or \\boxed{} answer")

@@ -4,7 +4,8 @@ Official file: ``mbpp_test.jsonl`` rows ``{text, code, task_id, test_setup_code,
 challenge_test_list}``; items keep ``task_id`` as their id, and the question is worded as the
 official loader words it (the tests are shown to the model).
 
-Grading runs the model's code in the :mod:`reflectevo.sandbox`, which needs an explicit opt-in.
+Grading runs the model's code in the :mod:`reflectevo.sandbox`, which needs an explicit opt-in;
+the code is read from the action only (the text after ``Action:``, see :meth:`Task.extract`).
 official: the code between ``[BEGIN]`` and ``[END]`` (both required), executed in an empty
 namespace, then each assert of ``test_list``; ``test_setup_code`` is ignored, as in the paper's
 code (so task 367, whose tests need it, fails even with the reference solution). robust: also
@@ -30,6 +31,7 @@ from reflectevo.tasks.base import (
     Verdict,
     check_grader,
     check_optional,
+    extraction_details,
     require_fields,
     require_text,
 )
@@ -45,7 +47,7 @@ def official_question(text: str, tests: list[str]) -> str:
 
 class MBPP(Task):
     name = "mbpp"
-    version = "1"
+    version = "2"
     description = "MBPP Python programming, graded by running the asserts in a sandbox"
     answer_format = "write your Python code after Action: between [BEGIN] and [END]"
     invalid_hint = "Invalid action. Put your complete Python code between [BEGIN] and [END] after Action:."
@@ -132,10 +134,9 @@ class MBPP(Task):
     def render_answer(self, answer: str) -> str:
         return f"[BEGIN]\n{answer}\n[END]"
 
-    def extract(self, text: str, grader: str = "official", item: Item | None = None) -> Extraction:
-        check_grader(grader)
-        if "[BEGIN]" in text and "[END]" in text:
-            code = text.split("[BEGIN]", 1)[1].split("[END]", 1)[0]
+    def extract_answer(self, action: str, grader: str, item: Item | None = None) -> Extraction:
+        if "[BEGIN]" in action and "[END]" in action:
+            code = action.split("[BEGIN]", 1)[1].split("[END]", 1)[0]
             if grader == "robust":
                 code = _unfence(code)
             if code.strip():
@@ -143,11 +144,11 @@ class MBPP(Task):
             return Extraction(None, "none", "empty code between [BEGIN] and [END]")
         if grader == "official":
             return Extraction(None, "none", "no [BEGIN] ... [END] block")
-        fenced = _FENCE.search(text)
+        fenced = _FENCE.search(action)
         if fenced and fenced.group(1).strip():
             return Extraction(textwrap.dedent(fenced.group(1)), "fenced")
-        if "[BEGIN]" in text:
-            code = _unfence(text.split("[BEGIN]", 1)[1])
+        if "[BEGIN]" in action:
+            code = _unfence(action.split("[BEGIN]", 1)[1])
             if code.strip():
                 return Extraction(code, "begin_unterminated")
         return Extraction(None, "none", "no [BEGIN] ... [END] block or ```python fence")
@@ -197,7 +198,7 @@ class MBPP(Task):
                     grader=grader,
                     extracted=extraction.answer,
                     feedback=feedback,
-                    details={"method": extraction.method, "execution": execution_details(run)},
+                    details={**extraction_details(extraction), "execution": execution_details(run)},
                 )
             )
         return verdicts

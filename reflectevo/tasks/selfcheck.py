@@ -4,7 +4,9 @@ For every item: the gold answer written in the task's answer syntax must grade c
 wrong answer must grade wrong (another option for multiple choice, a perturbed number for MATH,
 another row's answer for free text, another task's reference code for MBPP). Perturbation sets
 (``(B)``, ``Option B``, ``The answer.``, ``\\dfrac``, ``$...$``) measure where the official and
-robust graders disagree. ``reflectevo check-graders`` prints the report; the test suite asserts it.
+robust graders disagree. Multiple-choice items whose option block could not be parsed are listed
+with the reason (the robust grader then reads letters only, not option texts). ``reflectevo
+check-graders`` prints the report; the test suite asserts it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections import Counter
 from typing import Any
 
 from reflectevo.tasks.base import Item, Task
-from reflectevo.tasks.text import LETTERS, squad_normalize
+from reflectevo.tasks.text import LETTERS, options_problem, squad_normalize
 
 ACTION_PREFIX = "Thought: I have worked it out.\nAction: "
 
@@ -118,7 +120,8 @@ def check_graders(task: Task, items: list[Item], sandbox: Any = None) -> dict[st
     """Gold, wrong-answer and perturbation sweeps over ``items`` under both graders."""
     gold_outputs = [as_output(task, item.gold) for item in items]
     wrong_outputs = [as_output(task, wrong_answer(task, item, items, i)) for i, item in enumerate(items)]
-    report: dict[str, Any] = {"task": task.name, "items": len(items), "graders": {}, "perturbations": {}}
+    report: dict[str, Any] = {"task": task.name, "items": len(items), "graders": {}, "perturbations": {},
+                              "options_unparsed": options_unparsed(items)}
     for grader in ("official", "robust"):
         gold = task.grade_many(items, gold_outputs, grader, sandbox)
         wrong = task.grade_many(items, wrong_outputs, grader, sandbox)
@@ -141,6 +144,12 @@ def check_graders(task: Task, items: list[Item], sandbox: Any = None) -> dict[st
     return report
 
 
+def options_unparsed(items: list[Item]) -> list[dict[str, str]]:
+    """The multiple-choice items without parsed option texts, each with the reason."""
+    return [{"id": item.id, "reason": options_problem(item.question, expected=n_choices(item)) or "options not parsed"}
+            for item in items if is_choice(item) and not item.options]
+
+
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"{report['task']}: {report['items']} items"]
     for grader, stats in report["graders"].items():
@@ -151,6 +160,8 @@ def format_report(report: dict[str, Any]) -> str:
         )
         if stats["gold_not_correct"]:
             lines.append(f"           gold not correct: {', '.join(stats['gold_not_correct'][:20])}")
+    for row in report.get("options_unparsed", []):
+        lines.append(f"  options not parsed, item {row['id']}: {row['reason']}")
     if report["perturbations"]:
         lines.append(f"  {'perturbation':16s} {'cases':>6s} {'official':>9s} {'robust':>7s} {'disagree':>9s}")
         for kind, row in report["perturbations"].items():

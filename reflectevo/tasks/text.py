@@ -6,6 +6,8 @@ import re
 import string
 from collections import Counter
 
+from reflectevo.tasks.base import Extraction
+
 LETTERS = string.ascii_uppercase
 
 # An option line in the official files: "A.text", "A. text", and a few typos the LogiQA file has ("A?").
@@ -13,27 +15,46 @@ _OPTION_LINE = re.compile(r"^([A-Z])[.?]\s?(.*)$")
 
 
 def parse_options(question: str, expected: int | None = None) -> list[str]:
-    """Option texts listed one per line as ``A. ...``, ``B. ...`` at the end of a question.
+    """Option texts listed one per line as ``A. ...``, ``B. ...`` at the end of a question, in letter order.
 
-    Returns [] unless the letters run A, B, C, ... without a gap (and, when ``expected`` is
-    given, there are exactly that many): a malformed block is better reported as "no options"
-    than guessed.
+    The block is the last run of option lines that starts at ``A``; its letters must be A, B, C, ...
+    each once, in any order (17 official LogiQA questions list theirs as A, C, B, D; each text goes
+    to the letter written before it, which is the letter the model sees). Returns [] for anything
+    else, and when ``expected`` is given and the count differs: a malformed block is better
+    reported as "no options" than guessed. :func:`options_problem` says why.
     """
+    return _read_options(question, expected)[0]
+
+
+def options_problem(question: str, expected: int | None = None) -> str | None:
+    """Why :func:`parse_options` finds no options in ``question``; None when it finds them.
+
+    Four official LogiQA questions have such a block: an option written ``A text`` without the
+    dot (rows 46, 441, 451) or options run into the passage (row 113).
+    """
+    return _read_options(question, expected)[1]
+
+
+def _read_options(question: str, expected: int | None) -> tuple[list[str], str | None]:
     found: list[tuple[str, str]] = []
     for line in question.splitlines():
         match = _OPTION_LINE.match(line.strip())
         if match:
             found.append((match.group(1), match.group(2).strip()))
+    if not found:
+        return [], "no option lines of the form 'A. text'"
     # keep the last run that starts at "A": passages can contain lines like "A. Smith said ..."
     start = max((i for i, (letter, _) in enumerate(found) if letter == "A"), default=None)
+    letters = ", ".join(letter for letter, _ in found)
     if start is None:
-        return []
+        return [], f"no option line for A (option lines: {letters})"
     run = found[start:]
-    if [letter for letter, _ in run] != list(LETTERS[: len(run)]):
-        return []
+    written = [letter for letter, _ in run]
+    if sorted(written) != list(LETTERS[: len(run)]):
+        return [], f"option letters {', '.join(written)} after the last A are not A-{LETTERS[len(run) - 1]} each once"
     if expected is not None and len(run) != expected:
-        return []
-    return [text for _, text in run]
+        return [], f"{len(run)} options, expected {expected}"
+    return [text for _, text in sorted(run)], None
 
 
 def finish_argument_balanced(text: str) -> str | None:
@@ -69,11 +90,13 @@ _LETTER_ANSWER = re.compile(
 def read_option_letter(answer: str, options: list[str], n_options: int) -> tuple[str | None, str]:
     """Tolerant option reading: "(B)", "B.", "B. text", "Option B", "b", or the option's text.
 
-    Returns ``(letter, method)`` with an upper-case letter among the first ``n_options``, or
-    ``(None, reason)``. A bare word that merely starts with a letter ("A and B", "apple") is not
-    read as a letter.
+    Returns ``(letter, method)`` with an upper-case letter among the first ``n_options`` (method
+    "letter" or "option_text"), or ``(None, reason)``. A letter outside the options ("E" of four)
+    comes back as ``(None, "letter E is not one of the options A-D")``; :func:`read_option_extraction`
+    grades it as a wrong answer. A bare word that merely starts with a letter ("A and B", "apple")
+    is not read as a letter.
     """
-    cleaned = answer.strip().strip("\"'`*").strip()
+    cleaned = _clean_answer(answer)
     valid = LETTERS[:n_options]
     match = _LETTER_ANSWER.match(cleaned)
     if match and match.group(1).upper() in valid:
@@ -84,8 +107,32 @@ def read_option_letter(answer: str, options: list[str], n_options: int) -> tuple
     if len(hits) == 1:
         return hits[0], "option_text"
     if match:
-        return None, f"letter {match.group(1).upper()} is not one of the options {valid[0]}-{valid[-1]}"
+        return None, f"letter {match.group(1).upper()} is not one of the options {_span(valid)}"
     return None, "no option letter or option text found"
+
+
+def _span(letters: str) -> str:
+    return f"{letters[0]}-{letters[-1]}" if letters else "(none)"
+
+
+def read_option_extraction(argument: str, options: list[str], n_options: int) -> Extraction:
+    """The robust reading of a multiple-choice ``Finish[...]`` argument.
+
+    A letter the model clearly gave that is not one of the options (``Finish[E]`` on four) is its
+    answer, only a wrong one: it is extracted (method ``letter_not_an_option``) and judged wrong,
+    as the official grader judges it, so parse-failure rates compare across the graders.
+    """
+    letter, how = read_option_letter(argument, options, n_options)
+    if letter is not None:
+        return Extraction(letter, how)
+    match = _LETTER_ANSWER.match(_clean_answer(argument))
+    if match:
+        return Extraction(match.group(1).upper(), "letter_not_an_option", how)
+    return Extraction(None, "none", how)
+
+
+def _clean_answer(answer: str) -> str:
+    return answer.strip().strip("\"'`*").strip()
 
 
 def squad_normalize(text: str) -> str:
