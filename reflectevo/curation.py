@@ -10,11 +10,14 @@ Policies (:data:`POLICIES`). A question counts as *failed* when its first trial 
   that is wrong, unparseable or timed out is wrong-leading.
 * Dpref: per failed question with two or more successful reflections, pairs of them are judged
   (by default in both orders); a pair is kept only when both orders prefer the same reflection.
-  Ties, position-biased (inconsistent) and unparseable verdicts are counted, never kept silently.
+  Ties, position-biased (inconsistent) and unparseable verdicts are counted, never kept silently; a
+  reply without a verdict is also counted by why it ended (cut off at the judge's ``max_new_tokens``,
+  or ended by itself), and every judgement record keeps its finish reason.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -55,6 +58,8 @@ RELEASED = "released"  # rows read from the released ReflectEvo files
 JUDGE_OUTCOMES = ("pair", "tie", "inconsistent", "parse_failure")
 TRAINING_KINDS = ("one_stage", "reflection", "correction", "dpo")
 PROMPT_CHOICES = ("generic", "as_generated")
+# the two second-trial prompts (reflect.second_trial, eval.second_trial): the reflection alone, or also the failed attempt
+SECOND_TRIAL_VARIANTS = ("reflection", "reflection_and_attempt")
 RELEASED_KINDS = ("d_plus", "d_pm", "d_pref", "raw")
 
 RECORD_FIELDS: dict[str, type] = {"task": str, "id": str, "question": str, "answer": str, "output": list}
@@ -371,8 +376,8 @@ def judgement(comparison: Comparison, order: str, reply: JudgeReply, verdict: st
     a, b = (comparison.first, comparison.second) if order == "ab" else (comparison.second, comparison.first)
     return {"key": reply.key, "task": comparison.task, "id": comparison.id, "order": order,
             "reflection_a": reflection_ref(a), "reflection_b": reflection_ref(b), "prompt": reply.prompt,
-            "reply": reply.text, "verdict": verdict, "pair_outcome": outcome, "judge": reply.judge,
-            "judge_version": prompts.JUDGE_VERSION}
+            "reply": reply.text, "verdict": verdict, "pair_outcome": outcome, "finish_reason": reply.finish_reason,
+            "judge": reply.judge, "judge_version": prompts.JUDGE_VERSION}
 
 
 # ---- counts and exports --------------------------------------------------------------------------
@@ -380,9 +385,19 @@ COUNT_COLUMNS = (
     "questions", "first_correct", "first_wrong", "first_parse_failures", "reflections", "second_correct",
     "second_parse_failures", "reflection_success_rate", "questions_with_success", "questions_with_pos_and_neg",
     "d_plus", "d_pm", "d_pref", "judge_pairs", "judge_ties", "judge_inconsistent", "judge_parse_failures",
+    "judge_unparsed_replies", "judge_unparsed_length", "judge_unparsed_stop", "judge_unparsed_other",
 )
 JUDGE_COLUMNS = {"pair": "judge_pairs", "tie": "judge_ties", "inconsistent": "judge_inconsistent",
                  "parse_failure": "judge_parse_failures"}
+# Judge replies without a verdict (per reply; judge_parse_failures counts pairs), by why they ended:
+# "length", cut off at reflect.judge.max_new_tokens (raise it); "stop", ended by itself ("eos" of a local
+# engine, "stop" of an endpoint: the judge gave no verdict line); "other", any other or no finish reason.
+UNPARSED_COLUMNS = {"length": "judge_unparsed_length", "eos": "judge_unparsed_stop", "stop": "judge_unparsed_stop"}
+
+
+def unparsed_column(finish_reason: str | None) -> str:
+    """The counts column of a judge reply without a verdict, by its finish reason."""
+    return UNPARSED_COLUMNS.get(finish_reason or "", "judge_unparsed_other")
 
 
 def record_counts(record: dict[str, Any]) -> Counter:
@@ -405,7 +420,9 @@ def record_counts(record: dict[str, Any]) -> Counter:
 def counts_table(records: Sequence[dict[str, Any]], d_plus: Sequence[dict[str, Any]], d_pm: Sequence[dict[str, Any]],
                  d_pref: DPrefResult | None) -> pd.DataFrame:
     """One row per task and an "all" row (index ``task``). The success rate is second-trial correct
-    over reflections on failed first trials (NaN when there are none); judge columns are 0 without a judge."""
+    over reflections on failed first trials (NaN when there are none); judge columns are 0 without a judge.
+    ``judge_parse_failures`` counts pairs, ``judge_unparsed_*`` the replies without a verdict, by finish
+    reason (:data:`UNPARSED_COLUMNS`)."""
     import pandas as pd
 
     per_task: dict[str, Counter] = {}
@@ -416,6 +433,10 @@ def counts_table(records: Sequence[dict[str, Any]], d_plus: Sequence[dict[str, A
             per_task.setdefault(row["task"], Counter())[name] += 1
     for decision in d_pref.decisions if d_pref else []:
         per_task.setdefault(decision["task"], Counter())[JUDGE_COLUMNS[decision["outcome"]]] += 1
+    for judged in d_pref.judgements if d_pref else []:
+        if judged["verdict"] is None:
+            per_task.setdefault(judged["task"], Counter()).update(
+                {"judge_unparsed_replies": 1, unparsed_column(judged.get("finish_reason")): 1})
     total = sum(per_task.values(), Counter())
     table = [count_row(name, counts) for name, counts in sorted(per_task.items())] + [count_row("all", total)]
     return pd.DataFrame(table).set_index("task")
@@ -453,15 +474,19 @@ KIND_FIELDS = {
 }
 
 
-def training_rows(kind: str, rows: Sequence[dict[str, Any]], *, prompt: str = "generic", fewshots: int = 0) -> list[dict[str, Any]]:
+def training_rows(kind: str, rows: Sequence[dict[str, Any]], *, prompt: str = "generic", fewshots: int = 0,
+                  second_trial: str = "reflection_and_attempt") -> list[dict[str, Any]]:
     """Plain-text training rows (user prompt not yet chat-templated) with ``task`` and ``id``.
 
     one_stage, reflection and correction take D+ rows and give {prompt, completion}; dpo takes D± or
     Dpref rows and gives {prompt, chosen, rejected}. ``prompt`` picks the reflection prompt: "generic"
     (the test-time prompt) or "as_generated" (the instruction the reflection was generated with). It
-    does not apply to correction, whose prompt is the trial-2 prompt; ``fewshots`` is used when that
+    does not apply to correction, whose prompt is the trial-2 prompt; ``fewshots`` and ``second_trial``
+    (the evaluation's variant: the reflection alone, or also the failed attempt) are used when that
     prompt has to be rebuilt (released rows, whose stored one holds the target).
     """
+    if second_trial not in SECOND_TRIAL_VARIANTS:
+        raise ValueError(f"unknown second_trial {second_trial!r}; choose one of {', '.join(SECOND_TRIAL_VARIANTS)}")
     if kind not in TRAINING_KINDS:
         raise ValueError(f"unknown training kind {kind!r}; choose one of {', '.join(TRAINING_KINDS)}")
     if prompt not in PROMPT_CHOICES:
@@ -469,7 +494,8 @@ def training_rows(kind: str, rows: Sequence[dict[str, Any]], *, prompt: str = "g
     if kind == "dpo" and prompt == "as_generated":
         raise ValueError("DPO pairs mix reflections generated under different instructions, so there is no single "
                          "'as generated' prompt; use prompt='generic' (the reflection prompt used at test time)")
-    build = {"one_stage": one_stage_row, "reflection": reflection_row, "correction": correction_row, "dpo": dpo_row}[kind]
+    build = {"one_stage": one_stage_row, "reflection": reflection_row, "correction": functools.partial(correction_row,
+             second_trial=second_trial), "dpo": dpo_row}[kind]
     out = []
     for index, row in enumerate(rows):
         missing = [name for name in ("task", "id", "question", "answer", *KIND_FIELDS[kind]) if name not in row]
@@ -508,11 +534,13 @@ def one_stage_row(row: dict[str, Any], prompt: str, fewshots: int) -> dict[str, 
     return {"prompt": text, "completion": prompts.one_stage_completion(row["reflections"], row["second_trial_attempt"])}
 
 
-def correction_row(row: dict[str, Any], prompt: str, fewshots: int) -> dict[str, str]:
+def correction_row(row: dict[str, Any], prompt: str, fewshots: int, second_trial: str = "reflection_and_attempt") -> dict[str, str]:
     stored = row.get("reason_prompt") or []
     if row.get("source") == RELEASED or len(stored) < 2 or not stored[1]:
-        # the released reason_prompt[1] already holds the finished second trial (method.md §8.1.3)
-        text = prompts.second_trial_prompt(get_task(row["task"]), row_item(row), row["reflections"], fewshots, previous=None)
+        # the released reason_prompt[1] already holds the finished second trial (method.md §8.1.3): rebuilt
+        # with the second-trial variant the evaluation shows, so the corrector is trained on its test prompt
+        previous = (row["first_trial_attempt"], row["first_trial_feedback"]) if second_trial == "reflection_and_attempt" else None
+        text = prompts.second_trial_prompt(get_task(row["task"]), row_item(row), row["reflections"], fewshots, previous=previous)
     else:
         text = stored[1]
     return {"prompt": text, "completion": row["second_trial_attempt"]}
@@ -578,7 +606,8 @@ TRAINING_COLUMNS = {"one_stage": SFT_COLUMNS, "reflection": SFT_COLUMNS, "correc
 
 def save_training_datasets(out_dir: str | Path, d_plus: Sequence[dict[str, Any]], d_pm: Sequence[dict[str, Any]],
                            d_pref: Sequence[dict[str, Any]], items: Mapping[str, Sequence[Item]], *,
-                           prompt: str = "generic", fewshots: int = 0) -> dict[str, int]:
+                           prompt: str = "generic", fewshots: int = 0,
+                           second_trial: str = "reflection_and_attempt") -> dict[str, int]:
     """Every TRL-ready set of :data:`TRAINING_DATASETS` under ``out_dir/<name>`` (``datasets.save_to_disk``,
     each folder replaced whole). ``items`` are the questions of the reflection split, for the QA-pairs
     baseline. An empty set is saved too, with its columns, so a later stage can say exactly which set
@@ -591,7 +620,8 @@ def save_training_datasets(out_dir: str | Path, d_plus: Sequence[dict[str, Any]]
         if kind == "qa_pairs":
             rows = qa_pair_rows(items, fewshots=fewshots)
         else:
-            rows = training_rows(kind, sources[source], prompt="generic" if kind == "dpo" else prompt, fewshots=fewshots)
+            rows = training_rows(kind, sources[source], prompt="generic" if kind == "dpo" else prompt, fewshots=fewshots,
+                                 second_trial=second_trial)
         dataset = to_trl_dataset(rows) if rows else empty_training_set(kind)
         with atomic_directory(Path(out_dir) / name) as folder:
             dataset.save_to_disk(str(folder), num_shards=1)  # an empty set needs its one (empty) shard to load back
@@ -619,6 +649,8 @@ RELEASED_FIELDS["d_pref"] = RELEASED_FIELDS["d_pm"]
 # Field names that drifted between the README, the training scripts and the example files (method.md §3, §8.1.6).
 ALIASES = {"second_trial_reasoning": "second_reason", "reflections": "reflection", "reflect_prompt": "reflection_prompt"}
 OPTIONS_LINE = re.compile(r"^Options:\s*$", re.MULTILINE)
+# A LogiQA option line: "A." to "D." at the start of a line (four official rows write "A text")
+LOGIQA_OPTION_LINE = re.compile(r"^[ \t]*([A-D])(?:[.?]|[ \t])", re.MULTILINE)
 _NON_SPACE = re.compile(r"\S")
 
 
@@ -667,13 +699,18 @@ def split_scratchpad(scratchpad: str) -> tuple[str, str]:
 
 def infer_task(first_trial_text: str, question: str) -> str:
     """The task of a released row from its text: MATH and MBPP by their answer syntax in the first
-    trial; among Finish[...] tasks a line reading ``Options:`` marks BIG-bench (the LogiQA questions
-    list their options without it). A free-text BIG-bench question is taken for LogiQA: pass ``task``."""
+    trial; among Finish[...] tasks a line reading ``Options:`` marks BIG-bench multiple choice,
+    option lines of at least two of the letters A-D without it mark LogiQA (its questions list their
+    options so; a story may have one line starting "A man ..."), and a question with neither is a
+    BIG-bench free-text question. Right for all 1,000 official LogiQA and BIG-bench questions."""
     if "Finish<<<" in first_trial_text:
         return "math"
     if "[BEGIN]" in first_trial_text:
         return "mbpp"
-    return "bigbench" if OPTIONS_LINE.search(question) else "logiqa"
+    if OPTIONS_LINE.search(question):
+        return "bigbench"
+    option_letters = {match.group(1) for match in LOGIQA_OPTION_LINE.finditer(question)}
+    return "logiqa" if len(option_letters) >= 2 else "bigbench"
 
 
 def detect_kind(row: dict[str, Any], path: Path, where: str | None = None) -> str:

@@ -9,7 +9,8 @@ The judge is pluggable (``reflect.judge`` in the params):
 
 A judge answers a list of :class:`~reflectevo.generation.GenerationRequest` (the messages of
 :func:`reflectevo.prompts.judge_prompt`) greedily and returns one :class:`JudgeReply` per request,
-in order, with the exact prompt it sent. Parsing the verdict and turning verdicts into pairs is
+in order, with the exact prompt it sent and why the answer ended (its finish reason: a verdict
+missing from an answer cut off at ``max_new_tokens`` means the budget is too small). Parsing the verdict and turning verdicts into pairs is
 :mod:`reflectevo.curation`'s job.
 """
 
@@ -36,6 +37,9 @@ class JudgeReply:
     text: str  # the judge's whole answer
     prompt: str  # exactly what was sent: the chat-templated string, or the JSON messages for an endpoint
     judge: str  # Judge.name
+    # why the answer ended: "length" (cut off at max_new_tokens), "eos" or "stop" (it ended by itself; an
+    # endpoint says "stop" for both), another reason an endpoint gives, or None when it gave none
+    finish_reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -68,7 +72,7 @@ class EngineJudge:
         if not requests:
             return []
         outputs = self.engine.generate(list(requests), self.settings, stage="judge", store_dir=self.store_dir)
-        return [JudgeReply(output.key, output.text, output.prompt, self.name) for output in outputs]
+        return [JudgeReply(output.key, output.text, output.prompt, self.name, output.finish_reason) for output in outputs]
 
 
 def make_judge(params: JudgeParams, *, engine: Any = None, model_params: ModelParams | None = None,

@@ -9,7 +9,8 @@ back-off; anything else (a refused connection, another 4xx, a reply without text
 
 The resume cache is an append-only JSONL file: one line per answered request, written and fsynced
 as soon as the answer arrives, so a killed run loses at most the requests in flight. A rerun
-answers from it whatever it finds with the same key and the same (model, messages, max_tokens).
+answers from it whatever it finds with the same key and the same (model, messages, max_tokens). Each
+reply keeps the endpoint's ``finish_reason`` ("length": cut off at max_tokens), cached with its text.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from reflectevo.config import JudgeParams
 from reflectevo.generation import GenerationRequest, check_requests
 from reflectevo.judges import JudgeError, JudgeReply
 
@@ -42,7 +44,7 @@ class OpenAIJudge:
     """Greedy chat completions from an OpenAI-compatible endpoint (vLLM, llama.cpp, ``reflectevo serve``, ...)."""
 
     def __init__(self, url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 120.0,
-                 max_new_tokens: int = 64, cache_path: str | Path | None = None, max_workers: int = 8,
+                 max_new_tokens: int = JudgeParams().max_new_tokens, cache_path: str | Path | None = None, max_workers: int = 8,
                  retries: int = 3, backoff_s: float = 1.0) -> None:
         parts = urllib.parse.urlsplit(url or "")
         if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -71,26 +73,26 @@ class OpenAIJudge:
         """One reply per request, in request order; the first request that fails stops the rest."""
         requests = check_requests(requests)
         cached = self._read_cache()
-        texts: dict[str, str] = {}
+        answers: dict[str, tuple[str, str | None]] = {}  # key -> (text, finish reason)
         missing = []
         for request in requests:
             entry = cached.get(request.key)
             if entry is not None and entry[0] == self._fingerprint(request.messages):
-                texts[request.key] = entry[1]
+                answers[request.key] = entry[1:]
             else:
                 missing.append(request)
-        self.served["cache"] += len(texts)
+        self.served["cache"] += len(answers)
         if missing:
             with ThreadPoolExecutor(max_workers=min(self.max_workers, len(missing))) as pool:
                 futures = [pool.submit(self._answer, request) for request in missing]
                 try:
                     for request, future in zip(missing, futures):
-                        texts[request.key] = future.result()
+                        answers[request.key] = future.result()
                 except BaseException:
                     # answers still in flight are cached when they arrive; the rest are not sent
                     pool.shutdown(cancel_futures=True)
                     raise
-        return [JudgeReply(r.key, texts[r.key], self._prompt(r.messages), self.name) for r in requests]
+        return [JudgeReply(r.key, answers[r.key][0], self._prompt(r.messages), self.name, answers[r.key][1]) for r in requests]
 
     # ---- one request ---------------------------------------------------------------------------
     def _prompt(self, messages: list[dict[str, Any]]) -> str:
@@ -100,7 +102,8 @@ class OpenAIJudge:
         identity = json.dumps([self.model, messages, self.max_new_tokens], ensure_ascii=False, sort_keys=True)
         return hashlib.sha256(identity.encode("utf-8")).hexdigest()
 
-    def _answer(self, request: GenerationRequest) -> str:
+    def _answer(self, request: GenerationRequest) -> tuple[str, str | None]:
+        """(text, finish reason) of one request, cached as soon as it arrives."""
         body = {"model": self.model, "messages": request.messages, "temperature": 0,
                 "max_tokens": self.max_new_tokens, "n": 1}
         reply = self._post(json.dumps(body, ensure_ascii=False).encode("utf-8"))
@@ -108,10 +111,11 @@ class OpenAIJudge:
         if text is None:
             raise JudgeError(f"{self.endpoint} answered without choices[0].message.content: "
                              f"{_excerpt(json.dumps(reply, ensure_ascii=False))}; is it an OpenAI-compatible chat endpoint?")
+        finish_reason = _finish_reason(reply)
         with self._lock:
             self.served["endpoint"] += 1
-            self._append_cache(request.key, self._fingerprint(request.messages), text)
-        return text
+            self._append_cache(request.key, self._fingerprint(request.messages), text, finish_reason)
+        return text, finish_reason
 
     def _post(self, data: bytes) -> Any:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -165,8 +169,9 @@ class OpenAIJudge:
         raise JudgeError(f"{self.endpoint}: cannot connect ({reason}); check reflect.judge.url")
 
     # ---- the resume cache ------------------------------------------------------------------------
-    def _read_cache(self) -> dict[str, tuple[str, str]]:
-        """key -> (fingerprint, text); the last line of a key wins. A torn last line is cut off."""
+    def _read_cache(self) -> dict[str, tuple[str, str, str | None]]:
+        """key -> (fingerprint, text, finish reason); the last line of a key wins (a line written before
+        finish reasons were kept has None). A torn last line is cut off."""
         if self.cache_path is None or not self.cache_path.is_file():
             return {}
         raw = self.cache_path.read_bytes()
@@ -179,16 +184,19 @@ class OpenAIJudge:
         for number, line in enumerate(raw[:complete_end].decode("utf-8", errors="replace").splitlines(), 1):
             try:
                 row = json.loads(line)
-                entries[str(row["key"])] = (str(row["sha256"]), str(row["text"]))
+                finish_reason = row.get("finish_reason")
+                entries[str(row["key"])] = (str(row["sha256"]), str(row["text"]),
+                                            None if finish_reason is None else str(finish_reason))
             except (ValueError, KeyError, TypeError):
                 log.warning("%s:%d: ignoring a damaged cache line", self.cache_path, number)
         return entries
 
-    def _append_cache(self, key: str, fingerprint: str, text: str) -> None:
+    def _append_cache(self, key: str, fingerprint: str, text: str, finish_reason: str | None) -> None:
         if self.cache_path is None:
             return
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"key": key, "sha256": fingerprint, "text": text}, ensure_ascii=False) + "\n"
+        line = json.dumps({"key": key, "sha256": fingerprint, "text": text, "finish_reason": finish_reason},
+                          ensure_ascii=False) + "\n"
         with open(self.cache_path, "a", encoding="utf-8") as handle:
             handle.write(line)
             handle.flush()
@@ -202,6 +210,15 @@ def _content(reply: Any) -> str | None:
     except (KeyError, IndexError, TypeError):
         return None
     return content if isinstance(content, str) else None
+
+
+def _finish_reason(reply: Any) -> str | None:
+    """choices[0].finish_reason of a chat completion ("stop", "length", ...), None when it gives none."""
+    try:
+        reason = reply["choices"][0].get("finish_reason")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return None
+    return reason if isinstance(reason, str) else None
 
 
 def _excerpt(body: bytes | str) -> str:

@@ -21,8 +21,11 @@ run on one training set that stage 02 saved (``reflect/datasets/``):
 Folder of one variant:
 
     <variant>/adapter/        the final LoRA adapter, with the tokenizer and a model card (README.md)
+    <variant>/<phase>_adapter/   each earlier phase's adapter, kept beside it: two_stage's
+                              reflection_adapter/ is the reflector its correction phase continued from
     <variant>/merged/         with save_merged: base + adapter merged into 16-bit weights
-    <variant>/metrics.json    per phase: rows, steps, tokens/s, losses and rewards before and after
+    <variant>/metrics.json    per phase: rows (trained, held out, dropped by reason), the held-out
+                              questions, steps, tokens/s, losses and rewards before and after
     <variant>/train-<identity>/<phase>/   the trainer's folder: checkpoint-N/ (adapter, optimizer,
                               scheduler, RNG), runs/ (tensorboard), adapter/ once the phase is done,
                               ranks/rank-<r>.json (what each process saw)
@@ -33,6 +36,13 @@ other params starts afresh beside it. The backend is Unsloth's ``FastLanguageMod
 loaded through Unsloth (a CUDA GPU), else transformers + PEFT, with the same hyper-parameters. SFT
 batches are padded, length-grouped or padding-free (``sft.batching``; :func:`choose_batching`), and
 each phase's metrics say which ran and why.
+
+Rows that cannot teach what the phase is for are dropped and counted, never trained and never a reason
+to stop (:func:`screen_rows`, :data:`DROP_REASONS`): the corrected attempt inside its own prompt (the
+leak of the released correction data), a target that only copies whole lines of its prompt, and a
+preference pair whose chosen and rejected texts are the same. A variant holds the same questions out
+of every phase (:func:`heldout_questions`), so the correction phase of two_stage is measured on
+questions its reflection phase never trained on either.
 """
 
 from __future__ import annotations
@@ -41,14 +51,19 @@ import hashlib
 import json
 import logging
 import os
+import random
+import re
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reflectevo.config import Params, TrainParams, derive_seed
+from reflectevo.curation import TRAINING_DATASETS
 from reflectevo.errors import ReflectEvoError
+from reflectevo.prompts import split_one_stage
 from reflectevo.runs import (
     RunDir,
     atomic_directory,
@@ -126,35 +141,200 @@ def load_training_set(folder: Path, name: str, in_memory: bool = False) -> datas
     return dataset
 
 
-def split_by_question(dataset: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """(train, held-out): a seeded ``fraction`` of the *questions* is held out with all its rows, so
-    that no held-out completion shares a question with a training one. None when nothing is held out
-    (``fraction`` 0, or a single question)."""
-    import random
+def question_keys(dataset: datasets.Dataset) -> set[tuple[str, str]]:
+    """(task, id) of every question the set has rows for."""
+    return set(zip(dataset["task"], dataset["id"], strict=True))
 
-    questions = sorted({(task, item) for task, item in zip(dataset["task"], dataset["id"], strict=True)})
-    held = round(fraction * len(questions))
+
+def heldout_questions(phase_sets: Sequence[datasets.Dataset], fraction: float, seed: int) -> list[tuple[str, str]]:
+    """The questions a variant holds out of every one of its phases, sorted: a seeded ``fraction`` of the
+    questions all the phases have rows for, so that each held-out question is measured in each phase and
+    trained in none (two_stage's correction phase continues the reflection phase's adapter, which must
+    not have seen them either). At least one when ``fraction`` > 0, and at least one shared question is
+    always left to train on; none when ``fraction`` is 0 or the phases share a single question."""
+    shared = sorted(set.intersection(*(question_keys(dataset) for dataset in phase_sets))) if phase_sets else []
+    held = round(fraction * len(shared))
     if fraction > 0:
         held = max(1, held)
-    held = min(held, len(questions) - 1)  # keep at least one question to train on
+    held = min(held, len(shared) - 1)
     if held <= 0:
-        return dataset, None
-    chosen = set(random.Random(seed).sample(questions, held))
+        return []
+    return sorted(random.Random(seed).sample(shared, held))
+
+
+def split_off(dataset: datasets.Dataset, questions: Sequence[tuple[str, str]]) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """(train, held-out): every row of ``questions`` held out, so that no held-out completion shares a
+    question with a training one. None when no row is held out."""
+    chosen = set(questions)
     keys = list(zip(dataset["task"], dataset["id"], strict=True))
-    train = [index for index, key in enumerate(keys) if key not in chosen]
     heldout = [index for index, key in enumerate(keys) if key in chosen]
-    return dataset.select(train), dataset.select(heldout)
+    if not heldout:
+        return dataset, None
+    return dataset.select([index for index, key in enumerate(keys) if key not in chosen]), dataset.select(heldout)
+
+
+def split_by_question(dataset: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """(train, held-out) of a single set: a seeded ``fraction`` of its questions held out with all their
+    rows (:func:`heldout_questions` of that set alone). None when nothing is held out."""
+    return split_off(dataset, heldout_questions([dataset], fraction, seed))
+
+
+def heldout_record(questions: Sequence[tuple[str, str]], drawn_from: Sequence[str], seed: int) -> dict[str, Any]:
+    """What a phase's metrics say of the held-out questions: the same record in every phase of a variant."""
+    keys = [list(key) for key in questions]
+    digest = hashlib.sha256(json.dumps(keys, ensure_ascii=False).encode("utf-8")).hexdigest()
+    return {"count": len(keys), "drawn_from": list(drawn_from), "seed": seed, "sha256": digest, "keys": keys}
+
+
+# ---- screening the rows ----------------------------------------------------------------------------
+# A corrected attempt shorter than this, whitespace collapsed, is never called a leak: texts that short
+# ("Finish[B]", "Answer: 4") turn up in prompts by chance, and a real attempt (a Thought line and an
+# Action line) is longer.
+MIN_LEAK_CHARS = 24
+DROP_REASONS: dict[str, str] = {
+    "empty_target": "the trained text is empty: only the end of the turn would be learned",
+    "target_in_prompt": (f"the corrected attempt (at least {MIN_LEAK_CHARS} characters) appears whole in its prompt "
+                         "outside the failed attempt the prompt shows: the answer is in the input (the leak of the "
+                         "released correction data, method.md §8.1.3)"),
+    "copies_prompt": ("the trained text is identical to whole lines of its prompt (the failed attempt, its Thought line, "
+                      "a line of the instructions): the row teaches copying the input"),
+    "chosen_equals_rejected": "chosen and rejected are the same text: the pair carries no preference",
+}
+DROP_EXAMPLES = 5  # (task, id) of the first rows dropped for each reason, in the metrics
+# The failed attempt a prompt shows by design: prompts.failed_trial after "Your attempt:" (reflection and
+# one-stage prompts) or "It was:" (second-trial prompt), the attempt and then its observation. Generation
+# stops an attempt at "\nObservation", so the first one after the header ends it.
+SHOWN_ATTEMPT = re.compile(r"(?:Your attempt:|It was:)\n(.*?)\nObservation:", re.DOTALL)
+
+
+def set_kind(name: str) -> str:
+    """The kind of rows a training set of stage 02 holds (one_stage, reflection, correction, qa_pairs, dpo)."""
+    if name not in TRAINING_DATASETS:
+        raise TrainingError(f"unknown training set {name!r}; stage 02 saves {', '.join(TRAINING_DATASETS)}")
+    return TRAINING_DATASETS[name][0]
+
+
+def _text(messages: list[dict[str, str]]) -> str:
+    return "\n".join(message["content"] for message in messages)
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _lines(text: str) -> str:
+    """The non-empty lines of ``text``, each with its whitespace collapsed."""
+    return "\n".join(line for line in (_flat(raw) for raw in text.splitlines()) if line)
+
+
+def row_targets(row: dict[str, Any], kind: str) -> tuple[list[str], list[str]]:
+    """(corrected attempts, imitated texts) of one row. The corrected attempt is what a leak gives away:
+    the completion of a correction or QA-pairs row, the attempt after ``Answer:`` of a one-stage row;
+    reflection and DPO rows have none (a reflection quoting its prompt gives no answer away). The
+    imitated texts are what the loss pulls the model towards: the completion (each part of a one-stage
+    one), the chosen reflection (a rejected one that copies the prompt is a fair thing to push down)."""
+    if kind == "dpo":
+        return [], [_text(row["chosen"])]
+    completion = _text(row["completion"])
+    if kind == "one_stage":
+        reflection, attempt = split_one_stage(completion)
+        return ([attempt] if attempt else []), [reflection] + ([attempt] if attempt else [])
+    if kind == "reflection":
+        return [], [completion]
+    return [completion], [completion]
+
+
+def screen_row(row: dict[str, Any], kind: str) -> str | None:
+    """Why one row of a training set of ``kind`` must not train (a key of :data:`DROP_REASONS`), or None.
+
+    The rule, in this order:
+
+    1. ``empty_target``: the completion, chosen or rejected text is empty or whitespace.
+    2. ``target_in_prompt``: a corrected attempt (:func:`row_targets`) of at least
+       :data:`MIN_LEAK_CHARS` characters appears whole (whitespace collapsed) in the prompt once the
+       failed attempt the prompt shows by design (:data:`SHOWN_ATTEMPT`) is taken out. A correct answer
+       then sits in the input; a second trial equal to the failed attempt it was shown is not one.
+    3. ``copies_prompt``: an imitated text is identical to one or more whole lines of the prompt
+       (whitespace collapsed, blank lines ignored): the failed attempt itself (an MBPP retry that passed
+       where the same code had timed out), its Thought line, a line of the instructions. A text that
+       merely occurs inside a line (a reflection of ".") is the model's own and is kept.
+    4. ``chosen_equals_rejected``: a preference pair whose two texts are the same.
+    """
+    trained = [_text(row[column]) for column in ("completion", "chosen", "rejected") if column in row]
+    if any(not text.strip() for text in trained):
+        return "empty_target"
+    prompt = _text(row["prompt"])
+    corrected, imitated = row_targets(row, kind)
+    outside = _flat(SHOWN_ATTEMPT.sub("\n\0\n", prompt))
+    if any(len(_flat(attempt)) >= MIN_LEAK_CHARS and _flat(attempt) in outside for attempt in corrected):
+        return "target_in_prompt"
+    prompt_lines = f"\n{_lines(prompt)}\n"
+    if any(_lines(text) and f"\n{_lines(text)}\n" in prompt_lines for text in imitated):
+        return "copies_prompt"
+    if kind == "dpo" and _flat(trained[0]) == _flat(trained[1]):
+        return "chosen_equals_rejected"
+    return None
+
+
+@dataclass
+class RowScreening:
+    """Which rows of one training set train, and why the others do not (:data:`DROP_REASONS`)."""
+
+    name: str
+    rows: int  # in the training set
+    kept: list[int]
+    dropped: dict[str, list[int]]  # every reason, with the indices of its rows
+    examples: dict[str, list[list[str]]]  # reason -> (task, id) of its first rows
+
+    def counts(self) -> dict[str, int]:
+        return {reason: len(indices) for reason, indices in self.dropped.items()}
+
+
+def screen_rows(dataset: datasets.Dataset, kind: str, name: str = "") -> RowScreening:
+    """Screen every row of a training set of ``kind`` (:func:`screen_row`)."""
+    kept: list[int] = []
+    dropped: dict[str, list[int]] = {reason: [] for reason in DROP_REASONS}
+    examples: dict[str, list[list[str]]] = {}
+    for index, row in enumerate(dataset):
+        reason = screen_row(row, kind)
+        if reason is None:
+            kept.append(index)
+            continue
+        dropped[reason].append(index)
+        if len(examples.setdefault(reason, [])) < DROP_EXAMPLES:
+            examples[reason].append([row["task"], row["id"]])
+    return RowScreening(name or kind, len(dataset), kept, dropped, examples)
+
+
+def target_leaks(dataset: datasets.Dataset, kind: str) -> list[int]:
+    """Rows whose corrected attempt sits in their own prompt (``target_in_prompt`` of :func:`screen_row`):
+    the leak of the released correction data (method.md §8.1.3). Training drops and counts them."""
+    return screen_rows(dataset, kind).dropped["target_in_prompt"]
+
+
+def screened_set(params: Params, name: str, in_memory: bool = False) -> tuple[datasets.Dataset, RowScreening]:
+    """A training set of stage 02 without the rows :func:`screen_row` drops, and its screening. A set
+    whose every row is dropped stops here, before any model loads, with the reasons."""
+    dataset = load_training_set(datasets_dir(params), name, in_memory=in_memory)
+    screening = screen_rows(dataset, set_kind(name), name)
+    if not screening.kept:
+        reasons = "; ".join(f"{count} {reason} ({DROP_REASONS[reason]})" for reason, count in screening.counts().items() if count)
+        raise TrainingError(f"every row of training set {name} is dropped: {reasons}. Look at its rows in "
+                            f"{datasets_dir(params) / name} and stage 02's curated/ files, or remove this variant from the params")
+    return dataset.select(screening.kept), screening
 
 
 def training_plan(params: Params, stage: str) -> list[dict[str, Any]]:
-    """One row per phase the stage will train (variant, phase, training set, rows, questions). Every
-    set is opened, so a missing or empty one stops here, before any model loads."""
+    """One row per phase the stage will train (variant, phase, training set, rows, questions, the rows
+    kept and those dropped by reason). Every set is opened and screened, so a missing or empty one, or
+    one whose every row is dropped, stops here, before any model loads."""
     plan = []
     for variant, phases in stage_variants(params, stage).items():
         for phase, name in phases:
-            dataset = load_training_set(datasets_dir(params), name)
-            plan.append({"variant": variant, "phase": phase, "training set": name, "rows": len(dataset),
-                         "questions": len(set(zip(dataset["task"], dataset["id"], strict=True)))})
+            kept, screening = screened_set(params, name)
+            plan.append({"variant": variant, "phase": phase, "training set": name, "rows": screening.rows,
+                         "rows kept": len(kept), **{f"dropped: {reason}": n for reason, n in screening.counts().items()},
+                         "questions": len(question_keys(kept))})
     return plan
 
 
@@ -175,18 +355,6 @@ def stage_variants(params: Params, stage: str) -> dict[str, tuple[tuple[str, str
     if stage_kind(stage) == "sft":
         return {mode: SFT_PHASES[mode] for mode in params.sft.modes}
     return {pairs: DPO_PHASES[pairs] for pairs in params.dpo.pairs}
-
-
-def target_leaks(dataset: datasets.Dataset) -> list[int]:
-    """Rows whose target (completion, or chosen / rejected) appears verbatim in their prompt: the
-    official correction data has this leak (method.md §8.1.3); our sets must have none."""
-    targets = [c for c in ("completion", "chosen", "rejected") if c in dataset.column_names]
-    leaks = []
-    for index, row in enumerate(dataset):
-        prompt = "\n".join(message["content"] for message in row["prompt"])
-        if any(message["content"].strip() and message["content"].strip() in prompt for c in targets for message in row[c]):
-            leaks.append(index)
-    return leaks
 
 
 def end_of_turn(tokenizer: Any) -> str:
@@ -215,7 +383,7 @@ def phase_examples(params: Params, stage: str, tokenizer: Any) -> list[dict[str,
     examples = []
     for variant, phases in stage_variants(params, stage).items():
         for phase, name in phases:
-            row = load_training_set(datasets_dir(params), name)[0]
+            row = screened_set(params, name)[0][0]  # the first row that trains
             example = {"variant": variant, "phase": phase, "task": row["task"], "id": row["id"]}
             for column in ("completion", "chosen", "rejected"):
                 if column in row:
@@ -573,9 +741,11 @@ def before_after(before: dict[str, float], after: dict[str, float]) -> dict[str,
 
 def train_phase(*, kind: str, variant: str, phase: str, dataset_name: str, params: Params, train: TrainParams,
                 model_params: ModelParams, phase_dir: Path, adapter_in: Path | None, callbacks: tuple = (),
-                seed: int) -> PhaseResult:
-    """Train one phase into ``phase_dir`` (resuming from its newest complete checkpoint), save its
-    adapter to ``phase_dir/adapter`` and return its metrics. A phase already done is read back."""
+                seed: int, rows: datasets.Dataset, screening: RowScreening, heldout: dict[str, Any]) -> PhaseResult:
+    """Train one phase on ``rows`` (its training set without the rows ``screening`` dropped) into
+    ``phase_dir`` (resuming from its newest complete checkpoint), the questions of ``heldout`` (a
+    :func:`heldout_record`) held out, save its adapter to ``phase_dir/adapter`` and return its metrics.
+    A phase already done is read back."""
     rank, world = process_rank()
     main = rank == 0
     adapter_dir = phase_dir / "adapter"
@@ -584,9 +754,8 @@ def train_phase(*, kind: str, variant: str, phase: str, dataset_name: str, param
         done = json.loads(metrics_path.read_text(encoding="utf-8"))
         return PhaseResult(variant, phase, dataset_name, adapter_dir, done["metrics"], done["log_history"])
 
-    full = load_training_set(datasets_dir(params), dataset_name, in_memory=True)
-    train_set, heldout = split_by_question(full, train.eval_fraction, derive_seed(seed, "heldout", dataset_name))
-    eval_sets: dict[str, Any] = {"heldout": heldout} if heldout is not None else {}
+    train_set, heldout_set = split_off(rows, [tuple(key) for key in heldout["keys"]])
+    eval_sets: dict[str, Any] = {"heldout": heldout_set} if heldout_set is not None else {}
     if kind == "dpo" and params.dpo.reward_check_pairs:
         count = min(params.dpo.reward_check_pairs, len(train_set))
         eval_sets["train_sample"] = train_set.shuffle(seed=derive_seed(seed, "reward-check") % 2**32).select(range(count))
@@ -654,8 +823,11 @@ def train_phase(*, kind: str, variant: str, phase: str, dataset_name: str, param
     logged = [entry["loss"] for entry in state.log_history if "loss" in entry]
     metrics = {
         "kind": kind, "variant": variant, "phase": phase, "dataset": dataset_name,
-        "rows": {"train": len(train_set), "heldout": len(heldout) if heldout is not None else 0,
-                 "train_questions": len(set(zip(train_set["task"], train_set["id"], strict=True)))},
+        "rows": {"in_training_set": screening.rows, "kept": len(rows), "train": len(train_set),
+                 "heldout": len(heldout_set) if heldout_set is not None else 0,
+                 "train_questions": len(question_keys(train_set))},
+        "rows_dropped": screening.counts(), "rows_dropped_examples": screening.examples,
+        "heldout_questions": heldout,
         "rows_longer_than_max_length": too_long, "max_length": train.max_length,
         "pairs_dropped_prompt_too_long": dropped if kind == "dpo" else None,
         "row_tokens": {"mean": round(sum(lengths) / len(lengths), 1), "max": max(lengths)},
@@ -713,16 +885,20 @@ def _free_memory() -> None:
 
 # ---- variants and stages -------------------------------------------------------------------------
 def model_card(*, stage: str, variant: str, params: Params, base: str, base_name: str, results: list[PhaseResult],
-               identity: str) -> str:
-    """A short README.md for an adapter folder: what it was trained from, on what, and how to load it."""
+               identity: str, later_phases: Sequence[str] = ()) -> str:
+    """A short README.md for an adapter folder: what it was trained from, on what, and how to load it.
+    ``later_phases`` names the phases the variant went on to train after this adapter's last one."""
     from reflectevo import __version__
 
     section = stage_kind(stage)
     train = stage_section(params, stage)
     last = results[-1].metrics
-    lines = [
-        f"# reflectevo {section.upper()} adapter: {variant}",
-        "",
+    title = f"# reflectevo {section.upper()} adapter: {variant}"
+    lines = [f"{title}, after phase {results[-1].phase}" if later_phases else title, ""]
+    if later_phases:
+        lines += [f"The adapter of {variant} after its {results[-1].phase} phase; the variant's final adapter, in "
+                  f"`adapter/` beside this folder, continued it through {', '.join(later_phases)}.", ""]
+    lines += [
         f"- base model: `{base}` (backend {last['backend']}, {last['dtype']})",
         (f"- LoRA: r {train.lora.r}, alpha {train.lora.alpha}, dropout {train.lora.dropout}, "
          f"targets {', '.join(train.lora.target_modules)}"),
@@ -730,14 +906,15 @@ def model_card(*, stage: str, variant: str, params: Params, base: str, base_name
          f"{section}) `{params.section_hash(['run.seed', 'model', section])[:16]}`; stage identity `{identity[:16]}`"),
         f"- reflectevo {__version__}",
         "",
-        "| phase | training set | train rows | held-out rows | steps | tokens/s | held-out loss before | after |",
-        "|---|---|---|---|---|---|---|---|",
+        "| phase | training set | train rows | held-out rows | dropped rows | steps | tokens/s | held-out loss before | after |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         m = result.metrics
         loss = m["evaluation"].get("heldout_loss", {})
-        lines.append(f"| {result.phase} | {result.dataset} | {m['rows']['train']} | {m['rows']['heldout']} | {m['steps']} | "
-                     f"{m['tokens_per_s']} | {_fmt(loss.get('before'))} | {_fmt(loss.get('after'))} |")
+        dropped = ", ".join(f"{reason} {count}" for reason, count in m.get("rows_dropped", {}).items() if count) or "0"
+        lines.append(f"| {result.phase} | {result.dataset} | {m['rows']['train']} | {m['rows']['heldout']} | {dropped} | "
+                     f"{m['steps']} | {m['tokens_per_s']} | {_fmt(loss.get('before'))} | {_fmt(loss.get('after'))} |")
     lines += [
         "",
         "Use it in a reflectevo params file:",
@@ -756,30 +933,49 @@ def _fmt(value: Any) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
+def adapter_folders(phases: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """phase -> the folder of its adapter in the variant's folder: ``adapter`` for the last phase (the
+    variant's final adapter), ``<phase>_adapter`` for each earlier one (two_stage: ``reflection_adapter``)."""
+    return {phase: "adapter" if index == len(phases) - 1 else f"{phase}_adapter" for index, (phase, _) in enumerate(phases)}
+
+
 def train_variant(*, stage: str, variant: str, params: Params, stage_dir: Path, identity: str, model_params: ModelParams,
                   base_description: str, callbacks: tuple = ()) -> list[PhaseResult]:
-    """Every phase of one variant, then its final adapter (and merged model) in ``stage_dir/variant``."""
+    """Every phase of one variant, then its adapters (and merged model) in ``stage_dir/variant``: the
+    final one in ``adapter/``, an earlier phase's in ``<phase>_adapter/`` (:func:`adapter_folders`)."""
     kind = stage_kind(stage)
     train = stage_section(params, stage)
     phases = stage_variants(params, stage)[variant]
     main = process_rank()[0] == 0
     variant_dir = stage_dir / variant
+    sets = {name: screened_set(params, name, in_memory=True) for _, name in phases}
+    # one draw for the whole variant, by a seed that names no phase: every phase holds out the same questions
+    heldout_seed = derive_seed(params.run.seed, stage, variant, "heldout") % 2**31
+    heldout = heldout_record(heldout_questions([rows for rows, _ in sets.values()], train.eval_fraction, heldout_seed),
+                             list(sets), heldout_seed)
     results: list[PhaseResult] = []
     adapter_in: Path | None = None
     for phase, dataset_name in phases:
         seed = derive_seed(params.run.seed, stage, variant, phase) % 2**31  # numpy and the Trainer take 32-bit seeds
+        rows, screening = sets[dataset_name]
         result = train_phase(kind=kind, variant=variant, phase=phase, dataset_name=dataset_name, params=params, train=train,
                              model_params=model_params, phase_dir=variant_dir / f"train-{identity[:12]}" / phase,
-                             adapter_in=adapter_in, callbacks=callbacks, seed=seed)
+                             adapter_in=adapter_in, callbacks=callbacks, seed=seed, rows=rows, screening=screening,
+                             heldout=heldout)
         results.append(result)
         adapter_in = result.adapter
     if main:
-        card = model_card(stage=stage, variant=variant, params=params, base=base_description, base_name=model_params.name,
-                          results=results, identity=identity)
-        with atomic_directory(variant_dir / "adapter") as folder:
-            shutil.copytree(results[-1].adapter, folder, dirs_exist_ok=True)
-            (folder / "README.md").write_text(card, encoding="utf-8")
-        atomic_write_json(variant_dir / "metrics.json", {"variant": variant, "phases": [r.to_dict() for r in results]})
+        folders = adapter_folders(phases)
+        phase_names = [phase for phase, _ in phases]
+        for index, result in enumerate(results):
+            later = phase_names[index + 1:]
+            card = model_card(stage=stage, variant=variant, params=params, base=base_description, base_name=model_params.name,
+                              results=results[:index + 1], identity=identity, later_phases=later)
+            with atomic_directory(variant_dir / folders[result.phase]) as folder:
+                shutil.copytree(result.adapter, folder, dirs_exist_ok=True)
+                (folder / "README.md").write_text(card, encoding="utf-8")
+        atomic_write_json(variant_dir / "metrics.json", {"variant": variant, "adapters": folders,
+                                                         "phases": [r.to_dict() for r in results]})
         if train.save_merged:
             merge_adapter(model_params, variant_dir / "adapter", variant_dir / "merged", card)
     return results
@@ -823,6 +1019,7 @@ class StageSummary:
             row = {"variant": result.variant, "phase": result.phase, "train rows": m["rows"]["train"],
                    "held-out rows": m["rows"]["heldout"], "steps": m["steps"], "train loss": m["train_loss"],
                    "tokens/s": m["tokens_per_s"], "longer than max_length": m["rows_longer_than_max_length"]}
+            row.update({f"dropped: {reason}": count for reason, count in m.get("rows_dropped", {}).items()})
             for key, values in m["evaluation"].items():
                 if key.endswith(("loss", "rewards/accuracies", "rewards/margins")):
                     row[f"{key} before"] = values["before"]
@@ -831,9 +1028,15 @@ class StageSummary:
         return pd.DataFrame(rows)
 
     def manifest_entry(self) -> dict[str, Any]:
-        return {f"{r.variant}/{r.phase}": {k: v for k, v in r.metrics.items() if k in (
-            "rows", "steps", "epochs", "tokens", "tokens_per_s", "train_seconds", "train_loss", "evaluation",
-            "resumed_from", "rows_longer_than_max_length", "world_size", "backend", "batching")} for r in self.results}
+        entry = {}
+        for r in self.results:
+            phase = {k: v for k, v in r.metrics.items() if k in (
+                "rows", "rows_dropped", "steps", "epochs", "tokens", "tokens_per_s", "train_seconds", "train_loss",
+                "evaluation", "resumed_from", "rows_longer_than_max_length", "world_size", "backend", "batching")}
+            if "heldout_questions" in r.metrics:  # which questions: metrics.json lists them, the manifest their digest
+                phase["heldout_questions"] = {k: v for k, v in r.metrics["heldout_questions"].items() if k != "keys"}
+            entry[f"{r.variant}/{r.phase}"] = phase
+        return entry
 
 
 def run_training_stage(stage: str, params: Params, rundir: RunDir | None = None, *, callbacks: tuple = (),
@@ -866,7 +1069,8 @@ def run_training_stage(stage: str, params: Params, rundir: RunDir | None = None,
             results += train_variant(stage=stage, variant=variant, params=params, stage_dir=stage_dir, identity=identity,
                                      model_params=model_params, base_description=base, callbacks=callbacks)
         figures: list[Path] = []
-        outputs = [stage_dir / variant / name for variant in variants for name in ("adapter", "metrics.json")]
+        outputs = [stage_dir / variant / name for variant in variants
+                   for name in (*adapter_folders(stage_variants(params, stage)[variant]).values(), "metrics.json")]
         if main:
             history = plots.training_history([r.to_dict() for r in results])
             fmt, dpi = params.analysis.figure_format, params.analysis.dpi

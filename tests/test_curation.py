@@ -195,6 +195,43 @@ def test_unparseable_replies_are_counted_as_parse_failures(records):
     assert result.judgements[1]["verdict"] is None
 
 
+# An instruct model explains before its verdict line; with too small a budget it is cut off mid-sentence.
+EXPLAINS_AT_LENGTH = (
+    "Both reflections were written on the same failed attempt, so the question is which one finds the real mistake. "
+    "Reflection A points at the step where the attempt misread the second premise and says to check every option "
+    "against it, which is exactly where the attempt went wrong. Reflection B also mentions the premise, but its plan "
+    "is vaguer: it tells the solver to be more careful without saying")
+UNPARSED_COLUMNS = ["judge_unparsed_replies", "judge_unparsed_length", "judge_unparsed_stop", "judge_unparsed_other"]
+
+
+def test_a_judge_cut_off_before_its_verdict_is_recorded_and_counted_by_finish_reason(records):
+    comparisons = curation.plan_comparisons(records)
+    cut, ended = comparisons[0].requests[1].key, comparisons[1].requests[0].key  # logiqa "ba", math "ab"
+    rows = {key: {"key": key, "text": text, "finish_reason": "eos"} for key, text in script(comparisons, "A", "B").items()}
+    rows[cut].update(text=EXPLAINS_AT_LENGTH, finish_reason="length")
+    rows[ended].update(text="Reflection A is more precise about the premise.", finish_reason="eos")  # ended, no verdict
+    result = curation.build_d_pref(records, EngineJudge(ReplayEngine(rows.values())))
+    assert result.outcomes == {"pair": 0, "tie": 0, "inconsistent": 0, "parse_failure": 2} and result.rows == []
+    judged = {judgement["key"]: judgement for judgement in result.judgements}
+    assert (judged[cut]["verdict"], judged[cut]["finish_reason"], judged[cut]["reply"]) == (None, "length", EXPLAINS_AT_LENGTH)
+    assert (judged[ended]["verdict"], judged[ended]["finish_reason"]) == (None, "eos")
+    assert judged[comparisons[0].requests[0].key]["finish_reason"] == "eos"  # every record has its finish reason
+    table = curation.counts_table(records, curation.build_d_plus(records), curation.build_d_pm(records), result)
+    assert table.loc["logiqa", UNPARSED_COLUMNS].tolist() == [1, 1, 0, 0]
+    assert table.loc["math", UNPARSED_COLUMNS].tolist() == [1, 0, 1, 0]
+    assert table.loc["all", ["judge_parse_failures", *UNPARSED_COLUMNS]].tolist() == [2, 2, 1, 1, 0]
+    assert curation.counts_records(table)[-1]["judge_unparsed_length"] == 1  # as counts.json holds it
+
+
+def test_the_judge_budget_fits_an_answer_that_explains_first():
+    from reflectevo.config import JudgeParams, ReflectParams
+    from reflectevo.judges import make_judge
+
+    assert JudgeParams().max_new_tokens >= ReflectParams().max_new_tokens  # at least a reflection's budget
+    judge = make_judge(JudgeParams(), engine=ReplayEngine([]))
+    assert judge.settings.max_new_tokens == JudgeParams().max_new_tokens
+
+
 def test_one_order_only(records):
     comparisons = curation.plan_comparisons(records, both_orders=False)
     assert all(c.orders == ["ab"] and len(c.requests) == 1 for c in comparisons)
@@ -265,7 +302,8 @@ def test_counts_table(records):
         "questions": 5, "first_correct": 1, "first_wrong": 4, "first_parse_failures": 1, "reflections": 8,
         "second_correct": 4, "second_parse_failures": 1, "reflection_success_rate": 0.5, "questions_with_success": 3,
         "questions_with_pos_and_neg": 1, "d_plus": 4, "d_pm": 2, "d_pref": 0, "judge_pairs": 0, "judge_ties": 0,
-        "judge_inconsistent": 1, "judge_parse_failures": 0,
+        "judge_inconsistent": 1, "judge_parse_failures": 0, "judge_unparsed_replies": 0, "judge_unparsed_length": 0,
+        "judge_unparsed_stop": 0, "judge_unparsed_other": 0,
     }
     everything = table.loc["all"]
     assert (everything["questions"], everything["reflections"], everything["second_correct"]) == (6, 13, 6)
@@ -424,12 +462,21 @@ def test_load_released_d_plus(examples):
 def test_released_correction_prompt_is_rebuilt_without_the_target(examples):
     row = curation.load_released(examples / "example_D+.jsonl")[0]
     assert row["second_trial_reasoning"].strip() in row["reason_prompt"][1]  # the released prompt leaks the target
-    training = curation.training_rows("correction", [row], fewshots=2)[0]
+    task = get_task("bigbench")
+    # rebuilt with the second-trial variant the evaluation shows: the reflection alone ...
+    training = curation.training_rows("correction", [row], fewshots=2, second_trial="reflection")[0]
     assert row["second_trial_attempt"] not in training["prompt"]
     assert "Observation" not in training["prompt"] and "CORRECT" not in training["prompt"]
-    task = get_task("bigbench")
     assert training["prompt"] == prompts.second_trial_prompt(task, curation.row_item(row), row["reflections"], 2, previous=None)
     assert training["completion"] == row["second_trial_attempt"]
+    # ... or also the failed first attempt with its verdict (the default, the paper's setting 2)
+    both = curation.training_rows("correction", [row], fewshots=2)[0]
+    assert both["prompt"] == prompts.second_trial_prompt(task, curation.row_item(row), row["reflections"], 2,
+                                                          previous=(row["first_trial_attempt"], row["first_trial_feedback"]))
+    assert row["first_trial_attempt"] in both["prompt"] and row["second_trial_attempt"] not in both["prompt"]
+    assert "Answer is CORRECT" not in both["prompt"]
+    with pytest.raises(ValueError, match="unknown second_trial 'setting2'"):
+        curation.training_rows("correction", [row], second_trial="setting2")
 
 
 @pytest.mark.parametrize(("name", "kind"), [("example_D+-.jsonl", "d_pm"), ("example_Dpref.jsonl", "d_pref")])
@@ -496,3 +543,23 @@ def test_released_drift_is_tolerated(tmp_path):
     assert record_["task"] == "mbpp" and record_["output"][1]["reflections"] == ["fix it"]
     assert "test_list" not in record_ and "test_list" not in record_["output"][1]
     assert [row["reflections"] for row in curation.build_d_plus([record_])] == ["fix it"]
+
+
+def test_released_task_is_inferred_from_the_question_shape(tmp_path):
+    def d_plus_row(question: str, answer: str) -> dict:
+        return {"id": 1, "question": question, "answer": answer,
+                "first_trial_reasoning": "\nThought: \nA man lost it.\n\nAction: \nFinish[the man] \n\nObservation: Answer is INCORRECT",
+                "first_trial_answer": "the man", "second_trial_answer": answer, "reflections": "Reread the story.",
+                "second_trial_reasoning": f"\nThought: \nThe story names her.\n\nAction: \nFinish[{answer}] \n\nObservation: Answer is CORRECT"}
+
+    # a free-text BIG-bench question: no options, a story line that starts with "A "
+    free = d_plus_row("A man and a girl walked home. The girl found the key.\n\nQuestion: Who found the key?", "the girl")
+    # LogiQA: options "A." to "D." without an "Options:" line; BIG-bench multiple choice: with one
+    logiqa = d_plus_row("Passage.\nWhich must be true?\nA.Red wins.\nB.Blue wins.\nC.Nobody wins.\nD.Both win.", "b")
+    choice = d_plus_row("Passage: p\nClaim: c\nOptions:\nA. True\nB. False\nC. Neither", "c")
+    malformed = d_plus_row("Who won?\nA Shannan\nB Jiangnan\nC Shanbei\nD Jiangbei", "c")  # LogiQA row 441's shape
+    rows = curation.load_released(write_jsonl_atomic(tmp_path / "d_plus.jsonl", [free, logiqa, choice, malformed]))
+    assert [(row["task"], row["task_inferred"]) for row in rows] == [
+        ("bigbench", True), ("logiqa", True), ("bigbench", True), ("logiqa", True)]
+    named = curation.load_released(tmp_path / "d_plus.jsonl", task="bigbench")
+    assert {(row["task"], row["task_inferred"]) for row in named} == {("bigbench", False)}

@@ -95,8 +95,10 @@ def test_replies_equal_the_engine_judge_in_request_order(tiny, base_url):
     remote = judge.complete(requests)
     assert [reply.key for reply in remote] == [request.key for request in requests]
     assert [reply.text for reply in remote] == [reply.text for reply in local]
-    assert len({reply.text for reply in remote}) > 1  # different prompts, so order is really checked
-    assert remote[0].prompt == json.dumps(requests[0].messages, ensure_ascii=False)
+    # every reply carries the prompt it answers, and the prompts differ, so the order is really checked
+    # (whatever the stand-in answers: a build on another machine may give every pair the same verdict)
+    assert len({json.dumps(request.messages) for request in requests}) == len(requests)
+    assert [reply.prompt for reply in remote] == [json.dumps(request.messages, ensure_ascii=False) for request in requests]
     assert remote[0].judge == judge.name == f"openai:tiny@{base_url}"
     assert judge.describe() == {"judge": judge.name, "url": base_url, "model": "tiny", "max_new_tokens": MAX_NEW_TOKENS,
                                      "cache_path": None, "from_cache": 0, "from_endpoint": len(requests)}
@@ -257,6 +259,33 @@ def test_malformed_answers_and_4xx_are_not_retried(scripted, answer, complaint):
     with pytest.raises(JudgeError, match=complaint):
         OpenAIJudge(url, "m", retries=3, backoff_s=0.01).complete(judge_requests(1))
     assert len(server.seen) == 1
+
+
+def test_an_answer_cut_off_at_max_tokens_keeps_its_finish_reason_through_the_cache(scripted, tmp_path):
+    """An endpoint judge that explains before its verdict, cut off at max_tokens: no verdict, finish_reason length."""
+    from reflectevo import curation
+    from reflectevo.prompts import parse_verdict
+
+    server, url = scripted
+    explains = ("Reflection A finds the step where the attempt misread the premise, and its plan says to check every "
+                "option against that premise. Reflection B is vaguer: it tells the solver to be careful without")
+    server.answers = [(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": explains},
+                                          "finish_reason": "length"}]})]
+    cache = tmp_path / "replies.jsonl"
+    requests = judge_requests(2)
+    replies = OpenAIJudge(url, "m", max_new_tokens=32, cache_path=cache).complete(requests)
+    assert [(reply.text, reply.finish_reason) for reply in replies] == [(explains, "length")] * 2
+    assert parse_verdict(replies[0].text) is None
+    assert [json.loads(line)["finish_reason"] for line in cache.read_text().splitlines()] == ["length", "length"]
+    rerun = OpenAIJudge(url, "m", max_new_tokens=32, cache_path=cache)
+    assert rerun.complete(requests) == replies and len(server.seen) == 2  # answered from the cache, reason included
+    comparison = curation.Comparison({"task": "logiqa", "id": "q"}, {}, {}, ["ab", "ba"], requests)
+    record = curation.judgement(comparison, "ab", replies[0], None, "parse_failure")
+    assert (record["verdict"], record["finish_reason"]) == (None, "length")
+
+    server.answers = [OK]  # an endpoint that gives no finish_reason
+    [reply] = OpenAIJudge(url, "m").complete(judge_requests(1))
+    assert (reply.text, reply.finish_reason) == ("Verdict: A", None)
 
 
 def test_serve_is_a_cli_command(capsys):

@@ -1,5 +1,7 @@
 """Stages 03 and 04 really train the tiny model on CPU: the trained tokens are exactly the completion
-and the chat template's end of turn, no training input holds its target, SFT lowers the held-out loss,
+and the chat template's end of turn, no training input holds its target, rows that cannot teach their
+phase are dropped and counted (a stage never stops on them), the phases of a variant hold out the same
+questions, SFT lowers the held-out loss,
 DPO raises the reward accuracy and margin, a killed run resumes to the same adapter, two processes
 train one model, DPO from an SFT variant uses that model as its reference, and bad set-ups stop
 before any model loads."""
@@ -18,9 +20,10 @@ import pytest
 import yaml
 from conftest import clone_run, official_data_dir, skip_or_fail
 
-from reflectevo import curation, training
+from reflectevo import curation, prompts, training
 from reflectevo.errors import ReflectEvoError
 from reflectevo.runs import read_manifest
+from reflectevo.tasks import get_task
 
 pytest.importorskip("trl")
 
@@ -82,7 +85,7 @@ def test_the_one_stage_target_is_reflection_answer_and_attempt(smoke_params):
 def test_no_training_input_contains_its_target(smoke_params):
     for name in ("sft_one_stage", "sft_reflection", "sft_correction", "sft_qa_pairs", "dpo_d_pm", "dpo_d_pref"):
         dataset = training.load_training_set(training.datasets_dir(smoke_params), name)
-        assert training.target_leaks(dataset) == [], name
+        assert training.target_leaks(dataset, training.set_kind(name)) == [], name
 
 
 def test_released_correction_rows_are_rebuilt_without_the_leaked_target():
@@ -93,9 +96,177 @@ def test_released_correction_rows_are_rebuilt_without_the_leaked_target():
     # the stored trial-2 prompt holds the finished second trial: the check catches it
     leaking = curation.to_trl_dataset([{"task": row["task"], "id": row["id"], "prompt": row["reason_prompt"][1],
                                         "completion": row["second_trial_attempt"]} for row in released])
-    assert training.target_leaks(leaking) == list(range(len(released)))
+    assert training.target_leaks(leaking, "correction") == list(range(len(released)))
     rebuilt = curation.to_trl_dataset(curation.training_rows("correction", released))
-    assert len(rebuilt) == len(released) and training.target_leaks(rebuilt) == []
+    assert len(rebuilt) == len(released) and training.target_leaks(rebuilt, "correction") == []
+    assert training.screen_rows(rebuilt, "correction").kept == list(range(len(released)))
+
+
+# ---- rows that cannot teach their phase ----------------------------------------------------------------
+LOGIQA_WRONG = ("Thought: Tomas did not attend the review session, but that does not stop him from passing, "
+                "so he passed the exam.\nAction: Finish[A]")
+LOGIQA_RIGHT = ("Thought: Everyone who passed attended the review session and Tomas did not attend it, "
+                "so Tomas did not pass the exam.\nAction: Finish[B]")
+SQUARE = "Thought: The square of a number is the number multiplied by itself.\nAction: [BEGIN]\ndef square(n):\n    return n * n\n[END]"
+TIMED_OUT = "Execution timed out after 10 seconds.\nAnswer is INCORRECT"
+
+
+def raw_record(task_name: str, first: tuple[str, str, str], seconds: list[tuple[str, str, str]]) -> dict:
+    """A raw record as stage 02 writes it: the failed first trial (text, outcome, feedback), then one
+    (reflection, second-trial text, outcome) per reflection, each second trial prompted with the
+    reflection and the failed attempt (reflect.second_trial's default)."""
+    task = get_task(task_name)
+    item = task.load_samples("train")[0]
+    text, outcome, feedback = first
+
+    def trial(number, key, reasoning, result, observation, reflection=None, sample=None):
+        return {"trial": number, "key": key, "instruction": None if reflection is None else "1-3-2", "sample": sample,
+                "reasoning": reasoning, "scratchpad": prompts.failed_trial(reasoning, observation),
+                "generated_answer": "B", "is_correct": result == "correct", "outcome": result, "feedback": observation,
+                "reflections": [] if reflection is None else [reflection],
+                "reason_input": (prompts.attempt_prompt(task, item) if reflection is None else
+                                 prompts.second_trial_prompt(task, item, reflection, previous=(text, feedback))),
+                "reflection_input": None}
+
+    outputs = [trial(1, f"{task_name}/{item.id}/t1", text, outcome, feedback)]
+    for sample, (reflection, second, result) in enumerate(seconds):
+        outputs.append(trial(2, f"{task_name}/{item.id}/1-3-2/{sample}", second, result,
+                             "Answer is CORRECT" if result == "correct" else "Answer is INCORRECT", reflection, sample))
+    return {"task": task_name, "id": item.id, "question": item.question, "answer": item.gold, "output": outputs}
+
+
+def screened(records: list[dict], kind: str) -> tuple:
+    """(screening, dataset) of the training rows of ``kind`` built from ``records`` as stage 02 builds them."""
+    source = curation.build_d_pm(records) if kind == "dpo" else curation.build_d_plus(records)
+    dataset = curation.to_trl_dataset(curation.training_rows(kind, source))
+    return training.screen_rows(dataset, kind), dataset
+
+
+def reasons(screening: training.RowScreening) -> list[str | None]:
+    """The drop reason of each row, in row order (None: kept)."""
+    by_row: list[str | None] = [None] * screening.rows
+    for reason, indices in screening.dropped.items():
+        for index in indices:
+            by_row[index] = reason
+    return by_row
+
+
+def test_short_and_quoting_reflections_and_a_retried_time_out_are_not_leaks():
+    thought_line = LOGIQA_WRONG.splitlines()[0]
+    logiqa = raw_record("logiqa", (LOGIQA_WRONG, "wrong", "Answer is INCORRECT"), [
+        (".", LOGIQA_RIGHT, "correct"),  # a reflection of "." that still led to the right answer
+        (thought_line, LOGIQA_RIGHT, "correct"),  # a reflection that copies the failed attempt's Thought line
+        ("I assumed passing was possible without the review; the first sentence rules that out.", LOGIQA_RIGHT, "correct"),
+    ])
+    mbpp = raw_record("mbpp", (SQUARE, "timeout", TIMED_OUT), [
+        ("The code is right; the run timed out, so submit the same function again.", SQUARE, "correct"),
+    ])
+    records = [logiqa, mbpp]
+    screening, _ = screened(records, "reflection")
+    assert reasons(screening) == [None, "copies_prompt", None, None]
+    screening, _ = screened(records, "one_stage")  # the reflection part, then the attempt part after "Answer:"
+    assert reasons(screening) == [None, "copies_prompt", None, "copies_prompt"]
+    screening, dataset = screened(records, "correction")
+    assert SQUARE in dataset[3]["prompt"][0]["content"] and dataset[3]["completion"][0]["content"] == SQUARE
+    assert reasons(screening) == [None, None, None, "copies_prompt"]  # the retry repeats the attempt it was shown
+    assert screening.counts() == {"empty_target": 0, "target_in_prompt": 0, "copies_prompt": 1, "chosen_equals_rejected": 0}
+    assert screening.examples == {"copies_prompt": [["mbpp", mbpp["id"]]]}
+    for kind in ("reflection", "one_stage", "correction"):
+        assert training.target_leaks(screened(records, kind)[1], kind) == [], kind
+
+
+def test_the_corrected_attempt_pasted_into_its_prompt_is_a_leak():
+    record = raw_record("logiqa", (LOGIQA_WRONG, "wrong", "Answer is INCORRECT"), [
+        ("I assumed passing was possible without the review; the first sentence rules that out.", LOGIQA_RIGHT, "correct"),
+        ("Read the first sentence again: it says who passed.", LOGIQA_RIGHT, "correct")])
+    # the second trial's stored prompt rendered after the trial finished, as the released data did
+    finished = record["output"][2]
+    finished["reason_input"] += "\n" + prompts.failed_trial(LOGIQA_RIGHT, "Answer is CORRECT")
+    screening, dataset = screened([record], "correction")
+    assert reasons(screening) == [None, "target_in_prompt"]
+    assert training.target_leaks(dataset, "correction") == [1]
+    # the same text with its whitespace changed is still the same answer
+    spaced = [{"task": "logiqa", "id": record["id"], "prompt": dataset[1]["prompt"][0]["content"].replace(" so ", "  so\n"),
+               "completion": LOGIQA_RIGHT}]
+    assert training.target_leaks(curation.to_trl_dataset(spaced), "correction") == [0]
+    # a one-stage prompt that holds its own corrected attempt leaks it too, and a QA pair whose gold answer is in its prompt
+    rows = curation.training_rows("one_stage", curation.build_d_plus([record]))
+    rows[0]["prompt"] += f"\n\nA correct attempt:\n{LOGIQA_RIGHT}"
+    assert training.target_leaks(curation.to_trl_dataset(rows), "one_stage") == [0]
+    items = get_task("logiqa").load_samples("train")[:2]
+    pairs = curation.qa_pair_rows({"logiqa": items})
+    pairs[1]["prompt"] = pairs[1]["prompt"].replace("Question:", f"Example:\n{pairs[1]['completion']}\n\nQuestion:")
+    assert training.target_leaks(curation.to_trl_dataset(pairs), "qa_pairs") == [1]
+    short = [{"task": "logiqa", "id": "x", "prompt": "Answer with Finish[B] or Finish[C].", "completion": "Finish[B]"}]
+    assert training.target_leaks(curation.to_trl_dataset(short), "correction") == []  # shorter than MIN_LEAK_CHARS
+
+
+def test_preference_pairs_are_dropped_only_when_they_cannot_teach_a_preference():
+    thought_line = LOGIQA_WRONG.splitlines()[0]
+    record = raw_record("logiqa", (LOGIQA_WRONG, "wrong", "Answer is INCORRECT"), [
+        ("The first sentence says who passed; apply it to Tomas.", LOGIQA_RIGHT, "correct"),
+        (thought_line, LOGIQA_RIGHT, "correct"),
+        ("Read the first sentence again: it says who passed.", LOGIQA_WRONG, "wrong"),
+        (thought_line, LOGIQA_WRONG, "wrong"),
+        ("The first sentence says who passed; apply it to Tomas.", LOGIQA_WRONG, "wrong"),
+    ])
+    screening, _ = screened([record], "dpo")  # chosen in output order, then rejected in output order
+    assert reasons(screening) == [None, None, "chosen_equals_rejected",  # a rejected copy is a fair thing to push down
+                                  "copies_prompt", "copies_prompt", "copies_prompt"]
+
+
+def test_the_shown_attempt_is_found_in_every_prompt_that_shows_one():
+    """The rule takes the failed attempt out of the prompt by the templates' wording: if they change, this fails."""
+    task = get_task("mbpp")
+    item = task.load_samples("train")[0]
+    shown = [prompts.reflection_prompt(item, SQUARE, TIMED_OUT, prompts.GENERIC_INSTRUCTION),
+             prompts.one_stage_prompt(task, item, SQUARE, TIMED_OUT, prompts.GENERIC_INSTRUCTION),
+             prompts.second_trial_prompt(task, item, "Run it again.", previous=(SQUARE, TIMED_OUT))]
+    for prompt in shown:
+        assert training.SHOWN_ATTEMPT.findall(prompt) == [SQUARE], prompt
+    assert training.SHOWN_ATTEMPT.findall(prompts.second_trial_prompt(task, item, "Run it again.")) == []
+
+
+def plain_rows(dataset) -> list[dict]:
+    """A saved training set's rows with each message list as its text, as curation.to_trl_dataset takes them."""
+    return [{key: value[0]["content"] if isinstance(value, list) else value for key, value in row.items()} for row in dataset]
+
+
+def replace_set(params, name: str, rows: list[dict]) -> None:
+    import shutil
+
+    folder = training.datasets_dir(params) / name
+    shutil.rmtree(folder)
+    curation.to_trl_dataset(rows).save_to_disk(str(folder), num_shards=1)
+
+
+def test_the_phases_of_a_variant_hold_out_the_same_questions():
+    def rows(keys, completion):
+        return curation.to_trl_dataset([{"task": task, "id": item, "prompt": f"Question {item}?", "completion": completion}
+                                        for task, item in keys])
+
+    shared = [("logiqa", f"q{n}") for n in range(10)]
+    reflection = rows(shared * 2, "I misread the second premise.")  # two reflections per question
+    correction = rows([*shared, ("math", "only-in-correction")], "Thought: the premise excludes A.\nAction: Finish[B]")
+    held = training.heldout_questions([reflection, correction], 0.3, seed=7)
+    assert len(held) == 3 and held == sorted(held) and ("math", "only-in-correction") not in held
+    assert training.heldout_questions([correction, reflection], 0.3, seed=7) == held  # whatever the order of the phases
+    for dataset in (reflection, correction):
+        train, heldout = training.split_off(dataset, held)
+        assert set(zip(heldout["task"], heldout["id"])) == set(held)
+        assert not set(zip(train["task"], train["id"])) & set(held) and len(train) + len(heldout) == len(dataset)
+    assert any(training.heldout_questions([reflection, correction], 0.3, seed=seed) != held for seed in (8, 9, 10))
+    assert training.heldout_questions([reflection, correction], 0.0, seed=7) == []
+    assert training.split_off(reflection, []) == (reflection, None)
+
+
+def test_a_set_whose_every_row_is_dropped_stops_before_any_model_loads(smoke_reflect_run, tmp_path):
+    params = clone_run(smoke_reflect_run, tmp_path, "all-dropped", {"sft": {**SFT, "modes": ["two_stage"]}})
+    rows = plain_rows(training.load_training_set(training.datasets_dir(params), "sft_correction"))
+    replace_set(params, "sft_correction", [{**row, "completion": " \n"} for row in rows])
+    with pytest.raises(training.TrainingError, match=r"every row of training set sft_correction is dropped: \d+ empty_target"):
+        training.run_sft(params)
+    assert "03_sft" not in read_manifest(params.run_dir)["stages"]
 
 
 def test_questions_are_held_out_whole(smoke_params):
@@ -235,7 +406,11 @@ def test_two_processes_train_one_model(smoke_reflect_run, tmp_path):
     ranks = [json.loads((phase / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["rank"] for r in ranks] == [0, 1]
     assert all(r["distributed_type"].endswith("MULTI_CPU") and r["backend"] == "gloo" for r in ranks)
-    assert len(ranks[0]["first_batches"]) == 4 and not set(ranks[0]["first_batches"]) & set(ranks[1]["first_batches"])
+    # each rank draws its own batches (a rank that trained alone on all the data would draw the same ones); one
+    # batch may coincide, because the distributed sampler pads a set that does not divide evenly with repeated
+    # rows, and how many rows the stand-in's reflections gave the set differs from build to build
+    assert len(ranks[0]["first_batches"]) == 4 and set(ranks[0]["first_batches"]) != set(ranks[1]["first_batches"])
+    assert len(set(ranks[0]["first_batches"]) & set(ranks[1]["first_batches"])) <= 1
     assert ranks[0]["adapter_sha256_of_tensors"] == ranks[1]["adapter_sha256_of_tensors"]
     saved = lora_tensors(params.run_dir / "sft" / "one_stage" / "adapter")
     assert saved and read_manifest(params.run_dir)["stages"]["03_sft"]["status"] == "done"  # written once, by rank 0
@@ -368,3 +543,68 @@ def test_dpo_from_an_sft_variant_depends_on_stage_03():
     assert depends_on(dpo, from_base) == ("02",) and depends_on(dpo, from_sft) == ("02", "03")
     upstream = {"02_reflect": "a", "03_sft": "b"}
     assert identity_of(from_sft, dpo, upstream) != identity_of(from_sft, dpo, {**upstream, "03_sft": "c"})
+
+
+def test_a_stage_drops_and_counts_what_cannot_teach_and_keeps_the_reflection_adapter(smoke_reflect_run, tmp_path):
+    """Rows shaped like a real model's output join the smoke run's two-stage sets: a reflection of ".", one
+    that is the failed attempt's Thought line, a second trial identical to the failed attempt it was shown,
+    and a real leak (the corrected attempt pasted into its prompt). The stage trains, drops and counts."""
+    from reflectevo.pipeline import RECORDS_FILE
+
+    params = clone_run(smoke_reflect_run, tmp_path, "screened", {"sft": {**SFT, "modes": ["two_stage"], "max_steps": 2,
+                                                                         "eval_fraction": 0.3}})
+    folder = training.datasets_dir(params)
+    records = {(r["task"], r["id"]): r for r in curation.read_records(params.run_dir / "reflect" / RECORDS_FILE)}
+    reflection = plain_rows(training.load_training_set(folder, "sft_reflection"))
+    correction = plain_rows(training.load_training_set(folder, "sft_correction"))
+    before = {name: training.screen_rows(training.load_training_set(folder, name), kind)
+              for name, kind in (("sft_reflection", "reflection"), ("sft_correction", "correction"))}
+    failed = records[(reflection[0]["task"], reflection[0]["id"])]["output"][0]["reasoning"]
+    replace_set(params, "sft_reflection", [*reflection, {**reflection[0], "completion": "."},
+                                           {**reflection[0], "completion": failed.splitlines()[0]}])
+    shown = records[(correction[0]["task"], correction[0]["id"])]["output"][0]["reasoning"]
+    assert shown.strip() in correction[0]["prompt"]  # the second trial is shown the failed attempt (reflect.second_trial)
+    assert len(" ".join(correction[0]["completion"].split())) >= training.MIN_LEAK_CHARS
+    replace_set(params, "sft_correction", [*correction, {**correction[0], "completion": shown},
+                                           {**correction[0], "prompt": f"{correction[0]['prompt']}\n\n{correction[0]['completion']}"}])
+
+    summary = training.run_sft(params)
+    reflection_metrics, correction_metrics = (phase_metrics(params, "sft", "two_stage", index) for index in (0, 1))
+    print(f"two_stage: reflection rows {reflection_metrics['rows']}, dropped {reflection_metrics['rows_dropped']}; "
+          f"correction rows {correction_metrics['rows']}, dropped {correction_metrics['rows_dropped']}; "
+          f"{reflection_metrics['heldout_questions']['count']} questions held out of both")
+    expected = before["sft_reflection"].counts()
+    expected["copies_prompt"] += 1
+    assert reflection_metrics["rows_dropped"] == expected
+    assert reflection_metrics["rows"]["kept"] == len(before["sft_reflection"].kept) + 1  # "." trains
+    expected = before["sft_correction"].counts()
+    expected["copies_prompt"] += 1
+    expected["target_in_prompt"] += 1
+    assert correction_metrics["rows_dropped"] == expected
+    assert [correction[0]["task"], correction[0]["id"]] in correction_metrics["rows_dropped_examples"]["target_in_prompt"]
+    table = summary.table()
+    assert list(table["dropped: target_in_prompt"]) == [0, expected["target_in_prompt"]]  # a reflection gives no answer away
+    assert list(table["dropped: copies_prompt"]) == [reflection_metrics["rows_dropped"]["copies_prompt"], expected["copies_prompt"]]
+
+    # one held-out draw for the variant: both phases hold out the same questions and train on none of them
+    held = reflection_metrics["heldout_questions"]
+    assert held == correction_metrics["heldout_questions"] and held["count"] == len(held["keys"]) > 0
+    assert held["drawn_from"] == ["sft_reflection", "sft_correction"]
+    for metrics, name in ((reflection_metrics, "sft_reflection"), (correction_metrics, "sft_correction")):
+        kept, _ = training.screened_set(params, name)
+        keys = [[task, item] for task, item in zip(kept["task"], kept["id"])]
+        assert metrics["rows"]["heldout"] == sum(key in held["keys"] for key in keys) > 0
+        assert metrics["rows"]["train"] == len(keys) - metrics["rows"]["heldout"]
+
+    manifest = read_manifest(params.run_dir)["stages"]["03_sft"]
+    assert manifest["training"]["two_stage/correction"]["rows_dropped"] == expected
+    assert manifest["training"]["two_stage/reflection"]["heldout_questions"]["sha256"] == held["sha256"]
+    # the reflection phase's adapter stays in a stable place beside the final one, recorded with its files
+    variant = params.run_dir / "sft" / "two_stage"
+    assert json.loads((variant / "metrics.json").read_text())["adapters"] == {"reflection": "reflection_adapter",
+                                                                              "correction": "adapter"}
+    phase = next(variant.glob("train-*/reflection/adapter"))
+    assert max_difference(lora_tensors(variant / "reflection_adapter"), lora_tensors(phase)) == 0.0
+    assert max_difference(lora_tensors(variant / "reflection_adapter"), lora_tensors(variant / "adapter")) > 0.0
+    assert "after phase reflection" in (variant / "reflection_adapter" / "README.md").read_text()
+    assert "sft/two_stage/reflection_adapter/adapter_model.safetensors" in manifest["outputs"]

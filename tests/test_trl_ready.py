@@ -31,7 +31,8 @@ def saved(tmp_path_factory, tiny_model_dir):
                          "text": f"My answer {wrong} was wrong. {'The fix is to compare every option.' if sample == 0 else 'I guessed.'}"})
             answer = gold if sample == 0 else wrong
             rows.append({"key": f"logiqa/{item.id}/1-3-2/{sample}", "text": f"Thought: checked.\nAction: Finish[{answer}]"})
-    params = load_params(None, {"reflect": {"fewshots": 0, "instructions": ["1-3-2"], "samples_per_instruction": 2}})
+    params = load_params(None, {"reflect": {"fewshots": 0, "instructions": ["1-3-2"], "samples_per_instruction": 2},
+                                "eval": {"fewshots": 0}})  # trained and tested on the same prompts
     records = ReflectionPipeline(params, ReplayEngine(rows)).run({"logiqa": items}).records
     d_plus, d_pm = curation.build_d_plus(records), curation.build_d_pm(records)
     assert len(d_plus) == 4 and len(d_pm) == 4
