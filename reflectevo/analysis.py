@@ -13,6 +13,7 @@ notebook builds from the run's tokenizer (tests pass ``lambda text: len(text.spl
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -114,6 +115,9 @@ def length_frame(records: Sequence[dict[str, Any]], predictions: Iterable[dict[s
             add(STAGE02_SOURCE, record["task"], "reflection", _reflection_text(output))
             add(STAGE02_SOURCE, record["task"], "turn-2 answer", output["reasoning"])
     seen_first: set[tuple[str, str, str, str]] = set()
+    # the oracle has one row per gating grader; where two graders gated alike, the row's reflection and second
+    # turn are the same generation, counted once
+    seen_oracle: set[tuple[str, str, str, str, str]] = set()
     for prediction in predictions:
         if protocol is not None and prediction.get("protocol") != protocol:
             continue
@@ -122,10 +126,18 @@ def length_frame(records: Sequence[dict[str, Any]], predictions: Iterable[dict[s
         if first is not None and (prediction["variant"], task, str(prediction["id"]), first) not in seen_first:
             seen_first.add((prediction["variant"], task, str(prediction["id"]), first))
             add(source, task, "turn-1 answer", first)
-        if prediction.get("reflection") is not None:
-            add(source, task, "reflection", prediction["reflection"])
-        if prediction.get("t2") is not None and prediction["t2"].get("text") is not None:
-            add(source, task, "turn-2 answer", prediction["t2"]["text"])
+        later = [("reflection", prediction.get("reflection"))]
+        if prediction.get("t2") is not None:
+            later.append(("turn-2 answer", prediction["t2"].get("text")))
+        for kind, text in later:
+            if text is None:
+                continue
+            key = (prediction["variant"], kind, task, str(prediction["id"]), text)
+            if prediction.get("protocol") == "oracle":
+                if key in seen_oracle:
+                    continue
+                seen_oracle.add(key)
+            add(source, task, kind, text)
     frame = pd.DataFrame(rows, columns=LENGTH_COLUMNS)
     frame["tokens"] = frame["tokens"].astype(int)
     return frame
@@ -382,10 +394,50 @@ def transition_matrices(transitions: Any, grader: str, protocols: Sequence[str] 
 def provenance(record: dict[str, Any], model_name: str) -> str:
     """One paragraph saying what produced stage 05's numbers, from its ``results.json``."""
     items = ", ".join(f"{task}: {count}" for task, count in record["items"].items())
+    # results.json written before the oracle ran once per grader name the one grader that gated it
+    oracle = (f"the oracle run once per grader, gated and scored by it: {', '.join(record['oracle_graders'])}"
+              if "oracle_graders" in record else f"the oracle gated by {record.get('gate_grader')} only")
+    left_out = record.get("excluded_tasks") or []
+    items += f"; left out with no {record['split']} items: {', '.join(left_out)}" if left_out else ""
+    mismatches = record.get("allowed_mismatches") or {}
+    differing = ("; training and test inputs differ on purpose in: " + "; ".join(mismatches.values())) if mismatches else ""
     return (f"Split `{record['split']}` ({items} items); protocols {', '.join(record['protocols'])}; graders "
-            f"{', '.join(record['graders'])} (the oracle's: {record['gate_grader']}); second trial `{record['second_trial']}`; "
-            f"{record['fewshots']} few-shot examples; prompt versions {record['versions']}; seed {record['seed']}; "
-            f"{record['bootstrap_samples']} bootstrap samples, {record['confidence']:.0%} intervals; model `{model_name}`.")
+            f"{', '.join(record['graders'])} ({oracle}); second trial `{record['second_trial']}`; "
+            f"{record.get('attempt_calls', 1)} call(s) per attempt; "
+            f"{record['fewshots']} few-shot examples; prompt and grader versions {record['versions']}; seed {record['seed']}; "
+            f"{record['bootstrap_samples']} bootstrap samples, {record['confidence']:.0%} intervals; model `{model_name}`"
+            f"{differing}.")
+
+def data_note(data_dir: str | Path, eval_split: str) -> str:
+    """One paragraph on the data stage 01 wrote, from its ``summary.json``: where each task's splits came
+    from, what the contamination guard dropped (or that it was off), test splits cut from a hub split, and
+    the tasks evaluation on ``eval_split`` leaves out."""
+    summary = json.loads((Path(data_dir) / "summary.json").read_text(encoding="utf-8"))
+    sources = "; ".join(f"{task}: " + ", ".join(f"{split} {source}" for split, source in splits.items())
+                        for task, splits in summary["sources"].items())
+    parts = [f"Data (stage 01): {sources}."]
+    guard = summary.get("decontamination")
+    if guard is None:  # summary.json written before the guard existed
+        parts.append("Contamination guard: not recorded; rerun stage 01 to check train and validation against test.")
+    elif guard["enabled"]:
+        dropped = {task: counts for task, counts in guard["dropped"].items() if any(counts.values())}
+        total = {split: sum(counts[split] for counts in guard["dropped"].values()) for split in ("train", "validation")}
+        detail = "; ".join(f"{task}: train {counts['train']}, validation {counts['validation']}"
+                           for task, counts in dropped.items())
+        parts.append(f"Contamination guard on (data.decontaminate): {total['train']} train and {total['validation']} "
+                     "validation items that repeat a test question were dropped" + (f" ({detail})." if detail else "."))
+    else:
+        parts.append("Contamination guard OFF (data.decontaminate: false): train and validation items were not "
+                     "compared with the test items and may repeat test questions.")
+    for task, cut in (summary.get("test_cuts") or {}).items():
+        parts.append(f"{task}: the test split is a seeded cut of the hub's {cut['from_split']} split "
+                     f"({cut['moved']} items, share {cut['test_share']:g}).")
+    excluded = (summary.get("eval_exclusions") or {}).get(eval_split) or []
+    if excluded:
+        parts.append(f"Left out of evaluation, with no `{eval_split}` items (data.allow_empty_eval): "
+                     f"{', '.join(excluded)}; the `overall` rows pool the other tasks only.")
+    return " ".join(parts)
+
 
 def note_for(stem: str) -> str | None:
     """The note of a figure file stem: an exact entry of :data:`figure_notes`, else the longest entry the

@@ -162,6 +162,13 @@ class DataParams(Section):
     max_items: SplitSizes = Field(default_factory=SplitSizes)  # per task and split, after a seeded shuffle
     split_fractions: SplitFractions = Field(default_factory=SplitFractions)  # for sources without splits
     hub_options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per task, passed to load_hub
+    # The contamination guard: drop every train and validation item whose content matches a test item of
+    # its task (reflectevo.data.prepare.content_keys), whatever the sources; drops are counted in
+    # data/summary.json, the manifest and the report. false keeps them, and says so in the same places.
+    decontaminate: bool = True
+    # Tasks allowed to have no items in the evaluated split (eval.split): they are left out of evaluation,
+    # and the exclusion is recorded. Any other task of `tasks` with no such items stops stage 01.
+    allow_empty_eval: list[str] = Field(default_factory=list)
 
     @field_validator("tasks")
     @classmethod
@@ -181,6 +188,10 @@ class DataParams(Section):
         unknown = sorted(set(self.hub_options) - set(self.tasks))
         if unknown:
             raise ValueError(f"hub_options names task(s) {unknown} that are not in tasks {self.tasks}")
+        reject_duplicates(self.allow_empty_eval, "a task of allow_empty_eval")
+        unknown = sorted(set(self.allow_empty_eval) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"allow_empty_eval names task(s) {unknown} that are not in tasks {self.tasks}")
         return self
 
 
@@ -192,7 +203,9 @@ class JudgeParams(Section):
     api_key_env: str = "OPENAI_API_KEY"  # for kind openai: the environment variable holding the key, if any
     both_orders: bool = True  # judge every pair as (A, B) and (B, A); only agreeing verdicts make a pair
     max_pairs_per_question: int = Field(16, ge=1)  # pairs of successful reflections judged per question (seeded choice)
-    max_new_tokens: int = Field(64, ge=1)
+    # room for a judge that explains before its verdict line (as instruct models do); a reply cut off by it has no
+    # verdict, and is counted in counts.json by its finish reason (judge_unparsed_length)
+    max_new_tokens: int = Field(512, ge=1)
     timeout_s: float = Field(120.0, gt=0)  # for kind openai: per request
 
     @model_validator(mode="after")
@@ -312,21 +325,38 @@ class DPOParams(TrainParams):
 # ---- eval, analysis, evolve (notebooks 05, 06; self-evolution) ---------------------------------------
 EVAL_PROTOCOLS = ("oracle", "oracle_free", "self_verify")
 BASELINES = ("retry", "base")  # the paper's prompt baselines: retry without reflection; prompted reflection
+# two-stage SFT with the adapter of its reflection phase as the reflector (reflectevo.evaluation)
+TWO_STAGE_REFLECTION_PHASE = "sft/two_stage:reflection_phase"
 
 
 class EvalParams(Section):
     split: Literal["validation", "test"] = "test"
     # what to evaluate: "trained" = the two prompt baselines (retry: the untrained model answers again without
     # reflecting; base: it reflects first) and every variant stages 03 and 04 trained in this run; or a list
-    # of names from: retry, base, sft/one_stage, sft/two_stage, sft/qa_pairs, dpo/d_pm, dpo/d_pref
+    # of names from: retry, base, sft/one_stage, sft/two_stage, sft/two_stage:reflection_phase, sft/qa_pairs,
+    # dpo/d_pm, dpo/d_pref
     variants: Literal["trained"] | list[str] = "trained"
+    # two-stage SFT trains a reflection phase, then continues that adapter on corrections: which adapter
+    # reflects at test time. final: the final one (sft/two_stage); reflection_phase: the reflection phase's
+    # (sft/two_stage:reflection_phase, the final adapter still answers the second turn); both: both variants
+    two_stage_reflector: Literal["both", "final", "reflection_phase"] = "both"
     # oracle: the paper's (the grader decides who reflects and the reflector is told the answer was wrong);
     # oracle_free: every answer is reviewed with a prompt that does not say whether it was right;
     # self_verify: the model judges its own answer first and reflects only when it finds it wrong
     protocols: list[Literal["oracle", "oracle_free", "self_verify"]] = Field(
         default_factory=lambda: ["oracle", "oracle_free"], min_length=1)
+    # the graders every answer is scored by; the oracle protocol runs once per grader, gated by that grader
+    # (its verdict decides who reflects and its feedback is shown), and is scored by that grader only
     graders: list[Literal["official", "robust"]] = Field(default_factory=lambda: ["official", "robust"], min_length=1)
-    gate_grader: Literal["official", "robust"] = "official"  # the oracle's grader: its verdict gates and is shown
+    # 1: one call per attempt, ending at the action line; 2: the paper's two calls (the thought, then the
+    # action with the thought given). Null (the default): as reflect.attempt_calls
+    attempt_calls: Literal[1, 2] | None = None
+    # Settings that shape a training input and the matching test input must agree: reflect.fewshots and
+    # eval.fewshots, reflect.second_trial and eval.second_trial, reflect.attempt_calls and eval.attempt_calls
+    # (each eval one, left null, takes the reflect one), and reflect.grader must be one of eval.graders (its
+    # feedback text is what the training rows show). List here the ones this recipe means to differ; the
+    # evaluation record then states them.
+    allow_mismatch: list[Literal["fewshots", "second_trial", "attempt_calls", "grader"]] = Field(default_factory=list)
     # The roles. first_turn: "base" answers every first turn once, shared by all variants, so Acc@t1 is
     # comparable (the paper's table); "variant" lets each variant answer its own. The reflector is always
     # the variant (the untrained model for the baselines). Who answers the second turn after a trained
@@ -335,8 +365,9 @@ class EvalParams(Section):
     first_turn: Literal["base", "variant"] = "base"
     second_turn_after_sft: Literal["base", "variant"] = "variant"
     second_turn_after_dpo: Literal["base", "variant"] = "base"
-    second_trial: Literal["reflection", "reflection_and_attempt"] = "reflection_and_attempt"  # the paper's setting 2
-    fewshots: int = Field(3, ge=0, le=3)  # worked examples in attempt prompts (0 for the stand-in)
+    # with the failed attempt (the paper's setting 2) or the reflection alone; null: as reflect.second_trial
+    second_trial: Literal["reflection", "reflection_and_attempt"] | None = None
+    fewshots: int | None = Field(None, ge=0, le=3)  # worked examples in attempt prompts; null: as reflect.fewshots
     max_new_tokens: int = Field(512, ge=1)  # per attempt
     reflection_max_new_tokens: int = Field(512, ge=1)  # per reflection, review or self-verification
     bootstrap_samples: int = Field(1000, ge=0)  # for confidence intervals and paired tests; 0 turns them off
@@ -346,7 +377,7 @@ class EvalParams(Section):
     @classmethod
     def _known_variants(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list):
-            known = [*BASELINES, *(f"sft/{m}" for m in SFT_MODES), *(f"dpo/{p}" for p in DPO_PAIRS)]
+            known = [*BASELINES, *(f"sft/{m}" for m in SFT_MODES), TWO_STAGE_REFLECTION_PHASE, *(f"dpo/{p}" for p in DPO_PAIRS)]
             if not value:
                 raise ValueError("list at least one variant, or use 'trained'")
             for name in value:
@@ -355,10 +386,19 @@ class EvalParams(Section):
             reject_duplicates(value, "a variant")
         return value
 
-    @field_validator("protocols", "graders")
+    @field_validator("protocols", "graders", "allow_mismatch")
     @classmethod
     def _unique_entries(cls, value: list[str]) -> list[str]:
         return reject_duplicates(value, "an entry")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gate_grader_was_removed(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "gate_grader" in value:
+            raise ValueError("gate_grader was removed: the oracle protocol now runs once per grader of eval.graders, "
+                             "gated by that grader and scored by it; delete gate_grader (to gate by one grader only, "
+                             "list only that one in eval.graders)")
+        return value
 
 
 class AnalysisParams(Section):
@@ -428,12 +468,22 @@ class Params(Section):
                              "add it to sft.modes or set dpo.start_from: base")
         if isinstance(self.eval.variants, list):
             trained = [*(f"sft/{m}" for m in self.sft.modes), *(f"dpo/{p}" for p in self.dpo.pairs)]
+            if "two_stage" in self.sft.modes:
+                trained.append(TWO_STAGE_REFLECTION_PHASE)
             untrained = [name for name in self.eval.variants if name not in (*BASELINES, *trained)]
             if untrained:
                 raise ValueError(f"eval.variants names {untrained}, which sft.modes / dpo.pairs do not train; "
                                  "add them there or remove them from eval.variants")
         if self.evolve.rounds >= 2:
             self._check_evolve()
+        for key in ("fewshots", "second_trial", "attempt_calls"):  # left null: asked as the training inputs were
+            if getattr(self.eval, key) is None:
+                setattr(self.eval, key, getattr(self.reflect, key))
+        mismatched = training_test_mismatches(self)
+        if mismatched:
+            raise ValueError("settings that shape the training inputs differ from those that shape the test inputs: "
+                             + "; ".join(f"{name}: {why}" for name, why in mismatched.items())
+                             + ". Make them agree, or list the setting in eval.allow_mismatch if the recipe means it")
         return self
 
     def _check_evolve(self) -> None:
@@ -491,6 +541,24 @@ class Params(Section):
     def top_run_dir(self) -> Path:
         """``outputs/<run>/``: the run's folder, holding every round's (stage 01, 06 and the manifest of the run)."""
         return Path(self.run.output_dir) / self.run.name
+
+
+def training_test_mismatches(params: Params, *, allowed: bool = False) -> dict[str, str]:
+    """Settings where the training inputs (stage 02's prompts, hence the SFT and DPO rows) and the test
+    inputs (stage 05's prompts) would differ, each with the keys named: those not in
+    ``eval.allow_mismatch``, or with ``allowed`` the ones the recipe lists there (what the record states)."""
+    reflect, ev = params.reflect, params.eval
+    found = {}
+    if reflect.fewshots != ev.fewshots:
+        found["fewshots"] = f"reflect.fewshots is {reflect.fewshots}, eval.fewshots is {ev.fewshots}"
+    if reflect.second_trial != ev.second_trial:
+        found["second_trial"] = f"reflect.second_trial is {reflect.second_trial!r}, eval.second_trial is {ev.second_trial!r}"
+    if reflect.attempt_calls != ev.attempt_calls:
+        found["attempt_calls"] = f"reflect.attempt_calls is {reflect.attempt_calls}, eval.attempt_calls is {ev.attempt_calls}"
+    if reflect.grader not in ev.graders:
+        found["grader"] = (f"reflect.grader is {reflect.grader!r}, which eval.graders {ev.graders} does not include "
+                           "(the oracle would show the reflector feedback of another grader than it was trained on)")
+    return {name: why for name, why in found.items() if (name in ev.allow_mismatch) == allowed}
 
 
 def round_folder(round_number: int) -> str:

@@ -289,7 +289,11 @@ def generate_eval(params: Params, run: RunDir, store_dir: Path, group: ProcessGr
     from reflectevo.evaluation import Evaluator, ModelPool
     from reflectevo.pipeline import make_sandbox
 
-    items = _items(params, params.eval.split)
+    from reflectevo.data.prepare import eval_exclusions
+
+    # a task without eval items stops here unless data.allow_empty_eval names it, as in notebook 05
+    excluded = eval_exclusions(params.run_dir / get_stage("01_data").folder, params)
+    items = {task: rows for task, rows in _items(params, params.eval.split).items() if task not in excluded}
     variants = eval_variants(params, run)
     pool = ModelPool(params, progress=group.is_main, on_engine=lambda engine: data_parallel(engine, group))
     evaluator = Evaluator(params, pool, store_dir, sandbox=make_sandbox(params, params.data.tasks),

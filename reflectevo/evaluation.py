@@ -18,23 +18,28 @@ reflects first), and each trained variant (``sft/<mode>``, ``dpo/<pairs>``). Eac
 
 The *protocols* (recorded in every row):
 
-* ``oracle``, the paper's: only answers the grader (``eval.gate_grader``) rejects get a reflection; the
-  reflector is told the answer was wrong and, for MBPP, shown the failing test. A correct first answer
-  is never asked again, so Acc@t2 cannot fall below Acc@t1.
+* ``oracle``, the paper's: only answers the grader rejects get a reflection; the reflector is told the
+  answer was wrong and, for MBPP, shown the failing test. It runs once per grader of ``eval.graders``,
+  gated by that grader, and each run is scored by that grader only (the row's ``gate_grader``). So within
+  every oracle table a first answer the grader accepted is never asked again, and Acc@t2 cannot fall
+  below Acc@t1 (right-to-wrong is 0). That holds for the grader that gated: scored by another grader, an
+  answer only the gating grader rejected could be reflected on and turn wrong.
 * ``oracle_free``: every answer is reviewed with a prompt that does not say whether it was right and
   shows no test result (:data:`reflectevo.prompts.REVIEW_VERSION`); the model may keep its answer, so
   answers can flip from right to wrong, and they are counted.
 * ``self_verify``: the reflector (the base model for the baselines) first judges the first answer;
   only answers it calls wrong (or gives no verdict on) are reviewed, with the oracle-free prompts.
 
-Every generation call commits its batches to a store named after the stage identity, the variant and the
-protocol, so a rerun resumes and a finished variant is not generated again. Verdicts are cheap and
+Every generation call commits its batches to a store named after the stage's generation settings, the
+variant and the protocol (and, for the oracle, its grader), so a rerun resumes and a finished variant is
+not generated again. Verdicts are cheap and
 recomputed. The metrics live in :mod:`reflectevo.metrics`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -42,7 +47,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reflectevo.config import BASELINES, ModelParams, Params
+from reflectevo.config import (
+    BASELINES,
+    TWO_STAGE_REFLECTION_PHASE,
+    ModelParams,
+    Params,
+    training_test_mismatches,
+)
 from reflectevo.errors import ReflectEvoError
 from reflectevo.generation import GenerationRequest, GenerationSettings
 from reflectevo.prompts import (
@@ -51,7 +62,10 @@ from reflectevo.prompts import (
     PROMPT_VERSION,
     REFLECTION_VERSION,
     REVIEW_VERSION,
+    THOUGHT_STOP,
+    action_messages,
     attempt_prompt,
+    join_two_calls,
     parse_self_verdict,
     reflection_prompt,
     review_prompt,
@@ -59,14 +73,21 @@ from reflectevo.prompts import (
     second_trial_prompt,
     self_verify_prompt,
     split_one_stage,
+    thought_messages,
     with_one_stage_suffix,
 )
-from reflectevo.tasks import Item, Verdict, get_task
+from reflectevo.tasks import GRADERS, Item, Verdict, get_task
 
 log = logging.getLogger(__name__)
 
 PREDICTIONS_FILE = "predictions.jsonl"
 BASE = "base"
+
+
+# Two-stage SFT evaluated with the adapter of its reflection phase as the reflector (the adapter that learnt
+# to reflect, before the correction phase continued it) and its final adapter answering the second turn:
+# the variant named by reflectevo.config.TWO_STAGE_REFLECTION_PHASE.
+REFLECTION_PHASE_ADAPTER = "reflection_adapter"  # its folder in sft/two_stage/ (reflectevo.training)
 
 
 class EvaluationError(ReflectEvoError):
@@ -106,7 +127,29 @@ class Variant:
 
 
 def trained_variants(params: Params) -> list[str]:
-    return [*(f"sft/{mode}" for mode in params.sft.modes), *(f"dpo/{pairs}" for pairs in params.dpo.pairs)]
+    """The variants stages 03 and 04 train with these params. Two-stage SFT is evaluated with its final
+    adapter as the reflector (``sft/two_stage``), with its reflection-phase adapter as the reflector
+    (:data:`TWO_STAGE_REFLECTION_PHASE`), or both, as ``eval.two_stage_reflector`` says."""
+    names = []
+    for mode in params.sft.modes:
+        if mode == "two_stage" and params.eval.two_stage_reflector != "final":
+            names += [*(["sft/two_stage"] if params.eval.two_stage_reflector == "both" else []), TWO_STAGE_REFLECTION_PHASE]
+        else:
+            names.append(f"sft/{mode}")
+    return [*names, *(f"dpo/{pairs}" for pairs in params.dpo.pairs)]
+
+
+def variant_folder(run_dir: Path, name: str) -> Path:
+    """The folder of the stage-03/04 variant a trained variant's adapters come from (``sft/two_stage`` for
+    both two-stage variants)."""
+    return run_dir / name.split(":")[0]
+
+
+def reflector_adapter(run_dir: Path, name: str) -> Path:
+    """The adapter that reflects for a trained variant: the variant's final adapter, or, for
+    :data:`TWO_STAGE_REFLECTION_PHASE`, two-stage SFT's reflection-phase adapter (before its correction phase)."""
+    folder = variant_folder(run_dir, name)
+    return folder / (REFLECTION_PHASE_ADAPTER if name == TWO_STAGE_REFLECTION_PHASE else "adapter")
 
 
 def finished_variants(params: Params, manifest: dict[str, Any]) -> list[str]:
@@ -124,21 +167,26 @@ def plan_variants(params: Params, run_dir: Path, manifest: dict[str, Any] | None
     wanted = list(BASELINES) + finished_variants(params, manifest) if params.eval.variants == "trained" else list(params.eval.variants)
     variants = []
     for name in wanted:
-        adapter = None
+        adapter = reflector = None
         if name not in BASELINES:
-            kind, mode = name.split("/")
-            adapter = run_dir / kind / mode / "adapter"
-            if not (adapter / "adapter_config.json").is_file():
-                stage = "03_sft" if kind == "sft" else "04_dpo"
-                raise EvaluationError(f"eval.variants names {name}, but {adapter} holds no trained adapter; run stage {stage} "
-                                      f"first (reflectevo run PARAMS --from {stage[:2]}) or leave {name} out of eval.variants")
-        variants.append(make_variant(params, name, adapter, dpo_base if name.startswith("dpo/") and dpo_base else params.model))
+            adapter, reflector = variant_folder(run_dir, name) / "adapter", reflector_adapter(run_dir, name)
+            for folder in dict.fromkeys([adapter, reflector]):
+                if not (folder / "adapter_config.json").is_file():
+                    stage = "03_sft" if name.startswith("sft/") else "04_dpo"
+                    raise EvaluationError(f"eval.variants names {name}, but {folder} holds no trained adapter; run stage "
+                                          f"{stage} first (reflectevo run PARAMS --from {stage[:2]}) or leave {name} out of "
+                                          "eval.variants")
+        variants.append(make_variant(params, name, adapter, dpo_base if name.startswith("dpo/") and dpo_base else params.model,
+                                     reflector_adapter=reflector))
     return variants
 
 
-def make_variant(params: Params, name: str, adapter: Path | None = None, model: ModelParams | None = None) -> Variant:
-    """The roles of one variant (``retry``, ``base``, ``sft/<mode>``, ``dpo/<pairs>``); a trained variant's
-    adapter sits on ``model`` (the base model unless DPO started from a merged SFT model)."""
+def make_variant(params: Params, name: str, adapter: Path | None = None, model: ModelParams | None = None, *,
+                 reflector_adapter: Path | None = None) -> Variant:
+    """The roles of one variant (``retry``, ``base``, ``sft/<mode>``, ``dpo/<pairs>``,
+    :data:`TWO_STAGE_REFLECTION_PHASE`); a trained variant's adapter sits on ``model`` (the base model unless
+    DPO started from a merged SFT model). ``reflector_adapter``, when another adapter than ``adapter``
+    reflects (two-stage SFT's reflection phase), plays the reflector."""
     base = ModelRef(BASE, params.model)
     if name == "retry":
         return Variant(name, base, None, base)
@@ -146,19 +194,24 @@ def make_variant(params: Params, name: str, adapter: Path | None = None, model: 
         return Variant(name, base, base, base)
     if adapter is None:
         raise EvaluationError(f"variant {name} needs its adapter folder")
-    kind, mode = name.split("/")
-    own = ModelRef(name, model or params.model, Path(adapter))
+    kind, mode = name.split(":")[0].split("/")
+    own = ModelRef(name.split(":")[0], model or params.model, Path(adapter))
     if name == "sft/qa_pairs":
         return Variant(name, own, None, None)
     first = own if params.eval.first_turn == "variant" else base
     if mode == "one_stage":
         return Variant(name, first, own, None, one_stage=True)
+    if name == TWO_STAGE_REFLECTION_PHASE and reflector_adapter is None:
+        reflector_adapter = Path(adapter).parent / REFLECTION_PHASE_ADAPTER
+    reflector = own
+    if reflector_adapter is not None and Path(reflector_adapter) != Path(adapter):
+        reflector = ModelRef(name, model or params.model, Path(reflector_adapter))
     second_role = params.eval.second_turn_after_sft if kind == "sft" else params.eval.second_turn_after_dpo
-    return Variant(name, first, own, own if second_role == "variant" else base)
+    return Variant(name, first, reflector, own if second_role == "variant" else base)
 
 
 def roles_table(variants: Sequence[Variant]) -> Any:
-    """One row per variant: who answers the first turn, who reflects, who answers the second turn."""
+    """One row per variant: who answers the first turn, who reflects (and with which adapter), who answers the second turn."""
     import pandas as pd
 
     rows = []
@@ -241,6 +294,21 @@ class ModelPool:
             yield engine
 
 
+# ---- protocols --------------------------------------------------------------------------------------
+def oracle_graders(params: Params) -> list[str]:
+    """The graders the oracle protocol runs under, once each, gated by that grader. A fixed order
+    (official before robust), so a grader's generation store is planned the same way whatever order
+    ``eval.graders`` lists them in."""
+    return [grader for grader in GRADERS if grader in params.eval.graders]
+
+
+def protocol_runs(params: Params) -> list[tuple[str, str | None]]:
+    """(protocol, gating grader) of every evaluation each variant gets: the oracle once per grader of
+    :func:`oracle_graders`, every other protocol once (its gate is no grader)."""
+    return [(protocol, grader) for protocol in params.eval.protocols
+            for grader in (oracle_graders(params) if protocol == "oracle" else [None])]
+
+
 # ---- one turn of many questions -------------------------------------------------------------------
 @dataclass
 class Turn:
@@ -251,8 +319,16 @@ class Turn:
     prompt: str = ""
 
     def to_dict(self, graders: Sequence[str]) -> dict[str, Any]:
-        return {"text": self.text, **{g: {"outcome": self.verdicts[g].outcome, "extracted": self.verdicts[g].extracted}
-                                      for g in graders}}
+        return {"text": self.text, **{g: graded(self.verdicts[g]) for g in graders}}
+
+
+def graded(verdict: Verdict) -> dict[str, Any]:
+    """What a prediction keeps of one verdict: the outcome and the answer read, and, when the robust grader
+    read an output that had no action line as a whole, that it did (``fallback``)."""
+    out = {"outcome": verdict.outcome, "extracted": verdict.extracted}
+    if verdict.details.get("fallback"):
+        out["fallback"] = verdict.details["fallback"]
+    return out
 
 
 @dataclass
@@ -269,31 +345,52 @@ class Evaluator:
 
     @property
     def graders(self) -> list[str]:
-        """The graders every answer is judged by: the reported ones and the oracle's."""
-        return list(dict.fromkeys([*self.params.eval.graders, self.params.eval.gate_grader]))
+        """The graders every answer is judged by (``eval.graders``)."""
+        return list(self.params.eval.graders)
+
+    def oracle_graders(self) -> list[str]:
+        return oracle_graders(self.params)
 
     def _settings(self, kind: str) -> GenerationSettings:
-        """Greedy by default (the ``generation`` section); attempts end at the action line, and a one-stage
-        output (a reflection, then a new attempt) may be as long as both together."""
+        """Greedy by default (the ``generation`` section); attempts end at the action line (the thought call
+        of a two-call attempt at its ``Action:``), and a one-stage output (a reflection, then a new attempt)
+        may be as long as both together."""
         ev = self.params.eval
-        lengths = {"attempt": ev.max_new_tokens, "reflection": ev.reflection_max_new_tokens,
+        lengths = {"attempt": ev.max_new_tokens, "thought": ev.max_new_tokens, "reflection": ev.reflection_max_new_tokens,
                    "one_stage": ev.reflection_max_new_tokens + ev.max_new_tokens}
-        stop = () if kind == "reflection" else ATTEMPT_STOP
+        stop = {"reflection": (), "thought": THOUGHT_STOP}.get(kind, ATTEMPT_STOP)
         return GenerationSettings.from_params(self.params.generation, n=1, stop=stop, seed=self.params.run.seed,
                                               max_new_tokens=lengths[kind])
 
-    def generate(self, ref: ModelRef, users: dict[str, str], kind: str, store: str) -> dict[str, Any]:
-        """``{key: GenerationOutput}`` for ``{key: user message}``, generated by ``ref``."""
-        if not users:
+    def generate(self, ref: ModelRef, requests: dict[str, str | list[dict[str, Any]]], kind: str, store: str,
+                 reuse: dict[tuple[str, ...], Any] | None = None) -> dict[str, Any]:
+        """``{key: GenerationOutput}`` for ``{key: user message or chat messages}``, generated by ``ref``.
+
+        ``reuse`` maps (model, kind, key, messages) to an output generated earlier in the same evaluation:
+        a request found there is not generated again (the oracle under a second grader asks the same
+        question with the same prompt wherever the graders agree), and new outputs are added to it."""
+        if not requests:
             return {}
         started = time.perf_counter()
-        requests = [GenerationRequest(key, [{"role": "user", "content": text}]) for key, text in users.items()]
-        store_dir = self.store_dir / store if self.store_dir is not None else None
-        with self.pool.active(ref) as engine:
-            outputs = engine.generate(requests, self._settings(kind), stage=store.replace("/", "_"), store_dir=store_dir,
-                                      force=self.force)
-        self.seconds[store] = round(time.perf_counter() - started, 2)
-        return {output.key: output for output in outputs}
+        messages = {key: [{"role": "user", "content": value}] if isinstance(value, str) else value
+                    for key, value in requests.items()}
+
+        def reuse_key(key: str) -> tuple[str, ...]:
+            return (ref.key, kind, key, json.dumps(messages[key], ensure_ascii=False, sort_keys=True))
+
+        found = {key: reuse[reuse_key(key)] for key in messages if reuse is not None and reuse_key(key) in reuse}
+        wanted = [GenerationRequest(key, value) for key, value in messages.items() if key not in found]
+        outputs = []
+        if wanted:
+            store_dir = self.store_dir / store if self.store_dir is not None else None
+            with self.pool.active(ref) as engine:
+                outputs = engine.generate(wanted, self._settings(kind), stage=store.replace("/", "_"), store_dir=store_dir,
+                                          force=self.force)
+            self.seconds[store] = round(time.perf_counter() - started, 2)
+        if reuse is not None:
+            reuse.update({reuse_key(output.key): output for output in outputs})
+        generated = {output.key: output for output in outputs}
+        return {key: found.get(key) or generated[key] for key in messages}
 
     def grade(self, items: dict[str, Item], texts: dict[str, str]) -> dict[str, dict[str, Verdict]]:
         """``{key: {grader: verdict}}``, task by task (code runs in the sandbox, in parallel)."""
@@ -308,9 +405,20 @@ class Evaluator:
                     verdicts[key][grader] = verdict
         return self.share_verdicts(verdicts) if self.share_verdicts is not None else verdicts
 
-    def turns(self, ref: ModelRef, items: dict[str, Item], users: dict[str, str], kind: str, store: str) -> dict[str, Turn]:
-        outputs = self.generate(ref, users, kind, store)
-        texts = {key: output.text.strip() for key, output in outputs.items()}
+    def attempts(self, ref: ModelRef, items: dict[str, Item], users: dict[str, str], store: str,
+                 reuse: dict[tuple[str, ...], Any] | None = None) -> dict[str, Turn]:
+        """Attempts for ``{key: user message}``, graded: one call that ends at the action line, or, with
+        ``eval.attempt_calls: 2``, the paper's two calls (the thought, then the action with the thought given),
+        as stage 02 makes them with ``reflect.attempt_calls``."""
+        if self.params.eval.attempt_calls == 1:
+            outputs = self.generate(ref, users, "attempt", store, reuse)
+            texts = {key: output.text.strip() for key, output in outputs.items()}
+        else:
+            thoughts = self.generate(ref, {key: thought_messages(user) for key, user in users.items()}, "thought",
+                                     f"{store}/thought", reuse)
+            outputs = self.generate(ref, {key: action_messages(user, thoughts[key].text) for key, user in users.items()},
+                                    "attempt", f"{store}/action", reuse)
+            texts = {key: join_two_calls(thoughts[key].text, output.text) for key, output in outputs.items()}
         verdicts = self.grade(items, texts)
         return {key: Turn(texts[key], verdicts[key], outputs[key].prompt) for key in texts}
 
@@ -318,15 +426,36 @@ class Evaluator:
         """The first turns of ``ref`` on every item, generated once per first-turn model."""
         if ref.key not in self.first_turns:
             users = {key: attempt_prompt(get_task(item.task), item, self.params.eval.fewshots) for key, item in items.items()}
-            self.first_turns[ref.key] = self.turns(ref, items, users, "attempt", f"first_turn/{ref.key}")
+            self.first_turns[ref.key] = self.attempts(ref, items, users, f"first_turn/{ref.key}")
         return self.first_turns[ref.key]
 
     # ---- one variant under one protocol -----------------------------------------------------------
     def evaluate(self, variant: Variant, protocol: str, items: dict[str, Item]) -> list[dict[str, Any]]:
+        """One prediction per item; under the oracle, one per item and grader of :meth:`oracle_graders`.
+
+        The oracle is run once per grader, gated by that grader and showing its feedback, so each oracle
+        table is scored by the grader that decided who reflects (an answer only one grader accepts would
+        otherwise be reflected on and could turn wrong under the other). First turns are shared; where two
+        graders gate an item alike with the same feedback, its reflection and second turn are shared too."""
+        if protocol != "oracle":
+            return self.evaluate_gated(variant, protocol, items, None, f"{variant.name}/{protocol}")
+        rows: list[dict[str, Any]] = []
+        reuse: dict[tuple[str, ...], Any] = {}
+        earlier: list[str] = []
+        for grader in self.oracle_graders():
+            # a later grader's store holds only what the earlier graders did not generate: its name says which
+            store = f"{variant.name}/oracle-{grader}" + (f"-beyond-{'-'.join(earlier)}" if earlier else "")
+            rows += self.evaluate_gated(variant, protocol, items, grader, store, reuse)
+            earlier.append(grader)
+        return rows
+
+    def evaluate_gated(self, variant: Variant, protocol: str, items: dict[str, Item], gate_grader: str | None,
+                       where: str, reuse: dict[tuple[str, ...], Any] | None = None) -> list[dict[str, Any]]:
+        """``variant`` under ``protocol``; under the oracle, ``gate_grader`` decides who reflects and its feedback is shown."""
         ev = self.params.eval
+        oracle = protocol == "oracle"
         first = self.first_turn(variant.first_turn, items)
-        where = f"{variant.name}/{protocol}"
-        gate = {key: ("none" if not variant.has_second_turn else "grader" if protocol == "oracle"
+        gate = {key: ("none" if not variant.has_second_turn else "grader" if oracle
                       else "always" if protocol == "oracle_free" else "self_verify") for key in items}
         self_checks: dict[str, tuple[str, str | None]] = {}
         if protocol == "self_verify" and variant.has_second_turn:
@@ -338,15 +467,14 @@ class Evaluator:
         def reflects(key: str) -> bool:
             if not variant.has_second_turn:
                 return False
-            if protocol == "oracle":
-                return not first[key].verdicts[ev.gate_grader].correct
+            if oracle:
+                return not first[key].verdicts[gate_grader].correct
             if protocol == "self_verify":
                 return self_checks[key][1] != "correct"  # no verdict: reviewed, like a "wrong"
             return True
 
         chosen = [key for key in items if reflects(key)]
-        oracle = protocol == "oracle"
-        feedback = {key: first[key].verdicts[ev.gate_grader].feedback for key in chosen} if oracle else {}
+        feedback = {key: first[key].verdicts[gate_grader].feedback for key in chosen} if oracle else {}
 
         reflections: dict[str, str | None] = {key: None for key in chosen}
         second: dict[str, Turn] = {}
@@ -356,7 +484,8 @@ class Evaluator:
                 item, attempt = items[key], first[key].text
                 user = reflection_prompt(item, attempt, feedback[key], GENERIC_INSTRUCTION) if oracle else review_prompt(item, attempt)
                 users[key] = with_one_stage_suffix(get_task(item.task), user) if variant.one_stage else user
-            outputs = self.generate(variant.reflector, users, "one_stage" if variant.one_stage else "reflection", f"{where}/reflection")
+            outputs = self.generate(variant.reflector, users, "one_stage" if variant.one_stage else "reflection",
+                                    f"{where}/reflection", reuse)
             if variant.one_stage:
                 split = {key: split_one_stage(output.text) for key, output in outputs.items()}
                 reflections = {key: parts[0] for key, parts in split.items()}
@@ -374,12 +503,12 @@ class Evaluator:
                     users[key] = second_trial_prompt(task, item, reflections[key], ev.fewshots, previous=previous)
                 else:
                     users[key] = review_second_trial_prompt(task, item, reflections[key], attempt, ev.fewshots)
-            second = self.turns(variant.second_turn, items, users, "attempt", f"{where}/second_turn")
+            second = self.attempts(variant.second_turn, items, users, f"{where}/second_turn", reuse)
         return [self.prediction(variant, protocol, items[key], first[key], gate[key], self_checks.get(key), key in second,
-                                reflections.get(key), second.get(key)) for key in items]
+                                reflections.get(key), second.get(key), gate_grader) for key in items]
 
     def prediction(self, variant: Variant, protocol: str, item: Item, first: Turn, gate: str, self_check: tuple | None,
-                   reflected: bool, reflection: str | None, second: Turn | None) -> dict[str, Any]:
+                   reflected: bool, reflection: str | None, second: Turn | None, gate_grader: str | None = None) -> dict[str, Any]:
         graders = self.params.eval.graders
         standing = second if second is not None else first
         return {
@@ -390,7 +519,8 @@ class Evaluator:
                      "self_verdict": self_check[1] if self_check else None},
             "reflection": reflection, "t2": second.to_dict(graders) if second is not None else None,
             "final": {g: standing.verdicts[g].outcome for g in graders} if variant.has_second_turn else None,
-            "gate_grader": self.params.eval.gate_grader if protocol == "oracle" else None,
+            # under the oracle, the grader that gated this row: its tables score the row under that grader only
+            "gate_grader": gate_grader,
             "versions": self.versions(item.task),
         }
 
@@ -442,10 +572,11 @@ def dpo_base_model(params: Params, run: Any) -> ModelParams | None:
 
 
 # What the generated text depends on. Not the reported graders, the bootstrap or the list of variants
-# and protocols (each variant and protocol has its own store): changing those reuses every generation.
+# and protocols (each variant, protocol and oracle grader has its own store): changing those reuses every
+# generation already made.
 GENERATION_KEYS = ("run.seed", "model", "generation", "eval.split", "eval.first_turn", "eval.second_turn_after_sft",
-                   "eval.second_turn_after_dpo", "eval.second_trial", "eval.fewshots", "eval.max_new_tokens",
-                   "eval.reflection_max_new_tokens", "eval.gate_grader")
+                   "eval.second_turn_after_dpo", "eval.second_trial", "eval.fewshots", "eval.attempt_calls",
+                   "eval.max_new_tokens", "eval.reflection_max_new_tokens")
 
 
 def generations_dir(stage_dir: Path, params: Params, manifest: dict[str, Any]) -> Path:
@@ -486,7 +617,8 @@ def format_example(rows: Sequence[dict[str, Any]], grader: str = "official", max
              f"FIRST ANSWER ({first['t1'][grader]['outcome']})\n{clip(first['t1']['text'])}"]
     for row in rows:
         gate = row["gate"]
-        lines.append(f"--- protocol {row['protocol']}: reflected: {row['reflected']} (gate: {gate['by']}"
+        protocol = row["protocol"] + (f" gated by {row['gate_grader']}" if row.get("gate_grader") else "")
+        lines.append(f"--- protocol {protocol}: reflected: {row['reflected']} (gate: {gate['by']}"
                      + (f", self-verdict {gate['self_verdict']}" if gate["by"] == "self_verify" else "") + ")")
         if row["reflection"] is not None:
             lines.append(f"REFLECTION\n{clip(row['reflection'])}")
@@ -507,12 +639,17 @@ class EvalTables:
     paper: dict[tuple[str, str], Any]  # (protocol, grader) -> the paper's layout
     breakdowns: dict[str, Any]  # "answer_type" (BIG-bench), "level" and "subject" (MATH)
     transitions: Any  # long: variant, protocol, grader, t1 outcome, final outcome, items
+    excluded_tasks: list[str] = field(default_factory=list)  # tasks of data.tasks left out (data.allow_empty_eval)
 
     def paper_view(self, protocol: str, grader: str) -> Any:
         return self.paper[(protocol, grader)]
 
 
-def compute_tables(predictions: Sequence[dict[str, Any]], params: Params) -> EvalTables:
+def compute_tables(predictions: Sequence[dict[str, Any]], params: Params, *,
+                   excluded_tasks: Sequence[str] = ()) -> EvalTables:
+    """Every table of stage 05. ``excluded_tasks`` (tasks of ``data.tasks`` with no eval items, left out
+    where ``data.allow_empty_eval`` allows it) are named on every ``overall`` row of the summary, whose
+    pool they are not in, and under every paper-layout table."""
     import pandas as pd
 
     from reflectevo import metrics
@@ -521,6 +658,8 @@ def compute_tables(predictions: Sequence[dict[str, Any]], params: Params) -> Eva
     frame = metrics.prediction_frame(predictions, graders=ev.graders)
     options = {"bootstrap_samples": ev.bootstrap_samples, "confidence": ev.confidence, "seed": params.run.seed}
     summary = metrics.summarize(frame, **options)
+    if excluded_tasks:
+        summary["tasks_left_out"] = [", ".join(excluded_tasks) if task == metrics.OVERALL else "" for task in summary["task"]]
     comparisons = (metrics.compare_variants(frame, reference=BASE, **options) if BASE in set(frame["variant"])
                    else pd.DataFrame(columns=["variant", "reference", "protocol", "grader", "task", *metrics.COMPARISON_FIELDS]))
     paper = {(protocol, grader): metrics.paper_table(summary, protocol=protocol, grader=grader)
@@ -535,18 +674,24 @@ def compute_tables(predictions: Sequence[dict[str, Any]], params: Params) -> Eva
         rows += [{"variant": variant, "protocol": protocol, "grader": grader, "t1": t1, "final": t2, "items": int(count)}
                  for t1, counts in matrix.iterrows() for t2, count in counts.items()]
     transitions = pd.DataFrame(rows, columns=["variant", "protocol", "grader", "t1", "final", "items"])
-    return EvalTables(frame, summary, comparisons, paper, breakdowns, transitions)
+    return EvalTables(frame, summary, comparisons, paper, breakdowns, transitions, list(excluded_tasks))
 
 
 def eval_record(params: Params, variants: Sequence[Variant], items_by_task: dict[str, list[Item]],
-                evaluator: Evaluator | None = None) -> dict[str, Any]:
+                evaluator: Evaluator | None = None, *, excluded_tasks: Sequence[str] = ()) -> dict[str, Any]:
     """What produced the numbers: protocols, graders, roles, prompt versions and texts, seed, bootstrap."""
     from reflectevo import prompts
 
     ev = params.eval
     return {
         "split": ev.split, "items": {task: len(rows) for task, rows in items_by_task.items()},
-        "protocols": ev.protocols, "graders": ev.graders, "gate_grader": ev.gate_grader,
+        "excluded_tasks": list(excluded_tasks),  # in data.tasks, no eval items, left out (data.allow_empty_eval)
+        "protocols": ev.protocols, "graders": ev.graders,
+        # the oracle ran once per grader, gated by it; its tables score each run by its own grader only
+        "oracle_graders": oracle_graders(params),
+        "attempt_calls": ev.attempt_calls,
+        # settings where training and test inputs differ because the recipe says so (eval.allow_mismatch)
+        "allowed_mismatches": training_test_mismatches(params, allowed=True),
         "roles": {variant.name: variant.roles() for variant in variants},
         "adapters": {variant.name: str(ref.adapter) for variant in variants
                      for ref in (variant.reflector, variant.first_turn) if ref is not None and ref.adapter is not None},
@@ -554,7 +699,8 @@ def eval_record(params: Params, variants: Sequence[Variant], items_by_task: dict
         "generation": {"temperature": params.generation.temperature, "top_p": params.generation.top_p,
                        "max_new_tokens": ev.max_new_tokens, "reflection_max_new_tokens": ev.reflection_max_new_tokens},
         "bootstrap_samples": ev.bootstrap_samples, "confidence": ev.confidence,
-        "versions": {"prompts": prompts.PROMPT_VERSION, "reflection": prompts.REFLECTION_VERSION, "review": prompts.REVIEW_VERSION},
+        "versions": {"tasks": {task: get_task(task).version for task in items_by_task}, "prompts": prompts.PROMPT_VERSION,
+                     "reflection": prompts.REFLECTION_VERSION, "review": prompts.REVIEW_VERSION},
         "oracle_free_wording": {"review": prompts.REVIEW_INTRO, "review_header": prompts.REVIEW_HEADER,
                                 "previous_attempt": prompts.PREVIOUS_ATTEMPT, "self_verify": prompts.SELF_VERIFY_INTRO},
         "models": evaluator.pool.describe() if evaluator is not None else None,
@@ -576,7 +722,9 @@ def write_results(out_dir: Path, predictions: Sequence[dict[str, Any]], tables: 
     for (protocol, grader), table in tables.paper.items():
         stem = out_dir / f"paper_table_{protocol}_{grader}"
         written.append(atomic_write_text(stem.with_suffix(".csv"), table.to_csv()))
-        written.append(atomic_write_text(stem.with_suffix(".md"), markdown_table(table) + "\n"))
+        note = (f"\nLeft out, with no {record['split']} items (data.allow_empty_eval): {', '.join(tables.excluded_tasks)}.\n"
+                if tables.excluded_tasks else "")
+        written.append(atomic_write_text(stem.with_suffix(".md"), markdown_table(table) + "\n" + note))
     written.append(atomic_write_json(out_dir / "results.json", {**record, "summary": tables.summary.to_dict(orient="records")}))
     return written
 
@@ -595,7 +743,7 @@ def evaluate_model(params: Params, *, adapter: str | None = None, adapter_as: st
     """Evaluate ``params.model`` (and an adapter, playing the roles of the variant ``adapter_as``) on the
     ``eval.split`` items of ``data.tasks``, split exactly as stage 01 would split them, and write the
     results to ``out_dir`` (default ``outputs/<run>/eval-standalone/<model>[-<adapter>]``)."""
-    from reflectevo.data.prepare import prepare_data
+    from reflectevo.data.prepare import check_eval_splits, prepare_data
 
     if adapter is not None:
         from reflectevo.models import adapter_folder
@@ -615,12 +763,13 @@ def evaluate_model(params: Params, *, adapter: str | None = None, adapter_as: st
             raise EvaluationError(f"variant {name!r} is neither a baseline ({', '.join(BASELINES)}) nor the adapter's "
                                   f"role ({adapter_as if adapter else 'no --adapter given'})")
     data = prepare_data(params.data, params.run.seed)
-    items = {task: task_data.splits[params.eval.split] for task, task_data in data.items()}
+    excluded = check_eval_splits(data, params)  # a task without eval items stops here, unless allowed
+    items = {task: task_data.splits[params.eval.split] for task, task_data in data.items() if task not in excluded}
     if out_dir is None:
         out_dir = params.run_dir / "eval-standalone" / (slug(params.model.name) + (f"-{slug(adapter)}" if adapter else ""))
     out_dir = Path(out_dir)
     evaluator = make_evaluator(params, out_dir / "generations", progress=progress)
     predictions = evaluator.run(plan, items)
-    tables = compute_tables(predictions, params)
-    write_results(out_dir, predictions, tables, eval_record(params, plan, items, evaluator))
+    tables = compute_tables(predictions, params, excluded_tasks=excluded)
+    write_results(out_dir, predictions, tables, eval_record(params, plan, items, evaluator, excluded_tasks=excluded))
     return out_dir, tables

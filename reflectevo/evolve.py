@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reflectevo.config import EvolveParams, Params
+from reflectevo.config import TWO_STAGE_REFLECTION_PHASE, EvolveParams, Params
 from reflectevo.errors import ReflectEvoError
 from reflectevo.runs import (
     RunDir,
@@ -68,7 +68,9 @@ def trained_finished(params: Params, manifest: Mapping[str, Any]) -> list[str]:
     """The trained variants of this round that stage 05 evaluates (its variant list, finished stages only)."""
     from reflectevo.evaluation import finished_variants
 
-    names = finished_variants(params, dict(manifest))
+    # two-stage SFT with its reflection-phase reflector is the same adapters in other roles, not a model of its
+    # own to merge into the next round's generator
+    names = [name for name in finished_variants(params, dict(manifest)) if name != TWO_STAGE_REFLECTION_PHASE]
     return names if params.eval.variants == "trained" else [name for name in names if name in params.eval.variants]
 
 

@@ -11,8 +11,12 @@ The metrics (per group of items, e.g. one variant x protocol x grader x task):
   second attempt when there was one, else the first) is correct; this is the paper's Acc@t2, which
   counts a correct first answer as correct at t2 too. delta = Acc@t2 - Acc@t1.
 * wrong_to_right / right_to_wrong: items whose outcome flipped. Under the paper's oracle protocol a
-  correct first answer is never re-asked, so right_to_wrong is 0 by construction; the oracle-free
-  protocols can un-correct answers, and this count shows how often.
+  first answer the gating grader accepted is never re-asked. Stage 05 runs the oracle once per grader,
+  gated by it, and a row with a ``gate_grader`` is scored by that grader only (:func:`prediction_frame`),
+  so in every oracle table right_to_wrong is 0 and Acc@t2 >= Acc@t1 by construction. Scored by another
+  grader than the one that gated, neither would hold (an answer only the gating grader rejected can be
+  reflected on and turn wrong). The oracle-free protocols can un-correct answers, and this count shows
+  how often.
 * parse failures and time-outs are counted apart from wrong answers (rates and counts at t1 and in
   the final answer), so a model that stops producing an answer is not mistaken for one that reasons
   badly. A variant with no second turn (``sft/qa_pairs``: final is None) has NaN for everything
@@ -93,7 +97,9 @@ def prediction_frame(predictions: Iterable[dict[str, Any]], graders: Sequence[st
     ``t1`` is the first answer's outcome, ``t2`` the final answer's (None when the variant has no
     second turn), and answer_type / level / subject come from the row's ``breakdown`` (None when
     absent). ``graders`` defaults to every grader found in the rows' ``t1``; a row lacking one of them
-    (or any required key) raises ``ValueError`` naming the row's variant, task and id.
+    (or any required key) raises ``ValueError`` naming the row's variant, task and id. An oracle row
+    with a ``gate_grader`` is scored by that grader only: who reflected was decided by it, and scoring
+    the row by another grader would mix two gates in one table.
     """
     import pandas as pd
 
@@ -111,6 +117,8 @@ def prediction_frame(predictions: Iterable[dict[str, Any]], graders: Sequence[st
         breakdown = row.get("breakdown") or {}
         final = row["final"]
         for grader in graders:
+            if row["protocol"] == "oracle" and row.get("gate_grader") not in (None, grader):
+                continue
             graded = row["t1"].get(grader)
             if not isinstance(graded, dict) or "outcome" not in graded:
                 raise ValueError(f"prediction ({_where(row)}): t1 has no outcome from grader {grader!r} "

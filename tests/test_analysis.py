@@ -258,10 +258,15 @@ def test_markdown_table_escapes_and_formats():
 def test_provenance_names_everything_that_produced_the_numbers():
     from reflectevo.analysis import provenance
 
-    record = {"split": "test", "items": {"logiqa": 500}, "protocols": ["oracle", "oracle_free"], "graders": ["official"],
-              "gate_grader": "official", "second_trial": "reflection_and_attempt", "fewshots": 3,
-              "versions": {"review": "review-1"}, "seed": 7, "bootstrap_samples": 1000, "confidence": 0.95}
+    record = {"split": "test", "items": {"logiqa": 500}, "protocols": ["oracle", "oracle_free"], "graders": ["official", "robust"],
+              "oracle_graders": ["official", "robust"], "attempt_calls": 2, "second_trial": "reflection_and_attempt",
+              "fewshots": 3, "versions": {"review": "review-1", "tasks": {"logiqa": "2"}}, "seed": 7, "bootstrap_samples": 1000,
+              "confidence": 0.95, "allowed_mismatches": {"fewshots": "reflect.fewshots is 0, eval.fewshots is 3"}}
     text = provenance(record, "meta-llama/Meta-Llama-3-8B-Instruct")
-    for part in ("logiqa: 500", "oracle, oracle_free", "the oracle's: official", "review-1", "seed 7", "95% intervals",
-                 "Meta-Llama-3-8B-Instruct"):
+    for part in ("logiqa: 500", "oracle, oracle_free", "gated and scored by it: official, robust", "2 call(s) per attempt",
+                 "review-1", "'logiqa': '2'", "seed 7", "95% intervals", "Meta-Llama-3-8B-Instruct",
+                 "differ on purpose in: reflect.fewshots is 0, eval.fewshots is 3"):
         assert part in text
+    older = {**record, "gate_grader": "official"}
+    del older["oracle_graders"], older["allowed_mismatches"]
+    assert "the oracle gated by official only" in provenance(older, "m")

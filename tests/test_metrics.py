@@ -397,3 +397,28 @@ def test_paper_results_and_reference():
     assert mistral.loc["DPO w/ Dpref", "mbpp"] == "20.4 / 22.6 / +2.2"
     for name in ("builtin:tiny", "meta-llama/Meta-Llama-3-70B-Instruct", "Qwen/Qwen2.5-7B-Instruct"):
         assert paper_reference(name) is None, name
+
+
+def test_an_oracle_row_is_scored_by_the_grader_that_gated_it():
+    """One question whose first answer only the robust grader accepts: the official run reflected on it and
+    its second answer is wrong under both graders. Scored by the robust grader, that row would show a right
+    answer turned wrong under the oracle; it is scored by the official grader only, and the robust run's row
+    (not reflected) by the robust grader only."""
+    both = ("official", "robust")
+    official_run = prediction("base", "logiqa", "q1", {"official": "wrong", "robust": "correct"},
+                              {"official": "wrong", "robust": "wrong"}, reflected=True, graders=both)
+    robust_run = prediction("base", "logiqa", "q1", {"official": "wrong", "robust": "correct"},
+                            {"official": "wrong", "robust": "correct"}, reflected=False, graders=both)
+    official_run["gate_grader"], robust_run["gate_grader"] = "official", "robust"
+    free = prediction("base", "logiqa", "q1", {"official": "wrong", "robust": "correct"},
+                      {"official": "wrong", "robust": "wrong"}, protocol="oracle_free", reflected=True, graders=both)
+    frame = prediction_frame([official_run, robust_run, free])
+    scored = sorted(zip(frame["protocol"], frame["grader"], frame["t1"], frame["t2"]))
+    assert scored == [("oracle", "official", "wrong", "wrong"), ("oracle", "robust", "correct", "correct"),
+                      ("oracle_free", "official", "wrong", "wrong"), ("oracle_free", "robust", "correct", "wrong")]
+    summary = summarize(frame, bootstrap_samples=0)
+    assert (summary.loc[summary["protocol"] == "oracle", "right_to_wrong"] == 0).all()
+    assert one(summary, protocol="oracle_free", grader="robust", task="overall")["right_to_wrong"] == 1
+    # a row without gate_grader (a hand-made or older file) is scored by every grader, as before
+    del official_run["gate_grader"]
+    assert len(prediction_frame([official_run])) == 2

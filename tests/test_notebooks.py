@@ -129,7 +129,8 @@ def store_files(run_dir: Path) -> dict[str, int]:
     return {str(path.relative_to(run_dir)): path.stat().st_mtime_ns for path in (run_dir / "eval" / "generations").rglob("*.jsonl")}
 
 
-VARIANTS = ["retry", "base", "sft/one_stage", "sft/two_stage", "sft/qa_pairs", "dpo/d_pm", "dpo/d_pref"]
+VARIANTS = ["retry", "base", "sft/one_stage", "sft/two_stage", "sft/two_stage:reflection_phase", "sft/qa_pairs", "dpo/d_pm",
+            "dpo/d_pref"]
 
 
 def assert_evaluated(run_dir: Path, questions: int) -> list[dict]:
@@ -139,11 +140,11 @@ def assert_evaluated(run_dir: Path, questions: int) -> list[dict]:
     entry = read_manifest(run_dir)["stages"]["05_eval"]
     assert entry["status"] == "done" and entry["eval"]["variants"] == VARIANTS
     rows = [json.loads(line) for line in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == len(VARIANTS) * 2 * questions
+    assert len(rows) == len(VARIANTS) * 3 * questions  # the oracle once per grader, then the oracle-free protocol
     for row in rows:
         has_second_turn = row["variant"] != "sft/qa_pairs"
-        if row["protocol"] == "oracle":  # only the answers the grader rejected were reflected on
-            assert row["reflected"] == (has_second_turn and row["t1"]["official"]["outcome"] != "correct")
+        if row["protocol"] == "oracle":  # only the answers its grader rejected were reflected on
+            assert row["reflected"] == (has_second_turn and row["t1"][row["gate_grader"]]["outcome"] != "correct")
         else:
             assert row["reflected"] == has_second_turn
         assert (row["final"] is None) == (not has_second_turn)
@@ -152,11 +153,14 @@ def assert_evaluated(run_dir: Path, questions: int) -> list[dict]:
     # one shared first turn: every variant but qa_pairs has the base model's first answers
     first = {(r["task"], r["id"]): r["t1"]["text"] for r in rows if r["variant"] == "base"}
     assert all(r["t1"]["text"] == first[(r["task"], r["id"])] for r in rows if r["variant"] != "sft/qa_pairs")
-    # the oracle-free reviewer is never told the verdict or shown a test; the oracle's reflector is
+    # the oracle-free reviewer is never told the verdict or shown a test; the oracle's reflector is (the
+    # observation after the attempt: "Answer is INCORRECT", a failing test, or the invalid-action hint after an
+    # answer that could not be parsed, whichever the stand-in's first answer earned)
     (store,) = (run_dir / "eval" / "generations").iterdir()
-    for protocol, told in (("oracle", True), ("oracle_free", False)):
+    for protocol, told in (("oracle-official", True), ("oracle_free", False)):
         prompts = [output.prompt for output in load_store(store / "base" / protocol / "reflection")]
-        assert prompts and all(("Answer is INCORRECT" in prompt) == told for prompt in prompts)
+        assert prompts and all(("\nObservation: " in prompt) == told for prompt in prompts)
+        assert all(("Answer is INCORRECT" in prompt or "Invalid action" in prompt) == told for prompt in prompts)
     summary = json.loads((run_dir / "eval" / "results.json").read_text())["summary"]
     assert all(row["right_to_wrong"] == 0 for row in summary if row["protocol"] == "oracle" and row["variant"] != "sft/qa_pairs")
     for name in ("summary.csv", "comparisons.csv", "transitions.csv", "paper_table_oracle_official.md", "breakdown_answer_type.csv"):
