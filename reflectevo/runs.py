@@ -137,8 +137,12 @@ def depends_on(stage: Stage, params: Params) -> tuple[str, ...]:
 
 
 def identity_of(params: Params, stage: Stage, upstream: dict[str, str | None]) -> str:
-    """A stage's identity: the hash of the params it reads and of its upstream stages' identities."""
-    return canonical_hash({"params": params.section_hash(stage.reads), "upstream": upstream})
+    """A stage's identity: the hash of the params it reads, of the task, grader and prompt versions
+    (:func:`versions_of_tasks_and_prompts`) and of its upstream stages' identities. The versions are
+    in it so that a run made before a grading or prompt change is recomputed, not skipped with its
+    old verdicts."""
+    return canonical_hash({"params": params.section_hash(stage.reads), "upstream": upstream,
+                           "versions": versions_of_tasks_and_prompts(params.data.tasks)})
 
 
 def get_stage(name: str) -> Stage:
@@ -303,7 +307,8 @@ def address_identity(params: Params, address: Address, upstream: dict[str, str |
     marker = evolve_marker(params, address, last_round)
     if marker is None:
         return identity_of(own, address.stage, upstream)
-    return canonical_hash({"params": own.section_hash(address.stage.reads), "upstream": upstream, "evolve": marker})
+    return canonical_hash({"params": own.section_hash(address.stage.reads), "upstream": upstream, "evolve": marker,
+                           "versions": versions_of_tasks_and_prompts(own.data.tasks)})
 
 
 def round_manifest_path(top: Path, round_number: int | None) -> Path:
@@ -607,10 +612,14 @@ def _installed(name: str) -> bool:
 
 
 def versions_of_tasks_and_prompts(task_names: list[str]) -> dict[str, Any]:
-    from reflectevo.prompts import PROMPT_VERSION
+    """The versions of what turns a model's text into a number: each task's loading and grading
+    (``Task.version``) and each prompt family. Recorded in the manifest and hashed into every
+    stage identity."""
+    from reflectevo import prompts
     from reflectevo.tasks import get_task
 
-    return {"tasks": {name: get_task(name).version for name in task_names}, "prompts": PROMPT_VERSION}
+    return {"tasks": {name: get_task(name).version for name in task_names}, "prompts": prompts.PROMPT_VERSION,
+            "reflection": prompts.REFLECTION_VERSION, "review": prompts.REVIEW_VERSION, "judge": prompts.JUDGE_VERSION}
 
 
 # ---- the run directory -------------------------------------------------------------------------

@@ -115,6 +115,21 @@ class TinySettings:
 
 DEFAULT_TINY = TinySettings()
 
+# Builds builtin:tiny from another seed: a different corpus draw and training run, so a different
+# model, as a build on another CPU is (float rounding differs between CPUs). Running the tests with
+# it checks that no expectation depends on what one build of the stand-in happens to write.
+TINY_SEED_ENV = "REFLECTEVO_TINY_SEED"
+
+
+def default_tiny_settings() -> TinySettings:
+    """:data:`DEFAULT_TINY`, with the seed of ``$REFLECTEVO_TINY_SEED`` when it is set."""
+    configured = os.environ.get(TINY_SEED_ENV, "").strip()
+    if not configured:
+        return DEFAULT_TINY
+    if not configured.isdigit():
+        raise ValueError(f"{TINY_SEED_ENV} must be a non-negative integer seed, got {configured!r}")
+    return dataclasses.replace(DEFAULT_TINY, seed=int(configured))
+
 # How the generic examples divide between the answer layouts (multiple choice is the most varied).
 GENERIC_SHARES = {"choice": 0.6, "math": 0.15, "free": 0.15, "code": 0.1}
 
@@ -822,8 +837,9 @@ def encode_pair(tokenizer, pair: Pair) -> tuple[list[int], list[int]]:
 
 
 # ---- builtin:tiny: build, quality check, cache ---------------------------------------------------
-def tiny_cache_key(settings: TinySettings = DEFAULT_TINY, corpus: list[tuple[str, Pair]] | None = None) -> str:
+def tiny_cache_key(settings: TinySettings | None = None, corpus: list[tuple[str, Pair]] | None = None) -> str:
     """sha256 of everything that shapes the model: builder version, settings, chat format, corpus, docstrings."""
+    settings = default_tiny_settings() if settings is None else settings
     corpus = build_corpus(settings) if corpus is None else corpus
     digest = hashlib.sha256()
     header = {"builder": BUILDER_VERSION, "settings": settings.to_dict(), "template": CHAT_TEMPLATE, "specials": SPECIAL_TOKENS}
@@ -835,12 +851,14 @@ def tiny_cache_key(settings: TinySettings = DEFAULT_TINY, corpus: list[tuple[str
     return digest.hexdigest()
 
 
-def tiny_model_dir(settings: TinySettings = DEFAULT_TINY) -> Path:
-    """The folder of ``builtin:tiny``, built first if this cache does not hold it yet.
+def tiny_model_dir(settings: TinySettings | None = None) -> Path:
+    """The folder of ``builtin:tiny`` (:func:`default_tiny_settings` unless ``settings`` are given),
+    built first if this cache does not hold it yet.
 
     Safe to call from several processes at once: one builds (into a temporary folder renamed into
     place when complete), the others wait on the lock and then use its result.
     """
+    settings = default_tiny_settings() if settings is None else settings
     corpus = build_corpus(settings)
     key = tiny_cache_key(settings, corpus)
     final = cache_dir() / "models" / f"tiny-{key[:16]}"
@@ -871,6 +889,10 @@ def _build_once(final: Path, marker: str, what: str, build: Callable[[Path], Any
             return final  # built by another process while this one waited
         if final.exists():  # an incomplete folder left by hand: a complete one always has the marker
             shutil.rmtree(final)
+        # staging folders of builders that were killed: whoever holds the lock is the only builder alive
+        for stale in final.parent.glob(f".{final.name}-*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         try:
             build(staging)

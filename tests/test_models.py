@@ -219,8 +219,8 @@ def test_tiny_build_is_cached_and_reused(tiny_model_dir):
     info = json.loads(before[0])
     assert info["cache_key"] == standin.tiny_cache_key()
     assert tiny_model_dir.name == f"tiny-{info['cache_key'][:16]}"
-    assert info["steps"] == standin.DEFAULT_TINY.steps
-    assert info["settings"] == json.loads(json.dumps(standin.DEFAULT_TINY.to_dict()))
+    assert info["steps"] == standin.default_tiny_settings().steps
+    assert info["settings"] == json.loads(json.dumps(standin.default_tiny_settings().to_dict()))
     assert 3_000_000 < info["parameters"] < 5_000_000
     assert info["rows_dropped_too_long"] == 0
     # no half-built folders left behind
@@ -297,7 +297,8 @@ def test_load_model_info_for_the_manifest(tiny_model_dir):
 
 
 def test_concurrent_builders_build_once(tmp_path):
-    """Two processes ask for the same (small) build while a third holds the lock: one builds."""
+    """Two processes ask for the same (small) build while a third holds the lock: one builds, and removes
+    what a killed builder left."""
     cache = tmp_path / "cache"
     settings = json.dumps(SMALL.to_dict())
     code = textwrap.dedent(
@@ -313,6 +314,10 @@ def test_concurrent_builders_build_once(tmp_path):
     key = standin.tiny_cache_key(SMALL)
     lock_file = cache / "models" / f".tiny-{key[:16]}.lock"
     lock_file.parent.mkdir(parents=True)
+    # the staging folder of a builder killed half-way (SIGKILL leaves it): the next builder removes it
+    dead = lock_file.parent / f".tiny-{key[:16]}-killed01"
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"half")
     logs = [tmp_path / f"builder{i}.err" for i in range(2)]
     with open(lock_file, "a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
@@ -485,3 +490,17 @@ def test_lora_adapter_loads_on_top(bare_model_dir, tmp_path):
     )
     assert trainable.info["trainable_parameters"] == sum(v.numel() for v in saved.values())
     assert trainable.model.training
+
+
+def test_the_stand_in_can_be_built_from_another_seed(monkeypatch):
+    """REFLECTEVO_TINY_SEED names another build of builtin:tiny (another corpus draw and training run), as a
+    build on another machine is another model; a bad value is refused with what to set."""
+    monkeypatch.delenv(standin.TINY_SEED_ENV, raising=False)
+    default = standin.tiny_cache_key()
+    assert standin.default_tiny_settings() == standin.DEFAULT_TINY
+    monkeypatch.setenv(standin.TINY_SEED_ENV, "7")
+    assert standin.default_tiny_settings().seed == 7
+    assert standin.tiny_cache_key() != default
+    monkeypatch.setenv(standin.TINY_SEED_ENV, "seven")
+    with pytest.raises(ValueError, match="REFLECTEVO_TINY_SEED must be a non-negative integer seed, got 'seven'"):
+        standin.default_tiny_settings()

@@ -39,6 +39,7 @@ def make_params(tmp_path, **reflect):
         "generation": {"batch_size": 8, "max_new_tokens": 64},
         "reflect": {"fewshots": 0, "instructions": ["1-3-2", "2-5-1"], "samples_per_instruction": 2,
                     "max_new_tokens": 64, **reflect},
+        "eval": {"fewshots": 0},  # as reflect: the test inputs are asked like the training inputs
     }
     return load_params(None, sections)
 
@@ -57,6 +58,14 @@ class CountingReplay(ReplayEngine):
 
 def logiqa_items(count=3):
     return get_task("logiqa").load_samples("train")[:count]
+
+
+def unanswerable_math_items(count=4):
+    """MATH sample items whose gold no model writes, so every first trial fails and is reflected on, whatever a
+    build of the stand-in answers (it knows its training items, and another build gets others right)."""
+    import dataclasses
+
+    return [dataclasses.replace(item, gold="\\frac{99991}{7}") for item in get_task("math").load_samples("train")[:count]]
 
 
 def scripted_rows(items):
@@ -222,6 +231,7 @@ params = load_params(None, {
     "generation": {"batch_size": 2, "max_new_tokens": 48},
     "reflect": {"fewshots": 0, "instructions": "random_k", "instructions_k": 2, "samples_per_instruction": 2,
                 "max_new_tokens": 48},
+    "eval": {"fewshots": 0},
 })
 items = {name: get_task(name).load_samples("train")[:6] for name in ("logiqa", "bigbench")}
 engine = make_engine(params.generation, load_model(params.model), progress=False)
@@ -278,7 +288,7 @@ def test_out_of_memory_halves_the_batch_the_run_completes_and_the_manifest_recor
     from reflectevo.runs import open_run, read_manifest
 
     params = make_params(tmp_path)  # generation.batch_size 8
-    items = {"logiqa": logiqa_items(4), "math": get_task("math").load_samples("train")[:4]}  # some fail, so some reflect
+    items = {"logiqa": logiqa_items(4), "math": unanswerable_math_items(4)}  # the math ones all fail, so they reflect
     loaded = load_model(params.model)
     plain = ReflectionPipeline(params, make_engine(params.generation, loaded, progress=False)).run(items).records
     forward = loaded.model.forward

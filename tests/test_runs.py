@@ -168,6 +168,22 @@ def test_identity_follows_the_params_a_stage_reads(params, tmp_path):
         assert run.stage_identity("01_data") != identity_01
 
 
+def test_identity_follows_the_grader_and_prompt_versions(params, monkeypatch):
+    """A run made before a grading or prompt change is recomputed, not skipped with its old verdicts."""
+    from reflectevo import prompts
+    from reflectevo.runs import STAGES, identity_of
+    from reflectevo.tasks import get_task
+
+    before = {stage.key: identity_of(params, stage, {}) for stage in STAGES}
+    monkeypatch.setattr(type(get_task("logiqa")), "version", "graded-differently")
+    assert all(identity_of(params, stage, {}) != before[stage.key] for stage in STAGES)
+    monkeypatch.undo()
+    monkeypatch.setattr(prompts, "REVIEW_VERSION", "review-99")
+    assert all(identity_of(params, stage, {}) != before[stage.key] for stage in STAGES)
+    monkeypatch.undo()
+    assert {stage.key: identity_of(params, stage, {}) for stage in STAGES} == before
+
+
 CONCURRENT = textwrap.dedent(
     """
     import sys
