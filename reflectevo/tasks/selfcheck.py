@@ -128,6 +128,8 @@ def check_graders(task: Task, items: list[Item], sandbox: Any = None) -> dict[st
         report["graders"][grader] = {
             "gold_outcomes": dict(Counter(v.outcome for v in gold)),
             "gold_not_correct": [item.id for item, v in zip(items, gold) if not v.correct],
+            # of those, the ones that ran out of time: how fast the machine is, not what the grader accepts
+            "gold_not_correct_timeouts": [item.id for item, v in zip(items, gold) if v.outcome == "timeout"],
             "wrong_outcomes": dict(Counter(v.outcome for v in wrong)),
             "wrong_graded_correct": [item.id for item, v in zip(items, wrong) if v.correct],
         }
