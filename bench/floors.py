@@ -35,19 +35,26 @@ def device_peaks(name: str) -> tuple[float, float] | None:
     return DATASHEET_PEAKS[max(matches, key=len)] if matches else None
 
 
-def decode_ceilings(shape: dict[str, Any], parameters: int, dtype_bytes: int, batch: int, context: float,
-                    bandwidth: float, flops: float) -> dict[str, float]:
+def decode_ceilings(
+    shape: dict[str, Any], parameters: int, dtype_bytes: int, batch: int, context: float, bandwidth: float, flops: float
+) -> dict[str, float]:
     """Tokens/s ceilings of one decoding step at ``batch`` sequences of mean ``context`` tokens."""
     head_dim = shape["hidden_size"] // shape["num_attention_heads"]
     kv_heads = shape.get("num_key_value_heads") or shape["num_attention_heads"]
     kv_per_token = 2 * shape["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes  # K and V, every layer
     step_bytes = parameters * dtype_bytes + batch * context * kv_per_token
     step_flops = batch * (2 * parameters + 4 * shape["num_hidden_layers"] * context * shape["hidden_size"])
-    return {"bandwidth_ceiling_tok_s": round(batch * bandwidth / step_bytes, 1),
-            "compute_ceiling_tok_s": round(batch * flops / step_flops, 1),
-            "kv_bytes_per_token": kv_per_token, "batch": batch, "mean_context": round(context, 1)}
+    return {
+        "bandwidth_ceiling_tok_s": round(batch * bandwidth / step_bytes, 1),
+        "compute_ceiling_tok_s": round(batch * flops / step_flops, 1),
+        "kv_bytes_per_token": kv_per_token,
+        "batch": batch,
+        "mean_context": round(context, 1),
+    }
 
 
 def fractions(measured_tok_s: float, ceilings: dict[str, float]) -> dict[str, float]:
-    return {"of_bandwidth_ceiling": round(measured_tok_s / ceilings["bandwidth_ceiling_tok_s"], 4),
-            "of_compute_ceiling": round(measured_tok_s / ceilings["compute_ceiling_tok_s"], 4)}
+    return {
+        "of_bandwidth_ceiling": round(measured_tok_s / ceilings["bandwidth_ceiling_tok_s"], 4),
+        "of_compute_ceiling": round(measured_tok_s / ceilings["compute_ceiling_tok_s"], 4),
+    }

@@ -21,7 +21,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 # $REFLECTEVO_OFFICIAL_DATA, else the shared data folder beside the repository (as tests/conftest.py)
-DEFAULT_OFFICIAL_DIR = Path(os.environ.get("REFLECTEVO_OFFICIAL_DATA") or REPO.parent / "shared" / "data" / "reflectevo-official")
+DEFAULT_OFFICIAL_DIR = Path(
+    os.environ.get("REFLECTEVO_OFFICIAL_DATA") or REPO.parent / "shared" / "data" / "reflectevo-official"
+)
 
 STEPS = ("first_trial", "reflection", "second_trial")
 # Mean generated tokens per record: (turn-1 answer, reflection, turn-2 answer), from the paper's table.
@@ -42,8 +44,10 @@ _BIGBENCH = ("contextual_qa", "context_free_qa", "reading", "commonsense", "soci
 
 def _weighted(categories: tuple[str, ...]) -> dict[str, int]:
     total = sum(_CATEGORY_MEANS[c][0] for c in categories)
-    return {step: round(sum(_CATEGORY_MEANS[c][0] * _CATEGORY_MEANS[c][1 + i] for c in categories) / total)
-            for i, step in enumerate(STEPS)}
+    return {
+        step: round(sum(_CATEGORY_MEANS[c][0] * _CATEGORY_MEANS[c][1 + i] for c in categories) / total)
+        for i, step in enumerate(STEPS)
+    }
 
 
 OUTPUT_MEANS: dict[str, dict[str, int]] = {
@@ -91,8 +95,10 @@ def official_mix(count: int, seed: int, folder: Path = DEFAULT_OFFICIAL_DIR) -> 
     for name in task_names():
         path = folder / f"{name}_test.jsonl"
         if not path.is_file():
-            raise SystemExit(f"official test file not found: {path} (give the folder with --official-dir "
-                             "or set REFLECTEVO_OFFICIAL_DATA)")
+            raise SystemExit(
+                f"official test file not found: {path} (give the folder with --official-dir "
+                "or set REFLECTEVO_OFFICIAL_DATA)"
+            )
         pools[name] = list(get_task(name).load_official(path))
     names = sorted(pools)
     tasks = rng.choices(names, weights=[shares[n] for n in names], k=count)
@@ -106,6 +112,13 @@ def official_mix(count: int, seed: int, folder: Path = DEFAULT_OFFICIAL_DIR) -> 
 
 def describe() -> dict[str, Any]:
     """The length table, for a benchmark's JSON."""
-    return {"output_means_tokens": OUTPUT_MEANS, "spread": {"distribution": "log-normal, mean kept", "sigma": SPREAD_SIGMA,
-                                                            "min": MIN_TOKENS, "cap_x_mean": SPREAD_CAP},
-            "source": "ReflectEvo-460K statistics (arXiv 2505.16475); prompts: official test items"}
+    return {
+        "output_means_tokens": OUTPUT_MEANS,
+        "spread": {
+            "distribution": "log-normal, mean kept",
+            "sigma": SPREAD_SIGMA,
+            "min": MIN_TOKENS,
+            "cap_x_mean": SPREAD_CAP,
+        },
+        "source": "ReflectEvo-460K statistics (arXiv 2505.16475); prompts: official test items",
+    }

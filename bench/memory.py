@@ -44,12 +44,36 @@ BUDGETS_GIB = (16, 24, 40, 80)
 NF4_BYTES_PER_WEIGHT = 4.127 / 8  # NF4 with double-quantised block scales (QLoRA)
 # Llama 3.x shapes, keyed by the transformers config fields (1B and 3B: Llama 3.2; 8B: Llama 3)
 SHAPES: dict[str, dict[str, Any]] = {
-    "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-           "num_key_value_heads": 8, "vocab_size": 128_256, "tie_word_embeddings": True, "max_position_embeddings": 131_072},
-    "3b": {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28, "num_attention_heads": 24,
-           "num_key_value_heads": 8, "vocab_size": 128_256, "tie_word_embeddings": True, "max_position_embeddings": 131_072},
-    "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-           "num_key_value_heads": 8, "vocab_size": 128_256, "tie_word_embeddings": False, "max_position_embeddings": 8192},
+    "1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128_256,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 131_072,
+    },
+    "3b": {
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "vocab_size": 128_256,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 131_072,
+    },
+    "8b": {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128_256,
+        "tie_word_embeddings": False,
+        "max_position_embeddings": 8192,
+    },
 }
 # recipe -> (params file, GPU size in GiB, shape of its model)
 RECIPES = {"colab-t4": ("params/colab-t4.yaml", 16, "8b"), "llama3-8b-24gb": ("params/llama3-8b-24gb.yaml", 24, "8b")}
@@ -99,14 +123,19 @@ class Fit:
         return self.bytes_per_token / width(self.shape)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "bytes_per_param": round(self.bytes_per_param, 4),
-                "bytes_per_token_per_width": round(self.bytes_per_token_per_width, 4)}
+        return {
+            **asdict(self),
+            "bytes_per_param": round(self.bytes_per_param, 4),
+            "bytes_per_token_per_width": round(self.bytes_per_token_per_width, 4),
+        }
 
 
 def fit_line(points: list[tuple[int, int]]) -> tuple[float, float]:
     """(intercept, slope) of the least-squares line through (tokens, bytes) points of two lengths or more."""
     if len({t for t, _ in points}) < 2:
-        raise ValueError(f"a fit needs peaks at two sequence lengths or more, got lengths {sorted({t for t, _ in points})}")
+        raise ValueError(
+            f"a fit needs peaks at two sequence lengths or more, got lengths {sorted({t for t, _ in points})}"
+        )
     n = len(points)
     mean_t = sum(t for t, _ in points) / n
     mean_b = sum(b for _, b in points) / n
@@ -114,14 +143,23 @@ def fit_line(points: list[tuple[int, int]]) -> tuple[float, float]:
     return mean_b - slope * mean_t, slope
 
 
-def make_fit(backend: str, kind: str, model: str, parameters: int, shape: dict[str, Any], dtype: str,
-             points: list[tuple[int, int]]) -> Fit:
+def make_fit(
+    backend: str,
+    kind: str,
+    model: str,
+    parameters: int,
+    shape: dict[str, Any],
+    dtype: str,
+    points: list[tuple[int, int]],
+) -> Fit:
     fit = Fit(backend, kind, model, parameters, shape, dtype, sorted(points))
     fit.intercept, fit.bytes_per_token = fit_line(fit.points)
     if fit.bytes_per_token <= 0 or fit.intercept <= 0:
-        fit.problem = (f"peak memory does not grow with the sequence length as a line with a positive base "
-                       f"(slope {fit.bytes_per_token:.0f} B/token, intercept {fit.intercept:.0f} B): measure longer "
-                       "sequences, or on a GPU (a CPU's resident set is a coarse measure)")
+        fit.problem = (
+            f"peak memory does not grow with the sequence length as a line with a positive base "
+            f"(slope {fit.bytes_per_token:.0f} B/token, intercept {fit.intercept:.0f} B): measure longer "
+            "sequences, or on a GPU (a CPU's resident set is a coarse measure)"
+        )
     return fit
 
 
@@ -149,11 +187,18 @@ def max_length(fit: Fit, shape: dict[str, Any], budget_bytes: float, batch: int 
 
 
 def same_shape(fit: Fit, shape: dict[str, Any]) -> bool:
-    return abs(parameter_counts(shape)[0] - fit.parameters) <= 0.01 * fit.parameters and width(shape) == width(fit.shape)
+    return abs(parameter_counts(shape)[0] - fit.parameters) <= 0.01 * fit.parameters and width(shape) == width(
+        fit.shape
+    )
 
 
-def derive(fits: list[Fit], budgets_gib: tuple[int, ...] = BUDGETS_GIB, reserve_gib: float = 1.0,
-           min_length: int = 2048, shapes: dict[str, dict[str, Any]] = SHAPES) -> dict[str, list[dict[str, Any]]]:
+def derive(
+    fits: list[Fit],
+    budgets_gib: tuple[int, ...] = BUDGETS_GIB,
+    reserve_gib: float = 1.0,
+    min_length: int = 2048,
+    shapes: dict[str, dict[str, Any]] = SHAPES,
+) -> dict[str, list[dict[str, Any]]]:
     """Per fit, weights (as measured, 4-bit), budget and shape: the longest sequence at batch 1; and the
     largest shape that fits ``min_length`` tokens. Every cell is labelled derived, with the measured
     lengths that fit beside it where the measured model is that shape (and the weights as measured)."""
@@ -169,9 +214,17 @@ def derive(fits: list[Fit], budgets_gib: tuple[int, ...] = BUDGETS_GIB, reserve_
                 for name, shape in shapes.items():
                     length = max_length(fit, shape, usable, 1, four_bit)
                     context = shape.get("max_position_embeddings") or length
-                    cell = {"backend": fit.backend, "kind": fit.kind, "weights": weights, "budget_gib": budget, "shape": name,
-                            "max_length": min(length, context), "capped_at_context": length > context, "label": "derived",
-                            "source": fit.model if same_shape(fit, shape) else f"{fit.model}, scaled to {name}"}
+                    cell = {
+                        "backend": fit.backend,
+                        "kind": fit.kind,
+                        "weights": weights,
+                        "budget_gib": budget,
+                        "shape": name,
+                        "max_length": min(length, context),
+                        "capped_at_context": length > context,
+                        "label": "derived",
+                        "source": fit.model if same_shape(fit, shape) else f"{fit.model}, scaled to {name}",
+                    }
                     if same_shape(fit, shape) and not four_bit:
                         fitting = [t for t, peak in fit.points if peak + reserve_gib * GIB <= budget * GIB]
                         cell["measured_fits_at"] = max(fitting) if fitting else None
@@ -179,9 +232,18 @@ def derive(fits: list[Fit], budgets_gib: tuple[int, ...] = BUDGETS_GIB, reserve_
                     per_shape.append(cell)
                     if cell["max_length"] >= min_length:
                         best = cell
-                largest.append({"backend": fit.backend, "kind": fit.kind, "weights": weights, "budget_gib": budget,
-                                "min_length": min_length, "largest_shape": best["shape"] if best else None,
-                                "max_length": best["max_length"] if best else None, "label": "derived"})
+                largest.append(
+                    {
+                        "backend": fit.backend,
+                        "kind": fit.kind,
+                        "weights": weights,
+                        "budget_gib": budget,
+                        "min_length": min_length,
+                        "largest_shape": best["shape"] if best else None,
+                        "max_length": best["max_length"] if best else None,
+                        "label": "derived",
+                    }
+                )
     return {"per_shape": per_shape, "largest": largest}
 
 
@@ -202,14 +264,25 @@ def recipe_checks(fits: list[Fit], reserve_gib: float = 1.0, repo: Path = REPO) 
             if fit is None:
                 continue
             peak = peak_estimate(fit, SHAPES[shape_name], batch * length, four_bit)
-            checks.append({"recipe": recipe, "kind": kind, "budget_gib": budget, "shape": shape_name,
-                           "weights": "4-bit" if four_bit else fit.dtype, "batch": batch, "max_length": length,
-                           "fit_backend": fit.backend, "estimated_peak_gib": round(peak / GIB, 2),
-                           "fits": peak + reserve_gib * GIB <= budget * GIB,
-                           "max_length_at_this_batch": min(max_length(fit, SHAPES[shape_name], (budget - reserve_gib) * GIB,
-                                                                      batch, four_bit),
-                                                           SHAPES[shape_name]["max_position_embeddings"]),
-                           "label": "derived"})
+            checks.append(
+                {
+                    "recipe": recipe,
+                    "kind": kind,
+                    "budget_gib": budget,
+                    "shape": shape_name,
+                    "weights": "4-bit" if four_bit else fit.dtype,
+                    "batch": batch,
+                    "max_length": length,
+                    "fit_backend": fit.backend,
+                    "estimated_peak_gib": round(peak / GIB, 2),
+                    "fits": peak + reserve_gib * GIB <= budget * GIB,
+                    "max_length_at_this_batch": min(
+                        max_length(fit, SHAPES[shape_name], (budget - reserve_gib) * GIB, batch, four_bit),
+                        SHAPES[shape_name]["max_position_embeddings"],
+                    ),
+                    "label": "derived",
+                }
+            )
     return checks
 
 
@@ -223,30 +296,57 @@ def fits_from_benchmark(result: dict[str, Any]) -> list[Fit]:
     fits = []
     for (backend, kind), points in sorted(groups.items()):
         if len({t for t, _ in points}) >= 2:
-            fits.append(make_fit(backend, kind, result["model"], result["parameters"], result["shape"],
-                                 result.get("dtype") or "bfloat16", points))
+            fits.append(
+                make_fit(
+                    backend,
+                    kind,
+                    result["model"],
+                    result["parameters"],
+                    result["shape"],
+                    result.get("dtype") or "bfloat16",
+                    points,
+                )
+            )
     return fits
 
 
-def from_benchmark(result: dict[str, Any], budgets_gib: tuple[int, ...] = BUDGETS_GIB, reserve_gib: float = 1.0,
-                   min_length: int = 2048, allow_cpu: bool = False) -> dict[str, Any]:
+def from_benchmark(
+    result: dict[str, Any],
+    budgets_gib: tuple[int, ...] = BUDGETS_GIB,
+    reserve_gib: float = 1.0,
+    min_length: int = 2048,
+    allow_cpu: bool = False,
+) -> dict[str, Any]:
     """The fits of a bench/training.py result and, when it was measured on a CUDA GPU (or ``allow_cpu``), the
     derived cells and recipe checks: a CPU's figure is the whole process's resident set, Python and
     libraries included, which says nothing about a GPU."""
     fits = fits_from_benchmark(result)
     on_gpu = result.get("device") == "cuda"
-    derived = derive(fits, budgets_gib, reserve_gib, min_length) if on_gpu or allow_cpu else {"per_shape": [], "largest": []}
-    return {"fits": [fit.to_dict() for fit in fits], **derived,
-            "recipes": recipe_checks(fits, reserve_gib) if on_gpu or allow_cpu else [],
-            "assumptions": {"reserve_gib": reserve_gib, "min_length": min_length, "budgets_gib": list(budgets_gib),
-                            "measured_on": result.get("device"),
-                            "derivation": ("from GPU measurements" if on_gpu else
-                                           "from CPU measurements, on request: process RSS, not GPU memory" if allow_cpu else
-                                           "skipped: measured on a CPU (the process's resident set says nothing about a GPU); "
-                                           "run bench/training.py on a CUDA GPU"),
-                            "peak": next((r.get("memory_method") for r in result["rows"] if r.get("memory_method")), None),
-                            "scaling": "per-parameter bytes x parameters; per-token bytes x (layers x hidden) of the shape",
-                            "four_bit": f"linear layers at {NF4_BYTES_PER_WEIGHT * 8:.3f} bits, embeddings and head 16-bit"}}
+    derived = (
+        derive(fits, budgets_gib, reserve_gib, min_length) if on_gpu or allow_cpu else {"per_shape": [], "largest": []}
+    )
+    return {
+        "fits": [fit.to_dict() for fit in fits],
+        **derived,
+        "recipes": recipe_checks(fits, reserve_gib) if on_gpu or allow_cpu else [],
+        "assumptions": {
+            "reserve_gib": reserve_gib,
+            "min_length": min_length,
+            "budgets_gib": list(budgets_gib),
+            "measured_on": result.get("device"),
+            "derivation": (
+                "from GPU measurements"
+                if on_gpu
+                else "from CPU measurements, on request: process RSS, not GPU memory"
+                if allow_cpu
+                else "skipped: measured on a CPU (the process's resident set says nothing about a GPU); "
+                "run bench/training.py on a CUDA GPU"
+            ),
+            "peak": next((r.get("memory_method") for r in result["rows"] if r.get("memory_method")), None),
+            "scaling": "per-parameter bytes x parameters; per-token bytes x (layers x hidden) of the shape",
+            "four_bit": f"linear layers at {NF4_BYTES_PER_WEIGHT * 8:.3f} bits, embeddings and head 16-bit",
+        },
+    }
 
 
 def derive_from_report(report: dict[str, Any]) -> dict[str, Any]:
@@ -263,21 +363,30 @@ def derive_from_report(report: dict[str, Any]) -> dict[str, Any]:
 # ---- output ----------------------------------------------------------------------------------------------
 def print_derived(section: dict[str, Any], out=sys.stdout) -> None:
     assumptions = section["assumptions"]
-    print(f"\nmemory: peak = bytes/param x parameters + bytes/token x tokens, fitted on the memory rows (peak: "
-          f"{assumptions['peak']}); derived cells add a {assumptions['reserve_gib']} GiB reserve", file=out)
+    print(
+        f"\nmemory: peak = bytes/param x parameters + bytes/token x tokens, fitted on the memory rows (peak: "
+        f"{assumptions['peak']}); derived cells add a {assumptions['reserve_gib']} GiB reserve",
+        file=out,
+    )
     for fit in section["fits"]:
         if fit["problem"]:
             print(f"  {fit['backend']} {fit['kind']}: not derivable: {fit['problem']}", file=out)
             continue
         measured = ", ".join(f"{t}: {b / GIB:.3f} GiB" for t, b in fit["points"])
-        print(f"  {fit['backend']} {fit['kind']} on {fit['model']} ({fit['parameters']:,} parameters, {fit['dtype']}): "
-              f"{fit['bytes_per_param']:.3f} B/parameter, {fit['bytes_per_token'] / 2**20:.4f} MiB/token "
-              f"(measured {measured})", file=out)
+        print(
+            f"  {fit['backend']} {fit['kind']} on {fit['model']} ({fit['parameters']:,} parameters, {fit['dtype']}): "
+            f"{fit['bytes_per_param']:.3f} B/parameter, {fit['bytes_per_token'] / 2**20:.4f} MiB/token "
+            f"(measured {measured})",
+            file=out,
+        )
     budgets = assumptions["budgets_gib"]
     print(f"  derivation: {assumptions['derivation']}", file=out)
     if not section["per_shape"]:
         return
-    print(f"\nlongest sequence at batch 1, derived (largest shape fitting {assumptions['min_length']} tokens marked *):", file=out)
+    print(
+        f"\nlongest sequence at batch 1, derived (largest shape fitting {assumptions['min_length']} tokens marked *):",
+        file=out,
+    )
     header = ["backend", "kind", "weights", "shape"] + [f"{b} GiB" for b in budgets]
     lines = [header]
     largest = {(c["backend"], c["kind"], c["weights"], c["budget_gib"]): c["largest_shape"] for c in section["largest"]}
@@ -289,8 +398,11 @@ def print_derived(section: dict[str, Any], out=sys.stdout) -> None:
     for key in keys:
         line = list(key)
         for budget in budgets:
-            c = next(c for c in section["per_shape"] if (c["backend"], c["kind"], c["weights"], c["shape"]) == key
-                     and c["budget_gib"] == budget)
+            c = next(
+                c
+                for c in section["per_shape"]
+                if (c["backend"], c["kind"], c["weights"], c["shape"]) == key and c["budget_gib"] == budget
+            )
             text = f"{c['max_length']:,}" + ("+" if c["capped_at_context"] else "")
             if c.get("measured_fits_at"):
                 text += f" (measured {c['measured_fits_at']:,})"
@@ -300,24 +412,40 @@ def print_derived(section: dict[str, Any], out=sys.stdout) -> None:
         lines.append(line)
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     for n, line in enumerate(lines):
-        print(" | ".join(str(text).rjust(width) if i >= 4 else str(text).ljust(width)
-                         for i, (text, width) in enumerate(zip(line, widths))), file=out)
+        print(
+            " | ".join(
+                str(text).rjust(width) if i >= 4 else str(text).ljust(width)
+                for i, (text, width) in enumerate(zip(line, widths))
+            ),
+            file=out,
+        )
         if n == 0:
             print("-+-".join("-" * width for width in widths), file=out)
     print("  (+: the shape's context length; 0: the weights alone do not fit)", file=out)
     for check in section["recipes"]:
-        print(f"recipe {check['recipe']} ({check['budget_gib']} GiB, {check['shape']}, {check['weights']} weights): "
-              f"{check['kind']} batch {check['batch']} x {check['max_length']} tokens -> {check['estimated_peak_gib']} GiB, "
-              f"{'fits' if check['fits'] else 'does NOT fit'}; longest at this batch {check['max_length_at_this_batch']:,} "
-              f"(derived from the {check['fit_backend']} fit)", file=out)
+        print(
+            f"recipe {check['recipe']} ({check['budget_gib']} GiB, {check['shape']}, {check['weights']} weights): "
+            f"{check['kind']} batch {check['batch']} x {check['max_length']} tokens -> {check['estimated_peak_gib']} GiB, "
+            f"{'fits' if check['fits'] else 'does NOT fit'}; longest at this batch {check['max_length_at_this_batch']:,} "
+            f"(derived from the {check['fit_backend']} fit)",
+            file=out,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("result", type=Path, help="the JSON that bench/training.py --json wrote (with memory rows)")
-    parser.add_argument("--budgets", default=",".join(str(b) for b in BUDGETS_GIB), help="GPU sizes in GiB, comma-separated")
-    parser.add_argument("--reserve-gib", type=float, default=1.0, help="kept free on every GPU (CUDA context, allocator slack)")
-    parser.add_argument("--min-length", type=int, default=2048, help="the length the 'largest shape' must fit at batch 1")
+    parser.add_argument(
+        "--budgets", default=",".join(str(b) for b in BUDGETS_GIB), help="GPU sizes in GiB, comma-separated"
+    )
+    parser.add_argument(
+        "--reserve-gib", type=float, default=1.0, help="kept free on every GPU (CUDA context, allocator slack)"
+    )
+    parser.add_argument(
+        "--min-length", type=int, default=2048, help="the length the 'largest shape' must fit at batch 1"
+    )
     parser.add_argument("--allow-cpu", action="store_true", help="derive even from a CPU run (the arithmetic only)")
     parser.add_argument("--json", type=Path, help="also write the fits and derived cells here")
     args = parser.parse_args(argv)
@@ -334,13 +462,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.result} is not a bench/training.py result")
     section = from_benchmark(result, budgets, args.reserve_gib, args.min_length, args.allow_cpu)
     if not section["fits"]:
-        print(f"{args.result} has no memory rows measured at two lengths or more: run bench/training.py with "
-              "--memory-lengths (e.g. 1024,4096)", file=sys.stderr)
+        print(
+            f"{args.result} has no memory rows measured at two lengths or more: run bench/training.py with "
+            "--memory-lengths (e.g. 1024,4096)",
+            file=sys.stderr,
+        )
         return 1
     print_derived(section)
     if args.json:
         sys.path.insert(0, str(REPO))
-        from reflectevo.runs import atomic_write_json
+        from reflectevo.core.files import atomic_write_json
 
         atomic_write_json(args.json, section)
     return 0

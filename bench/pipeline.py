@@ -21,9 +21,9 @@ from pathlib import Path
 
 from reflectevo.config import load_params
 from reflectevo.data.prepare import prepare_data
-from reflectevo.generation import make_engine
-from reflectevo.models import load_model
-from reflectevo.pipeline import ReflectionPipeline, make_sandbox
+from reflectevo.generation.engines import make_engine
+from reflectevo.models.loading import load_model
+from reflectevo.reflection.pipeline import ReflectionPipeline, make_sandbox
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,16 +36,23 @@ def run_once(params, loaded, items, batch_size: int) -> dict:
     result = pipeline.run(items)
     seconds = time.perf_counter() - started
     new_tokens = sum(stage["new_tokens"] for stage in engine.stats.values())
-    return {"batch_size": batch_size, "seconds": round(seconds, 2), "records": result.stats["records"],
-            "generations": result.stats["generations"], "records_per_s": round(result.stats["records"] / seconds, 2),
-            "tokens_per_s": round(new_tokens / seconds, 1),
-            "successes": sum(o["is_correct"] for r in result.records for o in r["output"][1:])}
+    return {
+        "batch_size": batch_size,
+        "seconds": round(seconds, 2),
+        "records": result.stats["records"],
+        "generations": result.stats["generations"],
+        "records_per_s": round(result.stats["records"] / seconds, 2),
+        "tokens_per_s": round(new_tokens / seconds, 1),
+        "successes": sum(o["is_correct"] for r in result.records for o in r["output"][1:]),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default=str(REPO / "params" / "quickstart.yaml"))
-    parser.add_argument("--batch-size", type=int, default=None, help="the batched run's batch size (default: the params')")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="the batched run's batch size (default: the params')"
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
@@ -61,16 +68,22 @@ def main() -> None:
 
     shown = Path(args.params).resolve()
     shown = shown.relative_to(REPO) if shown.is_relative_to(REPO) else shown
-    print(f"stage-02 pipeline, {shown}: model {loaded.name} on {loaded.device} ({platform.processor() or platform.machine()}), "
-          f"{sum(map(len, items.values()))} questions")
+    print(
+        f"stage-02 pipeline, {shown}: model {loaded.name} on {loaded.device} ({platform.processor() or platform.machine()}), "
+        f"{sum(map(len, items.values()))} questions"
+    )
     print(f"{'run':<16}{'batch':>6}{'seconds':>9}{'records':>9}{'records/s':>11}{'tokens/s':>10}{'successes':>11}")
     for label, row in (("one at a time", naive), ("batched", batched)):
-        print(f"{label:<16}{row['batch_size']:>6}{row['seconds']:>9}{row['records']:>9}{row['records_per_s']:>11}"
-              f"{row['tokens_per_s']:>10}{row['successes']:>11}")
+        print(
+            f"{label:<16}{row['batch_size']:>6}{row['seconds']:>9}{row['records']:>9}{row['records_per_s']:>11}"
+            f"{row['tokens_per_s']:>10}{row['successes']:>11}"
+        )
     ratio = batched["records_per_s"] / naive["records_per_s"]
     print(f"{'ratio':<16}{'':>6}{'':>9}{'':>9}{ratio:>10.2f}x{batched['tokens_per_s'] / naive['tokens_per_s']:>9.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({"naive": naive, "batched": batched, "ratio_records_per_s": round(ratio, 3)}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"naive": naive, "batched": batched, "ratio_records_per_s": round(ratio, 3)}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from generation import (
     timed,  # bench/generation.py: a call timed with the GPU synchronised
 )
 
-from reflectevo.generation import GenerationRequest, GenerationSettings, render_chat
+from reflectevo.generation.requests import GenerationRequest, GenerationSettings, render_chat
 from reflectevo.prompts import (
     INSTRUCTIONS,
     attempt_messages,
@@ -46,7 +46,15 @@ from reflectevo.prompts import (
 )
 from reflectevo.tasks import get_task
 
-DEFAULTS = {"model": "builtin:tiny", "questions": 8, "k": 2, "batch_size": "16", "plain_batch": 64, "seed": 0, "length_scale": 0.1}
+DEFAULTS = {
+    "model": "builtin:tiny",
+    "questions": 8,
+    "k": 2,
+    "batch_size": "16",
+    "plain_batch": 64,
+    "seed": 0,
+    "length_scale": 0.1,
+}
 REFLECTION_TEMPERATURE = 0.7
 FEEDBACK = "Your answer is incorrect."
 
@@ -117,7 +125,9 @@ def first_trials(mix: list[lengths.MixItem], scale: float, max_new: int) -> Step
     return Step("first_trial", requests, targets, GenerationSettings(max_new_tokens=max_new))
 
 
-def reflections(mix: list[lengths.MixItem], attempts: dict[str, str], k: int, scale: float, seed: int, max_new: int) -> Step:
+def reflections(
+    mix: list[lengths.MixItem], attempts: dict[str, str], k: int, scale: float, seed: int, max_new: int
+) -> Step:
     keys = sorted(INSTRUCTIONS)
     requests, targets = [], {}
     for m in mix:
@@ -127,9 +137,14 @@ def reflections(mix: list[lengths.MixItem], attempts: dict[str, str], k: int, sc
         requests.append(GenerationRequest(m.key, [{"role": "user", "content": user}]))
         # the k samples' lengths: the first is the record's, the others drawn around the same mean
         targets[m.key] = [scaled(m.reflection, scale)] + [
-            scaled(lengths.output_length(m.task, "reflection", rng), scale) for _ in range(k - 1)]
-    return Step("reflection", requests, targets,
-                GenerationSettings(max_new_tokens=max_new, n=k, temperature=REFLECTION_TEMPERATURE, seed=seed))
+            scaled(lengths.output_length(m.task, "reflection", rng), scale) for _ in range(k - 1)
+        ]
+    return Step(
+        "reflection",
+        requests,
+        targets,
+        GenerationSettings(max_new_tokens=max_new, n=k, temperature=REFLECTION_TEMPERATURE, seed=seed),
+    )
 
 
 def second_trials(mix: list[lengths.MixItem], texts: dict[str, list[str]], scale: float, max_new: int) -> Step:
@@ -139,15 +154,24 @@ def second_trials(mix: list[lengths.MixItem], texts: dict[str, list[str]], scale
         task = get_task(m.task)
         for j, reflection in enumerate(texts[m.key]):
             key = f"{m.key}/{j}"
-            requests.append(GenerationRequest(key, [{"role": "user", "content": second_trial_prompt(task, m.item, reflection)}]))
+            requests.append(
+                GenerationRequest(key, [{"role": "user", "content": second_trial_prompt(task, m.item, reflection)}])
+            )
             length = m.second_trial if j == 0 else lengths.output_length(m.task, "second_trial", rng)
             targets[key] = [scaled(length, scale)]
     return Step("second_trial", requests, targets, GenerationSettings(max_new_tokens=max_new))
 
 
 # ---- the three ways ------------------------------------------------------------------------------
-def generate_rows(model, tokenizer, pad_id: int, eos_id: int, prompts: list[str], targets: list[list[int]],
-                  settings: GenerationSettings) -> list[tuple[str, int]]:
+def generate_rows(
+    model,
+    tokenizer,
+    pad_id: int,
+    eos_id: int,
+    prompts: list[str],
+    targets: list[list[int]],
+    settings: GenerationSettings,
+) -> list[tuple[str, int]]:
     """One plain ``model.generate`` call over these prompts (left-padded), (text, new tokens) per sample."""
     import torch
 
@@ -158,16 +182,26 @@ def generate_rows(model, tokenizer, pad_id: int, eos_id: int, prompts: list[str]
     flat = [t for row in targets for t in row]
     from transformers import LogitsProcessorList
 
-    sampling = ({"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
-                if settings.temperature > 0 else {"do_sample": False})
+    sampling = (
+        {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
+        if settings.temperature > 0
+        else {"do_sample": False}
+    )
     with torch.inference_mode():
-        out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max(flat),
-                             num_return_sequences=settings.n, pad_token_id=pad_id, eos_token_id=eos_id,
-                             logits_processor=LogitsProcessorList([ImposedLengths(flat, width, eos_id)]), **sampling)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            max_new_tokens=max(flat),
+            num_return_sequences=settings.n,
+            pad_token_id=pad_id,
+            eos_token_id=eos_id,
+            logits_processor=LogitsProcessorList([ImposedLengths(flat, width, eos_id)]),
+            **sampling,
+        )
     rows = []
     for row in out[:, width:].tolist():
         end = row.index(eos_id) + 1 if eos_id in row else len(row)
-        rows.append((tokenizer.decode(row[:end - 1] if eos_id in row else row, skip_special_tokens=True), end))
+        rows.append((tokenizer.decode(row[: end - 1] if eos_id in row else row, skip_special_tokens=True), end))
     return rows
 
 
@@ -190,12 +224,19 @@ class PlainWay:
         results: dict[str, list[tuple[str, int]]] = {}
         per_call = max(1, self.batch // step.settings.n)
         for start in range(0, len(step.requests), per_call):
-            chunk = step.requests[start:start + per_call]
+            chunk = step.requests[start : start + per_call]
             prompts = [render_chat(self.tokenizer, r.messages) for r in chunk]
-            rows = generate_rows(self.model, self.tokenizer, self.pad, self.eos, prompts,
-                                 [step.targets[r.key] for r in chunk], step.settings)
+            rows = generate_rows(
+                self.model,
+                self.tokenizer,
+                self.pad,
+                self.eos,
+                prompts,
+                [step.targets[r.key] for r in chunk],
+                step.settings,
+            )
             for i, request in enumerate(chunk):
-                results[request.key] = rows[i * step.settings.n:(i + 1) * step.settings.n]
+                results[request.key] = rows[i * step.settings.n : (i + 1) * step.settings.n]
         return results
 
 
@@ -246,19 +287,33 @@ def run_stage(way, mix: list[lengths.MixItem], k: int, scale: float, seed: int, 
     context = 0.0  # sum over records of prompt tokens + half the record's output: its mean context
     for step, results in done:
         for request in step.requests:
-            prompt = len(way.tokenizer(render_chat(way.tokenizer, request.messages), add_special_tokens=False)["input_ids"])
+            prompt = len(
+                way.tokenizer(render_chat(way.tokenizer, request.messages), add_special_tokens=False)["input_ids"]
+            )
             context += sum(prompt + n / 2 for _t, n in results[request.key])
-    return {"way": way.name, "seconds": round(seconds, 3), "records": records, "generated_tokens": tokens,
-            "mean_context": round(context / records, 1),
-            "records_per_s": round(records / seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
-            "steps": {name: {**s, "seconds": round(s["seconds"], 3),
-                             "tokens_per_s": round(s["tokens"] / max(s["seconds"], 1e-9), 1)} for name, s in steps.items()}}
+    return {
+        "way": way.name,
+        "seconds": round(seconds, 3),
+        "records": records,
+        "generated_tokens": tokens,
+        "mean_context": round(context / records, 1),
+        "records_per_s": round(records / seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "steps": {
+            name: {
+                **s,
+                "seconds": round(s["seconds"], 3),
+                "tokens_per_s": round(s["tokens"] / max(s["seconds"], 1e-9), 1),
+            }
+            for name, s in steps.items()
+        },
+    }
 
 
 # ---- entry -----------------------------------------------------------------------------------------
 def load(model_name: str, engine: str, device: str):
     from reflectevo.config import ModelParams
-    from reflectevo.models import load_model
+    from reflectevo.models.loading import load_model
 
     backend = "unsloth" if engine == "unsloth" else "transformers"
     dtype = "auto"
@@ -273,7 +328,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Every way's row for one engine, as the JSON report's ``reflect_stage`` part."""
     import torch
 
-    from reflectevo.generation import TransformersEngine, UnslothEngine
+    from reflectevo.generation.engines import TransformersEngine, UnslothEngine
 
     loaded = load(args.model, args.engine, args.device)
     mix = lengths.official_mix(args.questions, args.seed, args.official_dir)
@@ -282,12 +337,20 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
         engine = UnslothEngine(loaded, GenerationParams(batch_size=args.batch_size), progress=False)
     else:
-        engine = TransformersEngine(loaded.model, loaded.tokenizer, batch_size=args.batch_size, progress=False,
-                                    model_name=args.model, max_seq_length=4096)
+        engine = TransformersEngine(
+            loaded.model,
+            loaded.tokenizer,
+            batch_size=args.batch_size,
+            progress=False,
+            model_name=args.model,
+            max_seq_length=4096,
+        )
     ways = [EngineWay(engine, f"engine:{args.engine}")]
     if args.engine == "transformers" and not args.engine_only:
-        ways = [PlainWay(loaded.model, loaded.tokenizer, 1, "naive"),
-                PlainWay(loaded.model, loaded.tokenizer, args.plain_batch, f"plain-{args.plain_batch}")] + ways
+        ways = [
+            PlainWay(loaded.model, loaded.tokenizer, 1, "naive"),
+            PlainWay(loaded.model, loaded.tokenizer, args.plain_batch, f"plain-{args.plain_batch}"),
+        ] + ways
     warm = mix[:2]
     rows = []
     for way in ways:
@@ -296,20 +359,41 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats()
         row = run_stage(way, mix, args.k, args.length_scale, args.seed, naive=way.name == "naive")
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
-        row["batch_size"] = 1 if way.name == "naive" else (args.plain_batch if way.name.startswith("plain") else engine.batch_size)
+        row["batch_size"] = (
+            1 if way.name == "naive" else (args.plain_batch if way.name.startswith("plain") else engine.batch_size)
+        )
         rows.append(row)
     info = loaded.info
-    return {"model": args.model, "parameters": info["parameters"], "dtype": info["dtype"], "device": info["device"],
-            "engine": args.engine, "batch_size_how": engine.batch_size_how, "questions": len(mix), "k": args.k,
-            "length_scale": args.length_scale, "seed": args.seed, "rows": rows,
-            "task_counts": {t: sum(m.task == t for m in mix) for t in lengths.OUTPUT_MEANS},
-            "config": model_shape(loaded.model)}
+    return {
+        "model": args.model,
+        "parameters": info["parameters"],
+        "dtype": info["dtype"],
+        "device": info["device"],
+        "engine": args.engine,
+        "batch_size_how": engine.batch_size_how,
+        "questions": len(mix),
+        "k": args.k,
+        "length_scale": args.length_scale,
+        "seed": args.seed,
+        "rows": rows,
+        "task_counts": {t: sum(m.task == t for m in mix) for t in lengths.OUTPUT_MEANS},
+        "config": model_shape(loaded.model),
+    }
 
 
 def model_shape(model) -> dict[str, Any]:
     config = model.config.get_text_config()
-    return {key: getattr(config, key, None) for key in
-            ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")}
+    return {
+        key: getattr(config, key, None)
+        for key in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+        )
+    }
 
 
 def add_ratios(rows: list[dict[str, Any]], baseline: str) -> None:
@@ -318,8 +402,15 @@ def add_ratios(rows: list[dict[str, Any]], baseline: str) -> None:
         row["x_" + baseline] = round(row["tokens_per_s"] / base["tokens_per_s"], 2) if base else None
 
 
-COLUMNS = [("way", "way"), ("batch_size", "batch"), ("records", "records"), ("generated_tokens", "gen tok"),
-           ("seconds", "s"), ("records_per_s", "rec/s"), ("tokens_per_s", "tok/s")]
+COLUMNS = [
+    ("way", "way"),
+    ("batch_size", "batch"),
+    ("records", "records"),
+    ("generated_tokens", "gen tok"),
+    ("seconds", "s"),
+    ("records_per_s", "rec/s"),
+    ("tokens_per_s", "tok/s"),
+]
 
 
 def print_table(rows: list[dict[str, Any]], extra: list[tuple[str, str]] = ()) -> None:
@@ -342,8 +433,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=DEFAULTS["k"], help="reflections per question")
     p.add_argument("--batch-size", type=batch_size_arg, default=DEFAULTS["batch_size"], help="the engine's, or auto")
     p.add_argument("--plain-batch", type=int, default=DEFAULTS["plain_batch"])
-    p.add_argument("--length-scale", type=float, default=DEFAULTS["length_scale"],
-                   help="multiply the imposed lengths (1 = the paper's; the CPU default keeps a smoke run short)")
+    p.add_argument(
+        "--length-scale",
+        type=float,
+        default=DEFAULTS["length_scale"],
+        help="multiply the imposed lengths (1 = the paper's; the CPU default keeps a smoke run short)",
+    )
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--official-dir", type=Path, default=lengths.DEFAULT_OFFICIAL_DIR)
     p.add_argument("--json", type=Path)
@@ -356,8 +451,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--questions must be 2 or more, --k 1 or more and --length-scale positive")
     report = measure(args)
     add_ratios(report["rows"], f"plain-{args.plain_batch}")
-    print(f"reflect stage, {report['model']} ({report['parameters'] / 1e6:.1f} M parameters, {report['dtype']}, "
-          f"{report['device']}), {report['questions']} questions x k={args.k}, lengths x{args.length_scale}")
+    print(
+        f"reflect stage, {report['model']} ({report['parameters'] / 1e6:.1f} M parameters, {report['dtype']}, "
+        f"{report['device']}), {report['questions']} questions x k={args.k}, lengths x{args.length_scale}"
+    )
     print_table(report["rows"], [("x_" + f"plain-{args.plain_batch}", "x plain")])
     report["python"] = platform.python_version()
     if args.json:

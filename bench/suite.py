@@ -43,9 +43,28 @@ import floors
 import lengths
 
 # --smoke: the smallest run that still exercises every part (CPU, builtin:tiny, seconds)
-SMOKE = {"model": "builtin:tiny", "questions": 6, "length_scale": 0.08, "batch_size": "16", "train_steps": 1,
-         "training_args": ["--rows", "8", "--batch-size", "2", "--dpo-batch-size", "1", "--warmup-steps", "1",
-                           "--memory-lengths", "", "--length-scale", "0.25", "--no-gradient-checkpointing"]}
+SMOKE = {
+    "model": "builtin:tiny",
+    "questions": 6,
+    "length_scale": 0.08,
+    "batch_size": "16",
+    "train_steps": 1,
+    "training_args": [
+        "--rows",
+        "8",
+        "--batch-size",
+        "2",
+        "--dpo-batch-size",
+        "1",
+        "--warmup-steps",
+        "1",
+        "--memory-lengths",
+        "",
+        "--length-scale",
+        "0.25",
+        "--no-gradient-checkpointing",
+    ],
+}
 # a GPU run: the paper's lengths, a batch size the engine sizes from free memory, bench/training.py's
 # GPU defaults (512 SFT rows, batch 8, memory rows at 1,024 and 4,096 tokens)
 FULL = {"questions": 512, "length_scale": 1.0, "batch_size": "auto", "train_steps": 8, "training_args": []}
@@ -78,8 +97,20 @@ def unsloth_unavailable() -> str | None:
 
 
 def generation_part(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
-    common = ["--model", args.model, "--questions", str(settings["questions"]), "--length-scale", str(settings["length_scale"]),
-              "--batch-size", str(settings["batch_size"]), "--official-dir", str(args.official_dir), "--seed", str(args.seed)]
+    common = [
+        "--model",
+        args.model,
+        "--questions",
+        str(settings["questions"]),
+        "--length-scale",
+        str(settings["length_scale"]),
+        "--batch-size",
+        str(settings["batch_size"]),
+        "--official-dir",
+        str(args.official_dir),
+        "--seed",
+        str(args.seed),
+    ]
     report, why = child("reflect_stage.py", common, args.timeout)
     if report is None:
         raise SystemExit(f"the generation part failed: {why}")
@@ -98,7 +129,9 @@ def generation_part(args: argparse.Namespace, settings: dict[str, Any]) -> dict[
     return report
 
 
-def ceilings_part(generation: dict[str, Any], device_name: str | None, given: tuple[float, float] | None) -> dict[str, Any]:
+def ceilings_part(
+    generation: dict[str, Any], device_name: str | None, given: tuple[float, float] | None
+) -> dict[str, Any]:
     peaks = given or (floors.device_peaks(device_name) if device_name else None)
     if peaks is None:
         return {"unavailable": f"no datasheet peaks for {device_name or 'a CPU'}; give --peaks BYTES_PER_S,FLOPS"}
@@ -107,18 +140,35 @@ def ceilings_part(generation: dict[str, Any], device_name: str | None, given: tu
     for row in generation["rows"]:
         if "tokens_per_s" not in row:
             continue
-        ceiling = floors.decode_ceilings(generation["config"], generation["parameters"], dtype_bytes, row["batch_size"],
-                                         row["mean_context"], *peaks)
+        ceiling = floors.decode_ceilings(
+            generation["config"], generation["parameters"], dtype_bytes, row["batch_size"], row["mean_context"], *peaks
+        )
         rows.append({"way": row["way"], **ceiling, **floors.fractions(row["tokens_per_s"], ceiling)})
-    return {"device": device_name, "peaks_from": "--peaks" if given else "datasheet", "bandwidth_bytes_s": peaks[0],
-            "peak_flops": peaks[1], "rows": rows}
+    return {
+        "device": device_name,
+        "peaks_from": "--peaks" if given else "datasheet",
+        "bandwidth_bytes_s": peaks[0],
+        "peak_flops": peaks[1],
+        "rows": rows,
+    }
 
 
 def training_part(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
     if not (HERE / "training.py").is_file():
         return {"unavailable": "bench/training.py is missing"}
-    report, why = child("training.py", ["--model", args.model, "--steps", str(settings["train_steps"]),
-                                        "--official-dir", str(args.official_dir), *settings["training_args"]], args.timeout)
+    report, why = child(
+        "training.py",
+        [
+            "--model",
+            args.model,
+            "--steps",
+            str(settings["train_steps"]),
+            "--official-dir",
+            str(args.official_dir),
+            *settings["training_args"],
+        ],
+        args.timeout,
+    )
     return report if report is not None else {"unavailable": why}
 
 
@@ -149,10 +199,17 @@ def paper_scale_part(report: dict[str, Any]) -> dict[str, Any]:
     for row in report["generation"].get("rows", []):
         if "tokens_per_s" in row:
             best[row["way"]] = row["tokens_per_s"]
-    sft = [r for r in report["training"].get("rows", []) if r.get("kind") == "sft" and r.get("status") == "ok"
-           and r.get("memory_length") is None]
-    derived = {"label": "derived from this run's measured speeds, not measured end to end",
-               "generated_tokens": PAPER_GENERATED_TOKENS, "sft_tokens": PAPER_SFT_TOKENS, "hours": {}}
+    sft = [
+        r
+        for r in report["training"].get("rows", [])
+        if r.get("kind") == "sft" and r.get("status") == "ok" and r.get("memory_length") is None
+    ]
+    derived = {
+        "label": "derived from this run's measured speeds, not measured end to end",
+        "generated_tokens": PAPER_GENERATED_TOKENS,
+        "sft_tokens": PAPER_SFT_TOKENS,
+        "hours": {},
+    }
     for way, speed in best.items():
         derived["hours"][f"generation, {way}"] = round(PAPER_GENERATED_TOKENS / speed / 3600, 1)
     for row in sft:
@@ -175,14 +232,28 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
         if "unavailable" in row:
             lines.append(["generation", row["way"], "-", "", row["unavailable"]])
             continue
-        lines.append(["generation", f"{row['way']} (batch {row['batch_size']})", f"{row['tokens_per_s']:,.0f}", "gen tok/s",
-                      f"{row['x_plain_64']:.2f}x"])
+        lines.append(
+            [
+                "generation",
+                f"{row['way']} (batch {row['batch_size']})",
+                f"{row['tokens_per_s']:,.0f}",
+                "gen tok/s",
+                f"{row['x_plain_64']:.2f}x",
+            ]
+        )
         lines.append(["generation", f"{row['way']} records", f"{row['records_per_s']:,.1f}", "records/s", ""])
     ceilings = report["ceilings"]
     for row in ceilings.get("rows", []):
         fractions = f"{row['of_bandwidth_ceiling']:.1%} / {row['of_compute_ceiling']:.1%}"
-        lines.append(["ceilings", f"{row['way']}: of bandwidth / compute ceiling", fractions, "",
-                      f"batch {row['batch']}, context {row['mean_context']:.0f}"])
+        lines.append(
+            [
+                "ceilings",
+                f"{row['way']}: of bandwidth / compute ceiling",
+                fractions,
+                "",
+                f"batch {row['batch']}, context {row['mean_context']:.0f}",
+            ]
+        )
     if "unavailable" in ceilings:
         lines.append(["ceilings", "all", "-", "", ceilings["unavailable"]])
     return lines
@@ -193,14 +264,21 @@ def print_table(lines: list[list[str]]) -> None:
     cells = [header] + lines
     widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
     for n, line in enumerate(cells):
-        print(" | ".join(cell.ljust(width) if i in (0, 1, 4) else cell.rjust(width) for i, (cell, width) in enumerate(zip(line, widths))))
+        print(
+            " | ".join(
+                cell.ljust(width) if i in (0, 1, 4) else cell.rjust(width)
+                for i, (cell, width) in enumerate(zip(line, widths))
+            )
+        )
         if n == 0:
             print("-+-".join("-" * width for width in widths))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="builtin:tiny on CPU, tiny sizes: checks that every part runs")
+    parser.add_argument(
+        "--smoke", action="store_true", help="builtin:tiny on CPU, tiny sizes: checks that every part runs"
+    )
     parser.add_argument("--model", help="builtin:random-1b, builtin:random-8b, builtin:tiny or a model folder")
     parser.add_argument("--questions", type=int, help="questions in the reflect-stage mix")
     parser.add_argument("--length-scale", type=float, help="multiply the imposed output lengths (1 = the paper's)")
@@ -210,8 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--official-dir", type=Path, default=lengths.DEFAULT_OFFICIAL_DIR)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per child process")
-    parser.add_argument("--peaks", help="memory bandwidth (bytes/s) and peak FLOP/s, e.g. 4.8e12,989e12, "
-                        "instead of the datasheet figures of the GPU found (needed on a CPU)")
+    parser.add_argument(
+        "--peaks",
+        help="memory bandwidth (bytes/s) and peak FLOP/s, e.g. 4.8e12,989e12, "
+        "instead of the datasheet figures of the GPU found (needed on a CPU)",
+    )
     parser.add_argument("--json", type=Path, help="write the whole report here")
     args = parser.parse_args(argv)
     peaks = None
@@ -241,25 +322,40 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     started = time.perf_counter()
     report: dict[str, Any] = {
-        "model": args.model, "settings": settings, "seed": args.seed, "length_mix": lengths.describe(),
-        "device": device_name or f"CPU ({os.cpu_count()} cores)", "python": platform.python_version(), "torch": torch.__version__,
+        "model": args.model,
+        "settings": settings,
+        "seed": args.seed,
+        "length_mix": lengths.describe(),
+        "device": device_name or f"CPU ({os.cpu_count()} cores)",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
     }
     report["training"] = training_part(args, settings) if "training" in parts else {"unavailable": "not asked for"}
     report["generation"] = generation_part(args, settings) if "generation" in parts else {"rows": []}
-    report["ceilings"] = ceilings_part(report["generation"], device_name, peaks) if report["generation"].get("rows") else {"unavailable": "no generation rows"}
+    report["ceilings"] = (
+        ceilings_part(report["generation"], device_name, peaks)
+        if report["generation"].get("rows")
+        else {"unavailable": "no generation rows"}
+    )
     report["memory"] = memory_part(report["training"])
     report["paper_scale"] = paper_scale_part(report)
     report["seconds"] = round(time.perf_counter() - started, 1)
 
     gen = report["generation"]
     if gen.get("rows"):
-        print(f"model {args.model}: {gen['parameters'] / 1e6:,.1f} M parameters, {gen['dtype']}, {report['device']}; "
-              f"shape {gen['config']}")
-        print(f"length mix: {gen['questions']} official test items {gen['task_counts']}, k={gen['k']} reflections each, "
-              f"output lengths x{gen['length_scale']} of the paper's means {lengths.OUTPUT_MEANS}")
+        print(
+            f"model {args.model}: {gen['parameters'] / 1e6:,.1f} M parameters, {gen['dtype']}, {report['device']}; "
+            f"shape {gen['config']}"
+        )
+        print(
+            f"length mix: {gen['questions']} official test items {gen['task_counts']}, k={gen['k']} reflections each, "
+            f"output lengths x{gen['length_scale']} of the paper's means {lengths.OUTPUT_MEANS}"
+        )
     print_table(table_rows(report))
-    print(f"paper scale ({report['paper_scale']['label']}; {PAPER_GENERATED_TOKENS / 1e6:.0f} M generated tokens, "
-          f"{PAPER_SFT_TOKENS / 1e6:.0f} M SFT tokens per epoch):")
+    print(
+        f"paper scale ({report['paper_scale']['label']}; {PAPER_GENERATED_TOKENS / 1e6:.0f} M generated tokens, "
+        f"{PAPER_SFT_TOKENS / 1e6:.0f} M SFT tokens per epoch):"
+    )
     for what, hours in report["paper_scale"]["hours"].items():
         print(f"  {what}: {hours:,} h")
     if isinstance(report["memory"], dict) and report["memory"].get("table"):

@@ -1,3 +1,3 @@
-from reflectevo.cli import main
+from reflectevo.cli.main import main
 
 raise SystemExit(main())

@@ -15,10 +15,6 @@ section passed in ``sections`` replaces that section of the file entirely.
 
 from __future__ import annotations
 
-import difflib
-import functools
-import hashlib
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,16 +30,17 @@ from pydantic import (
     model_validator,
 )
 
-from reflectevo.errors import ReflectEvoError
+from reflectevo.core.checks import did_you_mean, reject_duplicates
+from reflectevo.core.seeds import canonical_hash
+from reflectevo.core.yamlfile import read_sections
+from reflectevo.errors import ConfigError
+from reflectevo.prompts import check_instruction_keys
+from reflectevo.tasks import task_names
 
 SECTIONS = ("run", "model", "generation", "data", "reflect", "sft", "dpo", "eval", "analysis", "evolve")
 TASK_NAMES = ("logiqa", "math", "mbpp", "bigbench")  # checked against the task registry in load_params
 SFT_MODES = ("one_stage", "two_stage", "qa_pairs")
 DPO_PAIRS = ("d_pm", "d_pref")
-
-
-class ConfigError(ReflectEvoError):
-    """A params file or section that does not fit the schema (the message lists every problem)."""
 
 
 class Section(BaseModel):
@@ -71,7 +68,9 @@ class RunParams(Section):
     @classmethod
     def _name_is_a_folder_name(cls, value: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", value):
-            raise ValueError("must be a folder name: letters, digits, '.', '_' and '-', starting with a letter or digit")
+            raise ValueError(
+                "must be a folder name: letters, digits, '.', '_' and '-', starting with a letter or digit"
+            )
         return value
 
 
@@ -173,7 +172,6 @@ class DataParams(Section):
     @field_validator("tasks")
     @classmethod
     def _known_unique_tasks(cls, value: list[str]) -> list[str]:
-        from reflectevo.tasks import task_names
 
         known = task_names()
         for name in value:
@@ -238,8 +236,6 @@ class ReflectParams(Section):
     @classmethod
     def _known_instruction_keys(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list):
-            from reflectevo.prompts import check_instruction_keys
-
             check_instruction_keys(value)
         return value
 
@@ -277,7 +273,9 @@ class TrainParams(Section):
     save_steps: int = Field(50, ge=1)  # a checkpoint (adapter, optimizer, scheduler, RNG) every N optimizer steps
     save_total_limit: int = Field(2, ge=1)  # checkpoints kept; a rerun resumes from the newest complete one
     eval_steps: int | None = Field(None, ge=1)  # held-out loss every N steps; None: at save_steps
-    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])  # [] logs to files only
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"]
+    )  # [] logs to files only
     save_merged: bool = False  # also save base + adapter merged into 16-bit weights (never into 4-bit ones)
 
     @field_validator("report_to")
@@ -287,7 +285,9 @@ class TrainParams(Section):
 
 
 class SFTParams(TrainParams):
-    modes: list[Literal["one_stage", "two_stage", "qa_pairs"]] = Field(default_factory=lambda: ["one_stage"], min_length=1)
+    modes: list[Literal["one_stage", "two_stage", "qa_pairs"]] = Field(
+        default_factory=lambda: ["one_stage"], min_length=1
+    )
     # How rows make batches: padded (each batch padded to its longest row), length_grouped (rows of similar
     # length batched together, then padded), padding_free (each batch's rows concatenated, no padding, the
     # same rows and loss as padded), auto (padding_free where the attention kernel takes concatenated rows
@@ -344,7 +344,8 @@ class EvalParams(Section):
     # oracle_free: every answer is reviewed with a prompt that does not say whether it was right;
     # self_verify: the model judges its own answer first and reflects only when it finds it wrong
     protocols: list[Literal["oracle", "oracle_free", "self_verify"]] = Field(
-        default_factory=lambda: ["oracle", "oracle_free"], min_length=1)
+        default_factory=lambda: ["oracle", "oracle_free"], min_length=1
+    )
     # the graders every answer is scored by; the oracle protocol runs once per grader, gated by that grader
     # (its verdict decides who reflects and its feedback is shown), and is scored by that grader only
     graders: list[Literal["official", "robust"]] = Field(default_factory=lambda: ["official", "robust"], min_length=1)
@@ -377,7 +378,12 @@ class EvalParams(Section):
     @classmethod
     def _known_variants(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list):
-            known = [*BASELINES, *(f"sft/{m}" for m in SFT_MODES), TWO_STAGE_REFLECTION_PHASE, *(f"dpo/{p}" for p in DPO_PAIRS)]
+            known = [
+                *BASELINES,
+                *(f"sft/{m}" for m in SFT_MODES),
+                TWO_STAGE_REFLECTION_PHASE,
+                *(f"dpo/{p}" for p in DPO_PAIRS),
+            ]
             if not value:
                 raise ValueError("list at least one variant, or use 'trained'")
             for name in value:
@@ -395,9 +401,11 @@ class EvalParams(Section):
     @classmethod
     def _gate_grader_was_removed(cls, value: Any) -> Any:
         if isinstance(value, dict) and "gate_grader" in value:
-            raise ValueError("gate_grader was removed: the oracle protocol now runs once per grader of eval.graders, "
-                             "gated by that grader and scored by it; delete gate_grader (to gate by one grader only, "
-                             "list only that one in eval.graders)")
+            raise ValueError(
+                "gate_grader was removed: the oracle protocol now runs once per grader of eval.graders, "
+                "gated by that grader and scored by it; delete gate_grader (to gate by one grader only, "
+                "list only that one in eval.graders)"
+            )
         return value
 
 
@@ -431,8 +439,10 @@ class EvolveParams(Section):
     @classmethod
     def _known_generator(cls, value: str) -> str:
         if value not in GENERATOR_CHOICES:
-            raise ValueError(f"unknown generator {value!r}{did_you_mean(value, GENERATOR_CHOICES)}; "
-                             f"choose one of {', '.join(GENERATOR_CHOICES)}")
+            raise ValueError(
+                f"unknown generator {value!r}{did_you_mean(value, GENERATOR_CHOICES)}; "
+                f"choose one of {', '.join(GENERATOR_CHOICES)}"
+            )
         return value
 
     @model_validator(mode="after")
@@ -464,16 +474,20 @@ class Params(Section):
     @model_validator(mode="after")
     def _dpo_starts_from_a_trained_variant(self) -> Params:
         if self.dpo.start_from != "base" and self.dpo.start_from not in self.sft.modes:
-            raise ValueError(f"dpo.start_from is {self.dpo.start_from!r}, which sft.modes {self.sft.modes} does not train; "
-                             "add it to sft.modes or set dpo.start_from: base")
+            raise ValueError(
+                f"dpo.start_from is {self.dpo.start_from!r}, which sft.modes {self.sft.modes} does not train; "
+                "add it to sft.modes or set dpo.start_from: base"
+            )
         if isinstance(self.eval.variants, list):
             trained = [*(f"sft/{m}" for m in self.sft.modes), *(f"dpo/{p}" for p in self.dpo.pairs)]
             if "two_stage" in self.sft.modes:
                 trained.append(TWO_STAGE_REFLECTION_PHASE)
             untrained = [name for name in self.eval.variants if name not in (*BASELINES, *trained)]
             if untrained:
-                raise ValueError(f"eval.variants names {untrained}, which sft.modes / dpo.pairs do not train; "
-                                 "add them there or remove them from eval.variants")
+                raise ValueError(
+                    f"eval.variants names {untrained}, which sft.modes / dpo.pairs do not train; "
+                    "add them there or remove them from eval.variants"
+                )
         if self.evolve.rounds >= 2:
             self._check_evolve()
         for key in ("fewshots", "second_trial", "attempt_calls"):  # left null: asked as the training inputs were
@@ -481,9 +495,11 @@ class Params(Section):
                 setattr(self.eval, key, getattr(self.reflect, key))
         mismatched = training_test_mismatches(self)
         if mismatched:
-            raise ValueError("settings that shape the training inputs differ from those that shape the test inputs: "
-                             + "; ".join(f"{name}: {why}" for name, why in mismatched.items())
-                             + ". Make them agree, or list the setting in eval.allow_mismatch if the recipe means it")
+            raise ValueError(
+                "settings that shape the training inputs differ from those that shape the test inputs: "
+                + "; ".join(f"{name}: {why}" for name, why in mismatched.items())
+                + ". Make them agree, or list the setting in eval.allow_mismatch if the recipe means it"
+            )
         return self
 
     def _check_evolve(self) -> None:
@@ -491,18 +507,26 @@ class Params(Section):
         trained = [*(f"sft/{m}" for m in self.sft.modes), *(f"dpo/{p}" for p in self.dpo.pairs)]
         generator = self.evolve.generator
         if generator != "best_on_validation" and generator not in trained:
-            raise ValueError(f"evolve.generator is {generator!r}, which sft.modes / dpo.pairs do not train; "
-                             "add it there, or use best_on_validation")
+            raise ValueError(
+                f"evolve.generator is {generator!r}, which sft.modes / dpo.pairs do not train; "
+                "add it there, or use best_on_validation"
+            )
         if self.evolve.protocol not in self.eval.protocols:
-            raise ValueError(f"evolve.protocol {self.evolve.protocol!r} is not in eval.protocols {self.eval.protocols}: "
-                             "the stability table reports it on the eval split; add it there")
+            raise ValueError(
+                f"evolve.protocol {self.evolve.protocol!r} is not in eval.protocols {self.eval.protocols}: "
+                "the stability table reports it on the eval split; add it there"
+            )
         if isinstance(self.eval.variants, list):
             if "base" not in self.eval.variants:
-                raise ValueError("several rounds (evolve.rounds >= 2) need 'base' in eval.variants: each round's first "
-                                 "answers and prompted reflection are the stability table's rows")
+                raise ValueError(
+                    "several rounds (evolve.rounds >= 2) need 'base' in eval.variants: each round's first "
+                    "answers and prompted reflection are the stability table's rows"
+                )
             if generator != "best_on_validation" and generator not in self.eval.variants:
-                raise ValueError(f"evolve.generator {generator!r} is not in eval.variants; add it, its validation score "
-                                 "is recorded with every round")
+                raise ValueError(
+                    f"evolve.generator {generator!r} is not in eval.variants; add it, its validation score "
+                    "is recorded with every round"
+                )
 
     @property
     def round_resolved(self) -> bool:
@@ -552,12 +576,18 @@ def training_test_mismatches(params: Params, *, allowed: bool = False) -> dict[s
     if reflect.fewshots != ev.fewshots:
         found["fewshots"] = f"reflect.fewshots is {reflect.fewshots}, eval.fewshots is {ev.fewshots}"
     if reflect.second_trial != ev.second_trial:
-        found["second_trial"] = f"reflect.second_trial is {reflect.second_trial!r}, eval.second_trial is {ev.second_trial!r}"
+        found["second_trial"] = (
+            f"reflect.second_trial is {reflect.second_trial!r}, eval.second_trial is {ev.second_trial!r}"
+        )
     if reflect.attempt_calls != ev.attempt_calls:
-        found["attempt_calls"] = f"reflect.attempt_calls is {reflect.attempt_calls}, eval.attempt_calls is {ev.attempt_calls}"
+        found["attempt_calls"] = (
+            f"reflect.attempt_calls is {reflect.attempt_calls}, eval.attempt_calls is {ev.attempt_calls}"
+        )
     if reflect.grader not in ev.graders:
-        found["grader"] = (f"reflect.grader is {reflect.grader!r}, which eval.graders {ev.graders} does not include "
-                           "(the oracle would show the reflector feedback of another grader than it was trained on)")
+        found["grader"] = (
+            f"reflect.grader is {reflect.grader!r}, which eval.graders {ev.graders} does not include "
+            "(the oracle would show the reflector feedback of another grader than it was trained on)"
+        )
     return {name: why for name, why in found.items() if (name in ev.allow_mismatch) == allowed}
 
 
@@ -565,91 +595,9 @@ def round_folder(round_number: int) -> str:
     return f"round_{round_number}"
 
 
-def derive_seed(*parts: Any) -> int:
-    """A 64-bit seed derived from the run seed and names ("|"-joined, sha256), so that each use
-    (a task's split, one question's instructions) has its own stream and never shifts another's."""
-    digest = hashlib.sha256("|".join(str(part) for part in parts).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big")
-
-
-def reject_duplicates(values: list[Any], what: str) -> list[Any]:
-    if len(set(values)) != len(values):
-        raise ValueError(f"{what} is listed twice")
-    return values
-
-
-def canonical_hash(value: Any) -> str:
-    """sha256 of a canonical JSON rendering (sorted keys, no whitespace): equal data, equal hash."""
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def did_you_mean(word: str, choices: Any) -> str:
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-# ---- loading -----------------------------------------------------------------------------------
 def read_params_file(path: str | Path) -> dict[str, Any]:
     """Read a params YAML file into its top-level sections (not yet validated)."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"params file not found: {path}")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from None
-    try:
-        data = yaml.load(text, Loader=_unique_key_loader())  # a SafeLoader subclass: plain data only
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}{_yaml_line(exc, text)}: not valid YAML: {exc}") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: not a params file: its lists or mappings are nested too deeply") from None
-    if data is None:  # an empty file, or comments only: most likely truncated or the wrong file
-        raise ConfigError(f"{path}: the params file is empty; a params file is a mapping of sections "
-                          f"({', '.join(SECTIONS)}) and states at least one")
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a params file is a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}")
-    return data
-
-
-def _yaml_line(exc: Exception, text: str) -> str:
-    """``:line`` of a YAML error, for a ``file:line`` message ("" when PyYAML gives no position)."""
-    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    if mark is not None:
-        return f":{mark.line + 1}"
-    position = getattr(exc, "position", None)  # a ReaderError (a control character) has a character index
-    return f":{text.count(chr(10), 0, position) + 1}" if isinstance(position, int) else ""
-
-
-@functools.cache
-def _unique_key_loader() -> type:
-    """PyYAML's SafeLoader, except that a key given twice in one mapping is an error: plain YAML
-    keeps the last one silently, so a second ``sft:`` section would replace the first unnoticed."""
-    import yaml
-
-    class UniqueKeyLoader(yaml.SafeLoader):
-        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
-            if isinstance(node, yaml.MappingNode):
-                seen: dict[Any, int] = {}
-                for key_node, _value in node.value:
-                    if key_node.tag == "tag:yaml.org,2002:merge":
-                        continue  # "<<: *defaults" merges are overridden on purpose
-                    key = self.construct_object(key_node, deep=True)
-                    try:
-                        first = seen.setdefault(key, key_node.start_mark.line + 1)
-                    except TypeError:
-                        continue  # an unhashable key: SafeLoader reports it
-                    if first != key_node.start_mark.line + 1:
-                        raise yaml.constructor.ConstructorError(
-                            None, None, f"key {key!r} is given twice (first on line {first}); keep one", key_node.start_mark)
-            return super().construct_mapping(node, deep=deep)
-
-    return UniqueKeyLoader
+    return read_sections(path, SECTIONS)
 
 
 def load_params(path: str | Path | None = None, sections: Mapping[str, Any] | None = None) -> Params:
@@ -662,11 +610,14 @@ def load_params(path: str | Path | None = None, sections: Mapping[str, Any] | No
     raw: dict[str, Any] = dict(read_params_file(path)) if path is not None else {}
     source = str(path) if path is not None else "params"
     if sections is not None and not isinstance(sections, Mapping):
-        raise ConfigError(f"sections must be a mapping of section name to keys ({', '.join(SECTIONS)}), "
-                          f"got {type(sections).__name__}")
+        raise ConfigError(
+            f"sections must be a mapping of section name to keys ({', '.join(SECTIONS)}), got {type(sections).__name__}"
+        )
     for name, value in (sections or {}).items():
         if name not in SECTIONS:
-            raise ConfigError(f"unknown section {name!r}{did_you_mean(name, SECTIONS)}; the sections are {', '.join(SECTIONS)}")
+            raise ConfigError(
+                f"unknown section {name!r}{did_you_mean(name, SECTIONS)}; the sections are {', '.join(SECTIONS)}"
+            )
         if value is None or (isinstance(value, Mapping) and not value):
             continue
         raw[name] = value

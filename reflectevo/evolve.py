@@ -44,29 +44,25 @@ from pathlib import Path
 from typing import Any
 
 from reflectevo.config import TWO_STAGE_REFLECTION_PHASE, EvolveParams, Params
-from reflectevo.errors import ReflectEvoError
-from reflectevo.runs import (
-    RunDir,
-    atomic_write_json,
-    file_sha256,
-    folder_sha256,
-    for_round,
-    generator_dir,
-    read_manifest,
-)
+from reflectevo.core.files import atomic_write_json, file_sha256, folder_sha256
+from reflectevo.core.jsonl import read_jsonl, write_jsonl_atomic
+from reflectevo.errors import EvolveError
+from reflectevo.evaluation.evaluator import Evaluator, evaluation_store_dir
+from reflectevo.evaluation.stage import compute_tables, eval_record, write_results
+from reflectevo.evaluation.variants import dpo_base_model, finished_variants, plan_variants
+from reflectevo.reflection.pipeline import load_items
+from reflectevo.runs.plan import read_manifest
+from reflectevo.runs.rundir import RunDir
+from reflectevo.runs.stages import for_round, generator_dir
+from reflectevo.training.adapters import dpo_start, merge_adapter
 
 CURATED_SETS = ("d_plus", "d_pm", "d_pref")
 GENERATOR_RECORD = "generator.json"  # in round_<k>/generator/: where the merged model came from, and its digest
 
 
-class EvolveError(ReflectEvoError):
-    """A round cannot go on: no validation items, no trained variant to generate with, a missing adapter."""
-
-
 # ---- the generator: chosen on validation by stage 05, merged by stage 02 of the next round --------
 def trained_finished(params: Params, manifest: Mapping[str, Any]) -> list[str]:
     """The trained variants of this round that stage 05 evaluates (its variant list, finished stages only)."""
-    from reflectevo.evaluation import finished_variants
 
     # two-stage SFT with its reflection-phase reflector is the same adapters in other roles, not a model of its
     # own to merge into the next round's generator
@@ -79,12 +75,13 @@ def validation_items(params: Params, rundir: RunDir) -> dict[str, list[Any]] | N
     an empty validation split is an error here, before stage 05 generates anything."""
     if not params.evolve.round:
         return None
-    from reflectevo.pipeline import load_items
 
     items = load_items(rundir.stage_dir("01_data"), params.data.tasks, "validation")
     if not any(items.values()):
-        raise EvolveError("several rounds choose each round's generator on the validation split, which is empty; "
-                          "give data.max_items.validation a positive size (or data.split_fractions.validation a share)")
+        raise EvolveError(
+            "several rounds choose each round's generator on the validation split, which is empty; "
+            "give data.max_items.validation a positive size (or data.split_fractions.validation a share)"
+        )
     return items
 
 
@@ -108,8 +105,9 @@ def choose_generator(evolve: EvolveParams, scores: Mapping[str, float | None]) -
     return max(scored)[2] if scored else None
 
 
-def validation_eval(params: Params, rundir: RunDir, stage_dir: Path, evaluator: Any, tables: Any,
-                    items: dict[str, list[Any]] | None) -> tuple[dict[str, Any] | None, list[Path]]:
+def validation_eval(
+    params: Params, rundir: RunDir, stage_dir: Path, evaluator: Any, tables: Any, items: dict[str, list[Any]] | None
+) -> tuple[dict[str, Any] | None, list[Path]]:
     """Score this round's trained variants on the validation split under ``evolve.protocol`` (the stage's
     loaded models are reused) and choose the next round's generator. Writes the usual result files into
     ``eval/validation/`` (unless ``eval.split`` is already validation with that protocol, whose tables
@@ -117,15 +115,6 @@ def validation_eval(params: Params, rundir: RunDir, stage_dir: Path, evaluator: 
     outside a run of several rounds."""
     if not params.evolve.round:
         return None, []
-    from reflectevo.evaluation import (
-        Evaluator,
-        compute_tables,
-        dpo_base_model,
-        eval_record,
-        generations_dir,
-        plan_variants,
-        write_results,
-    )
 
     protocol, grader = params.evolve.protocol, params.eval.graders[0]
     manifest = rundir.manifest()
@@ -137,21 +126,28 @@ def validation_eval(params: Params, rundir: RunDir, stage_dir: Path, evaluator: 
         update = {"split": "validation", "protocols": [protocol], "variants": trained}
         scoring = params.model_copy(update={"eval": params.eval.model_copy(update=update)})
         variants = plan_variants(scoring, scoring.run_dir, manifest, dpo_base=dpo_base_model(scoring, rundir))
-        store = generations_dir(stage_dir / "validation", scoring, manifest)
+        store = evaluation_store_dir(stage_dir / "validation", scoring, manifest)
         scorer = Evaluator(scoring, evaluator.pool, store, sandbox=evaluator.sandbox)
         predictions = scorer.run(variants, items or {})
         scored = compute_tables(predictions, scoring)
-        written = write_results(stage_dir / "validation", predictions, scored,
-                                eval_record(scoring, variants, items or {}, scorer))
+        written = write_results(
+            stage_dir / "validation", predictions, scored, eval_record(scoring, variants, items or {}, scorer)
+        )
         summary = scored.summary
     else:
         summary = None
     scores = validation_scores(summary, protocol, grader, trained) if summary is not None else {}
     chosen = choose_generator(params.evolve, scores)
-    record = {"split": "validation", "protocol": protocol, "grader": grader,
-              "items": {task: len(rows) for task, rows in (items or {}).items()},
-              "scores": scores, "selection": params.evolve.generator, "generator": chosen,
-              "score": scores.get(chosen) if chosen else None}
+    record = {
+        "split": "validation",
+        "protocol": protocol,
+        "grader": grader,
+        "items": {task: len(rows) for task, rows in (items or {}).items()},
+        "scores": scores,
+        "selection": params.evolve.generator,
+        "generator": chosen,
+        "score": scores.get(chosen) if chosen else None,
+    }
     return record, written
 
 
@@ -164,43 +160,70 @@ def prepare_generator(params: Params, rundir: RunDir) -> dict[str, Any] | None:
     if not number:
         return None
     if number == 1:
-        return {"round": 1, "variant": None, "model": params.model.name,
-                "note": "the configured model (model.name): the first round generates with the base model"}
-    from reflectevo.training import dpo_start, merge_adapter
+        return {
+            "round": 1,
+            "variant": None,
+            "model": params.model.name,
+            "note": "the configured model (model.name): the first round generates with the base model",
+        }
 
     previous = for_round(params, number - 1)
-    validation = (read_manifest(previous.run_dir).get("stages", {}).get("05_eval", {}).get("validation") or {})
+    validation = read_manifest(previous.run_dir).get("stages", {}).get("05_eval", {}).get("validation") or {}
     variant = validation.get("generator")
     if not variant:
-        raise EvolveError(f"round {number - 1} chose no generator for round {number}: none of its trained variants "
-                          f"has a validation Acc@t2 (scores {validation.get('scores')}); check that stages 03/04 trained "
-                          "variants with a second turn (sft/qa_pairs has none) and that stage 05 of that round finished")
+        raise EvolveError(
+            f"round {number - 1} chose no generator for round {number}: none of its trained variants "
+            f"has a validation Acc@t2 (scores {validation.get('scores')}); check that stages 03/04 trained "
+            "variants with a second turn (sft/qa_pairs has none) and that stage 05 of that round finished"
+        )
     kind, mode = variant.split("/")
     adapter = previous.run_dir / kind / mode / "adapter"
     if not (adapter / "adapter_model.safetensors").is_file():
-        raise EvolveError(f"round {number - 1}'s generator {variant} has no adapter at {adapter}; rerun that round "
-                          f"(reflectevo run PARAMS --from round_{number - 1}:0{'3' if kind == 'sft' else '4'})")
+        raise EvolveError(
+            f"round {number - 1}'s generator {variant} has no adapter at {adapter}; rerun that round "
+            f"(reflectevo run PARAMS --from round_{number - 1}:0{'3' if kind == 'sft' else '4'})"
+        )
     base = previous.model
     if kind == "dpo" and previous.dpo.start_from != "base":  # the DPO adapter sits on the merged SFT model
         base, _ = dpo_start(previous, RunDir(previous, previous.run_dir), main=True)
     target = generator_dir(params, number)
-    source = {"round": number - 1, "variant": variant, "adapter": str(adapter),
-              "adapter_sha256": file_sha256(adapter / "adapter_model.safetensors"), "base": base.name}
+    source = {
+        "round": number - 1,
+        "variant": variant,
+        "adapter": str(adapter),
+        "adapter_sha256": file_sha256(adapter / "adapter_model.safetensors"),
+        "base": base.name,
+    }
     record_path = target / GENERATOR_RECORD
     existing = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
     if existing.get("source") != source or existing.get("digest") != generator_digest(target):
-        card = (f"# Round {number} generator\n\n{base.name} + the {variant} adapter of round {number - 1} "
-                f"({adapter}), merged with PEFT merge_and_unload.\n")
+        card = (
+            f"# Round {number} generator\n\n{base.name} + the {variant} adapter of round {number - 1} "
+            f"({adapter}), merged with PEFT merge_and_unload.\n"
+        )
         merge_adapter(base, adapter, target, card)  # a temporary folder, renamed into place
         config = json.loads((target / "config.json").read_text(encoding="utf-8"))
-        existing = {"source": source, "digest": generator_digest(target),
-                    "dtype": config.get("torch_dtype") or config.get("dtype")}
+        existing = {
+            "source": source,
+            "digest": generator_digest(target),
+            "dtype": config.get("torch_dtype") or config.get("dtype"),
+        }
         atomic_write_json(record_path, existing)
-    return {"round": number, "from_round": number - 1, "variant": variant, "selection": params.evolve.generator,
-            "validation_score": validation.get("score"), "protocol": validation.get("protocol"),
-            "grader": validation.get("grader"), "folder": str(target), "digest": existing["digest"],
-            "dtype": existing.get("dtype"), "base": base.name, "adapter": str(adapter),
-            "adapter_sha256": source["adapter_sha256"]}
+    return {
+        "round": number,
+        "from_round": number - 1,
+        "variant": variant,
+        "selection": params.evolve.generator,
+        "validation_score": validation.get("score"),
+        "protocol": validation.get("protocol"),
+        "grader": validation.get("grader"),
+        "folder": str(target),
+        "digest": existing["digest"],
+        "dtype": existing.get("dtype"),
+        "base": base.name,
+        "adapter": str(adapter),
+        "adapter_sha256": source["adapter_sha256"],
+    }
 
 
 def generator_digest(folder: Path) -> str | None:
@@ -221,20 +244,27 @@ def row_key(name: str, row: Mapping[str, Any]) -> str:
     return json.dumps(common + own, ensure_ascii=False, sort_keys=True)
 
 
-def training_data(params: Params, stage_dir: Path, d_plus: Sequence[dict[str, Any]], d_pm: Sequence[dict[str, Any]],
-                  d_pref: Sequence[dict[str, Any]]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any], list[Path]]:
+def training_data(
+    params: Params,
+    stage_dir: Path,
+    d_plus: Sequence[dict[str, Any]],
+    d_pm: Sequence[dict[str, Any]],
+    d_pref: Sequence[dict[str, Any]],
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any], list[Path]]:
     """The D+, D± and Dpref rows this round trains on, what the manifest records about them, and the
     files written: this round's own rows (fresh, round 1 and the plain layout), or rounds 1..k's curated
     rows de-duplicated (accumulate), each with the round it came from, in ``reflect/accumulated/``."""
-    from reflectevo.jsonl import read_jsonl, write_jsonl_atomic
 
     number = params.evolve.round
     own = {"d_plus": list(d_plus), "d_pm": list(d_pm), "d_pref": list(d_pref)}
     if not number:
         return own, None, []
     if params.evolve.data == "fresh" or number == 1:
-        return own, {"policy": params.evolve.data, "rounds": [number],
-                     "rows": {name: len(rows) for name, rows in own.items()}}, []
+        return (
+            own,
+            {"policy": params.evolve.data, "rounds": [number], "rows": {name: len(rows) for name, rows in own.items()}},
+            [],
+        )
     union: dict[str, list[dict[str, Any]]] = {name: [] for name in CURATED_SETS}
     contributed: dict[str, dict[str, int]] = {name: {} for name in CURATED_SETS}
     dropped: dict[str, int] = dict.fromkeys(CURATED_SETS, 0)
@@ -246,8 +276,10 @@ def training_data(params: Params, stage_dir: Path, d_plus: Sequence[dict[str, An
             else:
                 path = for_round(params, source).run_dir / "reflect" / "curated" / f"{name}.jsonl"
                 if not path.is_file():
-                    raise EvolveError(f"evolve.data is accumulate, but round {source}'s {name} rows are missing ({path}); "
-                                      f"rerun that round (reflectevo run PARAMS --from round_{source}:02)")
+                    raise EvolveError(
+                        f"evolve.data is accumulate, but round {source}'s {name} rows are missing ({path}); "
+                        f"rerun that round (reflectevo run PARAMS --from round_{source}:02)"
+                    )
                 rows = [row for _, row in read_jsonl(path)]
             keys = [row_key(name, row) for row in rows]
             kept = [{**row, "round": source} for row, key in zip(rows, keys) if key not in seen]
@@ -257,16 +289,21 @@ def training_data(params: Params, stage_dir: Path, d_plus: Sequence[dict[str, An
             contributed[name][f"round_{source}"] = len(kept)
     folder = stage_dir / "accumulated"
     written = [write_jsonl_atomic(folder / f"{name}.jsonl", rows) for name, rows in union.items()]
-    summary = {"policy": "accumulate", "rounds": list(range(1, number + 1)),
-               "rows": {name: len(rows) for name, rows in union.items()}, "by_round": contributed,
-               "duplicates_dropped": dropped,
-               "key": "task, id, first_trial_attempt, first_trial_feedback, and reflections + second_trial_attempt "
-                      "(D+) or reflection_chosen + reflection_rejected (D±, Dpref)"}
+    summary = {
+        "policy": "accumulate",
+        "rounds": list(range(1, number + 1)),
+        "rows": {name: len(rows) for name, rows in union.items()},
+        "by_round": contributed,
+        "duplicates_dropped": dropped,
+        "key": "task, id, first_trial_attempt, first_trial_feedback, and reflections + second_trial_attempt "
+        "(D+) or reflection_chosen + reflection_rejected (D±, Dpref)",
+    }
     return union, summary, written
 
 
-def round_record(params: Params, generator: dict[str, Any] | None, training: dict[str, Any] | None,
-                 accumulated: Sequence[Path]) -> tuple[dict[str, Any], list[Path]]:
+def round_record(
+    params: Params, generator: dict[str, Any] | None, training: dict[str, Any] | None, accumulated: Sequence[Path]
+) -> tuple[dict[str, Any], list[Path]]:
     """What stage 02 of a round adds to its manifest entry (its generator, seed and training data) and to
     its outputs (the merged generator folder, so a deleted one reruns the stage, and the accumulated
     rows); nothing in the plain layout."""
@@ -301,7 +338,9 @@ def stop_rule(evolve: EvolveParams, scores: Mapping[int, float | None]) -> StopD
             continue
         gain = round(after - before, 9)  # no float noise at the margin: 0.75 - 0.5 is exactly 0.25 here
         if gain < margin:
-            reason = (f"validation Acc@t2 ({evolve.protocol}) went from {before:.4f} in round {number - 1} to {after:.4f} "
-                      f"in round {number} ({gain:+.4f}), less than evolve.stop_margin {margin:g}")
+            reason = (
+                f"validation Acc@t2 ({evolve.protocol}) went from {before:.4f} in round {number - 1} to {after:.4f} "
+                f"in round {number} ({gain:+.4f}), less than evolve.stop_margin {margin:g}"
+            )
             return StopDecision(number, reason, number)
     return StopDecision(None, "", decided)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from reflectevo.config import Params, load_params
+from reflectevo.models.loading import select_backend
 
 
 def setup(quiet: bool = True) -> Path:
@@ -42,8 +43,6 @@ def configure(params_file: str | None = None, *, select_model_backend: bool = Tr
     """
     params = load_params(params_file, sections)
     if select_model_backend:
-        from reflectevo.models import select_backend
-
         backend = select_backend(params.model.backend)
         print(f"model backend: {backend}")
     print(f"run {params.run.name!r} (seed {params.run.seed}) -> {params.run_dir}; params hash {params.hash()[:12]}")

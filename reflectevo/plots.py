@@ -4,32 +4,20 @@ it atomically (a temporary file renamed into place), so a killed kernel leaves n
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from reflectevo.core.files import atomic_write
+
 
 def save_figure(figure: Any, path: str | Path, dpi: int = 120) -> Path:
-    from reflectevo.runs import is_write_failure, usual_permissions, write_failure
-
+    """Save ``figure`` to ``path`` atomically, in the format its suffix names."""
     path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # the temporary name of every atomic write (".<name>.<random>.tmp"), so a killed run's is recognised
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        figure.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or None)
-        usual_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if is_write_failure(exc):
-            raise write_failure(path, exc) from exc
-        raise
+    atomic_write(
+        path,
+        lambda handle: figure.savefig(handle, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or None),
+    )
     return path
 
 
@@ -112,8 +100,15 @@ def training_history(phases: Sequence[dict[str, Any]]) -> Any:
             for metric, value in entry.items():
                 if metric in ("step", "epoch") or not isinstance(value, (int, float)):
                     continue
-                rows.append({"variant": phase["variant"], "phase": phase["phase"], "step": step, "metric": metric,
-                             "value": float(value)})
+                rows.append(
+                    {
+                        "variant": phase["variant"],
+                        "phase": phase["phase"],
+                        "step": step,
+                        "metric": metric,
+                        "value": float(value),
+                    }
+                )
     return pd.DataFrame(rows, columns=["variant", "phase", "step", "metric", "value"])
 
 
@@ -129,7 +124,9 @@ def training_loss(history: Any, path: str | Path | None = None, dpi: int = 120) 
     for axis, (variant, phase) in zip(axes[0], panels):
         part = wanted[(wanted["variant"] == variant) & (wanted["phase"] == phase)]
         if len(part):
-            sns.lineplot(data=part, x="step", y="value", hue="curve", style="curve", markers=True, dashes=False, ax=axis)
+            sns.lineplot(
+                data=part, x="step", y="value", hue="curve", style="curve", markers=True, dashes=False, ax=axis
+            )
         axis.set_title(variant if variant == phase else f"{variant}: {phase}")
         axis.set_xlabel("optimizer step")
         axis.set_ylabel("loss (completion tokens)")
@@ -139,7 +136,11 @@ def training_loss(history: Any, path: str | Path | None = None, dpi: int = 120) 
     return figure
 
 
-DPO_PANELS = (("rewards", "implicit reward"), ("rewards/margins", "reward margin"), ("rewards/accuracies", "reward accuracy"))
+DPO_PANELS = (
+    ("rewards", "implicit reward"),
+    ("rewards/margins", "reward margin"),
+    ("rewards/accuracies", "reward accuracy"),
+)
 
 
 def dpo_rewards(history: Any, path: str | Path | None = None, dpi: int = 120) -> Any:
@@ -190,7 +191,9 @@ def _finish(figure: Any, path: str | Path | None, dpi: int) -> Any:
 ACCURACY_PANELS = (("acc_t1", "Acc@t1"), ("acc_t2", "Acc@t2"))
 
 
-def _accuracy_bars(axis: Any, part: Any, column: str, tasks: list[str], variants: list[str], colors: dict[str, Any]) -> bool:
+def _accuracy_bars(
+    axis: Any, part: Any, column: str, tasks: list[str], variants: list[str], colors: dict[str, Any]
+) -> bool:
     """Grouped bars (x = task, one bar per variant) with the CI columns as error bars; False when all values are NaN."""
     import numpy as np
 
@@ -206,15 +209,28 @@ def _accuracy_bars(axis: Any, part: Any, column: str, tasks: list[str], variants
         below = np.where(np.isnan(low), 0, np.clip(values - low, 0, None))
         above = np.where(np.isnan(high), 0, np.clip(high - values, 0, None))
         x = np.arange(len(tasks)) - 0.4 + width * (slot + 0.5)
-        axis.bar(x, np.nan_to_num(values), width, color=colors[variant], label=variant,
-                 yerr=np.vstack([below, above]), capsize=2, error_kw={"elinewidth": 0.8})
+        axis.bar(
+            x,
+            np.nan_to_num(values),
+            width,
+            color=colors[variant],
+            label=variant,
+            yerr=np.vstack([below, above]),
+            capsize=2,
+            error_kw={"elinewidth": 0.8},
+        )
         drawn = True
     axis.set_xticks(range(len(tasks)), tasks)
     return drawn
 
 
-def accuracy_by_task(summary: Any, path: str | Path | None = None, dpi: int = 120, protocol: str | None = None,
-                     grader: str | None = "official") -> Any:
+def accuracy_by_task(
+    summary: Any,
+    path: str | Path | None = None,
+    dpi: int = 120,
+    protocol: str | None = None,
+    grader: str | None = "official",
+) -> Any:
     """Acc@t1 and Acc@t2 per task (overall last) and variant with confidence-interval error bars, one row of
     two panels per evaluation protocol, for one grader."""
     import matplotlib.pyplot as plt
@@ -250,8 +266,15 @@ def accuracy_by_task(summary: Any, path: str | Path | None = None, dpi: int = 12
             for handle, label in zip(*axis.get_legend_handles_labels()):
                 handles.setdefault(label, handle)
         if handles:
-            row[1].legend(handles.values(), handles.keys(), title="variant", fontsize="small", title_fontsize="small",
-                          loc="upper left", bbox_to_anchor=(1.01, 1))
+            row[1].legend(
+                handles.values(),
+                handles.keys(),
+                title="variant",
+                fontsize="small",
+                title_fontsize="small",
+                loc="upper left",
+                bbox_to_anchor=(1.01, 1),
+            )
     if grader is not None:
         figure.suptitle(f"grader: {grader}")
     return _finish(figure, path, dpi)
@@ -283,7 +306,7 @@ def transition_heatmap(matrices: dict[str, Any], path: str | Path | None = None,
             axis.tick_params(axis="x", rotation=30)
             axis.tick_params(axis="y", rotation=0)
         axis.set_title(title)
-    for axis in list(axes.flat)[len(items):]:
+    for axis in list(axes.flat)[len(items) :]:
         axis.set_visible(False)
     return _finish(figure, path, dpi)
 
@@ -302,8 +325,9 @@ def length_distributions(frame: Any, path: str | Path | None = None, dpi: int = 
     if not {"source", "task", "kind", "tokens"} <= set(data.columns):
         data = pd.DataFrame(columns=["source", "task", "kind", "tokens"])
     data = data.assign(tokens=pd.to_numeric(data["tokens"], errors="coerce")).dropna(subset=["tokens"])
-    kinds = [kind for kind in LENGTH_KINDS if kind in set(data["kind"])] + \
-        [kind for kind in dict.fromkeys(data["kind"]) if kind not in LENGTH_KINDS]
+    kinds = [kind for kind in LENGTH_KINDS if kind in set(data["kind"])] + [
+        kind for kind in dict.fromkeys(data["kind"]) if kind not in LENGTH_KINDS
+    ]
     kinds = kinds or list(LENGTH_KINDS)
     sources = list(dict.fromkeys(data["source"]))
     tasks = list(dict.fromkeys(data["task"]))
@@ -312,10 +336,13 @@ def length_distributions(frame: Any, path: str | Path | None = None, dpi: int = 
     for axis, kind in zip(axes[:, 0], kinds):
         part = data[data["kind"] == kind]
         if len(part):
-            sns.boxplot(data=part, x="source", y="tokens", hue="task", order=sources, hue_order=tasks, ax=axis,
-                        showfliers=False)
+            sns.boxplot(
+                data=part, x="source", y="tokens", hue="task", order=sources, hue_order=tasks, ax=axis, showfliers=False
+            )
             axis.tick_params(axis="x", rotation=15)
-            axis.legend(title="task", fontsize="small", title_fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+            axis.legend(
+                title="task", fontsize="small", title_fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1)
+            )
             axis.set_xlabel("")
             axis.set_ylabel("tokens")
         else:
@@ -338,15 +365,27 @@ def error_localisation(table: Any, path: str | Path | None = None, dpi: int = 12
     data = data.assign(
         outcome=data["success"].map(lambda value: "second trial correct" if bool(value) else "second trial wrong"),
         position=pd.to_numeric(data["position"], errors="coerce"),
-        named=pd.to_numeric(data["names_wrong_answer"].map(lambda v: None if v is None or pd.isna(v) else float(v)),
-                            errors="coerce"),
+        named=pd.to_numeric(
+            data["names_wrong_answer"].map(lambda v: None if v is None or pd.isna(v) else float(v)), errors="coerce"
+        ),
     )
     hue_order = [name for name in ("second trial correct", "second trial wrong") if name in set(data["outcome"])]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
     positions = data.dropna(subset=["position"])
     if len(positions):
-        sns.histplot(data=positions, x="position", hue="outcome", hue_order=hue_order, bins=10, binrange=(0, 1),
-                     stat="proportion", common_norm=False, multiple="dodge", shrink=0.9, ax=left)
+        sns.histplot(
+            data=positions,
+            x="position",
+            hue="outcome",
+            hue_order=hue_order,
+            bins=10,
+            binrange=(0, 1),
+            stat="proportion",
+            common_norm=False,
+            multiple="dodge",
+            shrink=0.9,
+            ax=left,
+        )
         left.set_xlabel("mean relative position of repeated words (0 = start, 1 = end)")
         left.set_ylabel("share of reflections")
     else:

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from reflectevo.core.checks import reject_duplicates
+from reflectevo.core.seeds import derive_seed
 from reflectevo.tasks.base import FewShot, Item, Task
 
 PROMPT_VERSION = "attempt-1"
@@ -80,8 +82,10 @@ def thought_messages(user: str) -> list[dict[str, Any]]:
 
 def action_messages(user: str, thought: str) -> list[dict[str, Any]]:
     """Call 2 of a two-call attempt: the thought is given, the assistant turn goes on at ``Action: ``."""
-    return [{"role": "user", "content": user},
-            {"role": "assistant", "content": f"{THOUGHT_PREFIX} {thought.strip()}\n{ACTION_PREFIX}"}]
+    return [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": f"{THOUGHT_PREFIX} {thought.strip()}\n{ACTION_PREFIX}"},
+    ]
 
 
 def join_two_calls(thought: str, action: str) -> str:
@@ -132,7 +136,9 @@ class Instruction:
 
 INSTRUCTIONS: dict[str, Instruction] = {
     f"{v}-{e}-{p}": Instruction(f"{v}-{e}-{p}", VERIFY_STEPS[v], ERROR_CHECKS[e], PLAN_LEVELS[p])
-    for v in VERIFY_STEPS for e in ERROR_CHECKS for p in PLAN_LEVELS
+    for v in VERIFY_STEPS
+    for e in ERROR_CHECKS
+    for p in PLAN_LEVELS
 }
 
 
@@ -155,13 +161,14 @@ def get_instruction(key: str) -> Instruction:
     except KeyError:
         close = difflib.get_close_matches(key, list(INSTRUCTIONS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown reflection instruction {key!r}{hint}; keys are 'V-E-P' with V in 1-2, E in 1-8, P in 1-2, "
-                         "or 'generic'") from None
+        raise ValueError(
+            f"unknown reflection instruction {key!r}{hint}; keys are 'V-E-P' with V in 1-2, E in 1-8, P in 1-2, "
+            "or 'generic'"
+        ) from None
 
 
 def check_instruction_keys(keys: Sequence[str]) -> list[str]:
     """A fixed list of instruction keys: not empty, every key in the pool, none twice."""
-    from reflectevo.config import reject_duplicates
 
     if not keys:
         raise ValueError("a fixed list of instruction keys cannot be empty")
@@ -177,7 +184,6 @@ def assign_instructions(policy: str | Sequence[str], k: int, seed: int, task: st
     if policy == "random_k":
         if not 1 <= k <= len(INSTRUCTIONS):
             raise ValueError(f"instructions_k must be between 1 and {len(INSTRUCTIONS)}, got {k}")
-        from reflectevo.config import derive_seed
 
         chosen = random.Random(derive_seed(seed, task, item_id, "instructions")).sample(list(INSTRUCTIONS), k)
         return sorted(chosen, key=list(INSTRUCTIONS).index)
@@ -211,8 +217,9 @@ def reflection_prompt(item: Item, attempt: str, feedback: str, instruction: Inst
     )
 
 
-def second_trial_prompt(task: Task, item: Item, reflection: str | None, fewshots: int = 0,
-                        previous: tuple[str, str] | None = None) -> str:
+def second_trial_prompt(
+    task: Task, item: Item, reflection: str | None, fewshots: int = 0, previous: tuple[str, str] | None = None
+) -> str:
     """The attempt prompt with the reflection inserted before the question (the paper's two
     variants: the reflection alone, or also the failed attempt as ``previous = (attempt, feedback)``).
     ``reflection=None`` is the paper's "w/o reflection" baseline: told it was wrong, the model retries."""
@@ -239,7 +246,9 @@ REVIEW_INTRO = (
     "Write at most 100 words, do not give the final answer, and write no introduction or closing."
 )
 REVIEW_HEADER = "Here is a review of your previous attempt:"
-PREVIOUS_ATTEMPT = "Your previous answer to this question was:\n{attempt}\nIf it was right, you may give the same answer again."
+PREVIOUS_ATTEMPT = (
+    "Your previous answer to this question was:\n{attempt}\nIf it was right, you may give the same answer again."
+)
 
 
 def review_prompt(item: Item, attempt: str) -> str:

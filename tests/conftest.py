@@ -52,7 +52,7 @@ def official_items(official_dir):
 @pytest.fixture(scope="session")
 def sandbox():
     """The strongest sandbox this machine grants, with as many workers as cores (at most 4)."""
-    from reflectevo.sandbox import Sandbox
+    from reflectevo.sandbox.host import Sandbox
 
     return Sandbox(allow_code_execution=True, workers=max(1, min(4, os.cpu_count() or 1)))
 
@@ -61,7 +61,9 @@ def sandbox():
 def isolated_sandbox(sandbox):
     """The sandbox, but only where it really isolates; containment tests depend on it."""
     if not sandbox.isolation.isolated:
-        skip_or_fail("no sandbox isolation layer on this machine (no namespaces and not root):\n" + sandbox.isolation.describe())
+        skip_or_fail(
+            "no sandbox isolation layer on this machine (no namespaces and not root):\n" + sandbox.isolation.describe()
+        )
     return sandbox
 
 
@@ -72,7 +74,7 @@ def tiny_model_dir() -> Path:
     With a cold cache (CI) this trains it, about 5 minutes on 2 cores; afterwards it comes from
     the user cache (``reflectevo.models.cache_dir()``) and costs nothing.
     """
-    from reflectevo.standin import tiny_model_dir as build_or_find
+    from reflectevo.models.builtin.tiny import tiny_model_dir as build_or_find
 
     return build_or_find()
 
@@ -87,9 +89,20 @@ def smoke_reflect_run(tmp_path_factory, tiny_model_dir) -> Path:
 
     cwd = tmp_path_factory.mktemp("smoke-reflect")
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "reflectevo"), "run", str(REPO / "params" / "smoke.yaml"), "--stages", "01,02",
-         "--notebooks", str(REPO / "notebooks")],
-        cwd=cwd, capture_output=True, text=True, check=False, timeout=900,
+        [
+            str(Path(sys.executable).parent / "reflectevo"),
+            "run",
+            str(REPO / "params" / "smoke.yaml"),
+            "--stages",
+            "01,02",
+            "--notebooks",
+            str(REPO / "notebooks"),
+        ],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return cwd
@@ -109,10 +122,21 @@ def smoke_papermill_run(tmp_path_factory, tiny_model_dir) -> Path:
     cwd = tmp_path_factory.mktemp("smoke-papermill")
     for stage in SMOKE_NOTEBOOKS:
         result = subprocess.run(
-            [str(Path(sys.executable).parent / "papermill"), str(REPO / "notebooks" / f"{stage}.ipynb"),
-             str(cwd / f"executed-{stage}.ipynb"), "-f", str(REPO / "params" / "smoke.yaml"), "-k", "python3",
-             "--no-progress-bar"],
-            cwd=cwd, capture_output=True, text=True, check=False, timeout=900,
+            [
+                str(Path(sys.executable).parent / "papermill"),
+                str(REPO / "notebooks" / f"{stage}.ipynb"),
+                str(cwd / f"executed-{stage}.ipynb"),
+                "-f",
+                str(REPO / "params" / "smoke.yaml"),
+                "-k",
+                "python3",
+                "--no-progress-bar",
+            ],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=900,
         )
         assert result.returncode == 0, f"{stage}: " + result.stderr[-3000:]
     return cwd
@@ -135,7 +159,13 @@ def clone_run(source_cwd: Path, dest_cwd: Path, name: str, overrides: dict | Non
     manifest["stages"] = {key: value for key, value in manifest["stages"].items() if key in ("01_data", "02_reflect")}
     (target / "manifest.json").write_text(json.dumps(manifest))
     sections = dict(overrides or {})
-    run = {"seed": 0, "allow_code_execution": True, **sections.get("run", {}), "name": name,
-           "output_dir": str(dest_cwd / "outputs")}
+    run = {
+        "seed": 0,
+        "allow_code_execution": True,
+        **sections.get("run", {}),
+        "name": name,
+        "output_dir": str(dest_cwd / "outputs"),
+    }
     sections["run"] = run
     return load_params(REPO / "params" / "smoke.yaml", sections)
+

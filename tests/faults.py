@@ -103,7 +103,7 @@ class FaultPoints:
         wrap(safetensors.torch, "save_file", "safetensors", lambda a, k: a[1] if len(a) > 1 else k.get("filename"))
         import transformers.trainer_callback
 
-        from reflectevo.generation import TransformersEngine
+        from reflectevo.generation.engines import TransformersEngine
 
         wrap(TransformersEngine, "generate_chunk", "generate", lambda a, k: None)
         handler = transformers.trainer_callback.CallbackHandler
@@ -146,10 +146,10 @@ def zygote() -> None:
     import peft  # noqa: F401
     import trl  # noqa: F401
 
-    import reflectevo.curation
-    import reflectevo.evaluation
-    import reflectevo.pipeline
-    import reflectevo.training  # noqa: F401
+    import reflectevo.evaluation.stage
+    import reflectevo.reflection.curation
+    import reflectevo.reflection.pipeline
+    import reflectevo.training.stage  # noqa: F401
 
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
@@ -214,14 +214,28 @@ class Zygote:
 
     def __init__(self) -> None:
         env = {**os.environ, "PYTHONHASHSEED": "0", "TOKENIZERS_PARALLELISM": "false"}
-        self.process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "zygote"], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True, env=env)
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "zygote"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         assert json.loads(self.process.stdout.readline()).get("ready"), "the fault-injection zygote did not start"
 
-    def run(self, stage: str, params_file: Path, cwd: Path, kill_at: str | None = None, timeout: float = 600) -> ChildRun:
+    def run(
+        self, stage: str, params_file: Path, cwd: Path, kill_at: str | None = None, timeout: float = 600
+    ) -> ChildRun:
         trace, log = cwd / f".fault-trace-{time.monotonic_ns()}", cwd / f".fault-log-{time.monotonic_ns()}"
-        request = {"notebook": str(REPO / "notebooks" / f"{stage}.ipynb"), "params_file": str(params_file),
-                   "cwd": str(cwd), "trace": str(trace), "kill_at": kill_at, "log": str(log), "timeout": timeout}
+        request = {
+            "notebook": str(REPO / "notebooks" / f"{stage}.ipynb"),
+            "params_file": str(params_file),
+            "cwd": str(cwd),
+            "trace": str(trace),
+            "kill_at": kill_at,
+            "log": str(log),
+            "timeout": timeout,
+        }
         started = time.monotonic()
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
@@ -244,8 +258,9 @@ def choose_kills(trace: list[str], count: int, seed: int) -> list[str]:
     return [trace[p] for p in positions]
 
 
-def kill_chain(zygote: Zygote, stage: str, params_file: Path, cwd: Path, reference: list[str], count: int,
-               seed: int) -> KillChain:
+def kill_chain(
+    zygote: Zygote, stage: str, params_file: Path, cwd: Path, reference: list[str], count: int, seed: int
+) -> KillChain:
     """Kill the stage at ``count`` seeded points of the reference trace, one run each, checking after
     every kill that nothing visible is half-written; then let a last rerun finish."""
     chain = KillChain(stage, seed, choose_kills(reference, count, seed))
@@ -255,16 +270,20 @@ def kill_chain(zygote: Zygote, stage: str, params_file: Path, cwd: Path, referen
         if run.returncode == 0:
             return chain  # the rerun had less left to do and finished before reaching this point
         if run.returncode != -signal.SIGKILL:
-            raise AssertionError(f"{stage}: the run to be killed at {signature} failed instead "
-                                 f"(exit {run.returncode}); replay: {chain.replay()}\n{run.output}")
+            raise AssertionError(
+                f"{stage}: the run to be killed at {signature} failed instead "
+                f"(exit {run.returncode}); replay: {chain.replay()}\n{run.output}"
+            )
         chain.landed.append(signature)
         problems = half_written(cwd / "outputs")
         assert not problems, f"{stage}, killed at {signature}: {problems}; replay: {chain.replay()}"
     final = zygote.run(stage, params_file, cwd)
     chain.runs.append(final)
     if final.returncode != 0:
-        raise AssertionError(f"{stage}: the rerun after kills at {chain.landed} failed (exit {final.returncode}); "
-                             f"replay: {chain.replay()}\n{final.output}")
+        raise AssertionError(
+            f"{stage}: the rerun after kills at {chain.landed} failed (exit {final.returncode}); "
+            f"replay: {chain.replay()}\n{final.output}"
+        )
     return chain
 
 
@@ -289,8 +308,11 @@ def half_written(outputs: Path) -> list[str]:
                 with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as weights:
                     assert list(weights.keys()), "no tensors"
                 json.loads((path / "adapter_config.json").read_text())
-            elif path.is_dir() and path.parent.name in ("datasets", "data") and (path / "dataset_info.json").exists() | (
-                    path / "dataset_dict.json").exists():
+            elif (
+                path.is_dir()
+                and path.parent.name in ("datasets", "data")
+                and (path / "dataset_info.json").exists() | (path / "dataset_dict.json").exists()
+            ):
                 load_from_disk(str(path))
         except Exception as exc:  # noqa: BLE001  (any failure to read back is the finding)
             problems.append(f"{path.relative_to(outputs)}: {type(exc).__name__}: {exc}")
@@ -323,8 +345,11 @@ def tree(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` (hidden ones included) and its sha256."""
     import hashlib
 
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 # ---- the procedure the test and a replay share ------------------------------------------------------
@@ -380,9 +405,16 @@ def training_facts(metrics: dict) -> list[dict]:
     facts = []
     for phase in phases:
         m = phase["metrics"]
-        facts.append({"steps": m["steps"], "epochs": m["epochs"], "rows": m["rows"], "tokens": m["tokens"],
-                      "adapter": m["adapter_sha256_of_tensors"],
-                      "loss_after": {k: v["after"] for k, v in m["evaluation"].items() if k.endswith("_loss")}})
+        facts.append(
+            {
+                "steps": m["steps"],
+                "epochs": m["epochs"],
+                "rows": m["rows"],
+                "tokens": m["tokens"],
+                "adapter": m["adapter_sha256_of_tensors"],
+                "loss_after": {k: v["after"] for k, v in m["evaluation"].items() if k.endswith("_loss")},
+            }
+        )
     return facts
 
 
@@ -418,8 +450,11 @@ def differences(reference_root: Path, other_root: Path, stage: str) -> list[str]
         if entries[0].get("outputs") != entries[1].get("outputs"):
             found.append("manifest: the recorded output hashes differ")
         a, b = tree(run_a / DATA_STAGES[stage]), tree(run_b / DATA_STAGES[stage])
-        found += [f"{DATA_STAGES[stage]}/{name}: " + ("missing" if name not in b else "extra" if name not in a else "differs")
-                  for name in sorted(set(a) | set(b)) if a.get(name) != b.get(name)]
+        found += [
+            f"{DATA_STAGES[stage]}/{name}: " + ("missing" if name not in b else "extra" if name not in a else "differs")
+            for name in sorted(set(a) | set(b))
+            if a.get(name) != b.get(name)
+        ]
     else:
         folder = TRAINING_STAGES[stage]
         a, b = tree(run_a / folder), tree(run_b / folder)
@@ -464,8 +499,11 @@ def main() -> None:
             report = {"error": type(exc).__name__, "message": str(exc)}
             if args.check:
                 folder = Path(args.check)
-                report.update(half_written=half_written(folder), leftovers=leftovers(folder),
-                              files=sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()))
+                report.update(
+                    half_written=half_written(folder),
+                    leftovers=leftovers(folder),
+                    files=sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()),
+                )
             print(json.dumps(report))
             sys.exit(3)
         return
@@ -475,7 +513,7 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="reflectevo-faults-"))
     forked = Zygote()
     try:
-        reference = reference_run(forked, workdir, STAGES[:STAGES.index(stage) + 1])
+        reference = reference_run(forked, workdir, STAGES[: STAGES.index(stage) + 1])
         chain = fault_stage(forked, reference, stage, args.kills, args.seed, workdir)
     finally:
         forked.close()

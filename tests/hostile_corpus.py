@@ -16,7 +16,7 @@ import textwrap
 import threading
 from pathlib import Path
 
-from reflectevo.sandbox import UID_BASE
+from reflectevo.sandbox.host import UID_BASE
 
 
 def system_paths() -> list[str]:
@@ -51,7 +51,7 @@ def hostile_corpus(canary: Path, host_dir: Path, port: int) -> dict[str, str]:
         "rmtree outside": f"import shutil\nshutil.rmtree({str(host_dir)!r})\n",
         "write outside": f"""
             import sys
-            for path in [{str(canary)!r}, {str(host_dir / 'new.txt')!r}, '/usr/evil.txt',
+            for path in [{str(canary)!r}, {str(host_dir / "new.txt")!r}, '/usr/evil.txt',
                          sys.prefix + '/evil.txt', '/etc/evil.txt', '/root/evil.txt']:
                 try:
                     open(path, 'w').write('owned')

@@ -26,9 +26,15 @@ def test_imposed_lengths_end_every_row_at_its_own_length(tiny_model_dir):
     eos = tokenizer.eos_token_id
     input_ids = torch.tensor([[5, 6, 7], [8, 9, 10], [11, 12, 13]])
     targets = [2, 7, 4]
-    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=9, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
-                         logits_processor=LogitsProcessorList([ImposedLengths(targets, 3, eos)]))
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=9,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos,
+        logits_processor=LogitsProcessorList([ImposedLengths(targets, 3, eos)]),
+    )
     for row, target in zip(out[:, 3:].tolist(), targets):
         assert row.index(eos) == target - 1  # the target-th new token is the end token, none before
 
@@ -59,8 +65,23 @@ def test_decode_ceilings_arithmetic():
 
 def test_suite_smoke_runs_every_part_and_reports_same_run_ratios(tmp_path, official_dir):
     out = tmp_path / "suite.json"
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "suite.py"), "--smoke", "--official-dir", str(official_dir),
-                           "--peaks", "2e10,1e11", "--json", str(out)], check=False, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "suite.py"),
+            "--smoke",
+            "--official-dir",
+            str(official_dir),
+            "--peaks",
+            "2e10,1e11",
+            "--json",
+            str(out),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     table = done.stdout
@@ -71,14 +92,18 @@ def test_suite_smoke_runs_every_part_and_reports_same_run_ratios(tmp_path, offic
         # every way generated the same records and, lengths being imposed, the same number of tokens
         assert gen[way]["records"] == gen["plain-64"]["records"] == report["generation"]["questions"] * 5
         assert gen[way]["generated_tokens"] == gen["plain-64"]["generated_tokens"]
-        assert gen[way]["x_plain_64"] == pytest.approx(gen[way]["tokens_per_s"] / gen["plain-64"]["tokens_per_s"], abs=0.01)
+        assert gen[way]["x_plain_64"] == pytest.approx(
+            gen[way]["tokens_per_s"] / gen["plain-64"]["tokens_per_s"], abs=0.01
+        )
         assert f"{way} (batch" in table
     assert "unavailable" in gen["engine:unsloth"]  # no GPU here: the row says why
     assert {row["way"] for row in report["ceilings"]["rows"]} == {"naive", "plain-64", "engine:transformers"}
     assert report["ceilings"]["peaks_from"] == "--peaks"
     assert report["length_mix"]["output_means_tokens"] == lengths.OUTPUT_MEANS
     training = {row["name"]: row for row in report["training"]["rows"]}
-    assert {"sft padded", "sft padding-free", "dpo", "dpo precomputed ref", "sft unsloth padded", "dpo unsloth"} <= set(training)
+    assert {"sft padded", "sft padding-free", "dpo", "dpo precomputed ref", "sft unsloth padded", "dpo unsloth"} <= set(
+        training
+    )
     assert training["sft padded"]["ratio"] == training["dpo"]["ratio"] == 1.0
     assert training["sft unsloth padded"]["status"].startswith("unavailable")
     assert training["sft padding-free"]["padding_fraction"] == 0.0
@@ -87,5 +112,7 @@ def test_suite_smoke_runs_every_part_and_reports_same_run_ratios(tmp_path, offic
     # the derived paper-scale hours use the measured speeds: tokens / (tokens/s)
     hours = report["paper_scale"]["hours"]
     engine = gen["engine:transformers"]["tokens_per_s"]
-    assert hours["generation, engine:transformers"] == pytest.approx(report["paper_scale"]["generated_tokens"] / engine / 3600, abs=0.06)
+    assert hours["generation, engine:transformers"] == pytest.approx(
+        report["paper_scale"]["generated_tokens"] / engine / 3600, abs=0.06
+    )
     assert "SFT epoch, sft padded" in hours and not any("memory" in key for key in hours)

@@ -37,10 +37,33 @@ def bench_run(official_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-training") / "training.json"
     printed = io.StringIO()
     with redirect_stdout(printed):
-        code = bench_module("training").main([
-            "--model", "builtin:tiny", "--backends", "transformers,unsloth", "--rows", "8", "--batch-size", "2",
-            "--dpo-batch-size", "1", "--warmup-steps", "1", "--steps", "1", "--memory-lengths", "",
-            "--length-scale", "0.25", "--no-gradient-checkpointing", "--official-dir", str(official_dir), "--json", str(out)])
+        code = bench_module("training").main(
+            [
+                "--model",
+                "builtin:tiny",
+                "--backends",
+                "transformers,unsloth",
+                "--rows",
+                "8",
+                "--batch-size",
+                "2",
+                "--dpo-batch-size",
+                "1",
+                "--warmup-steps",
+                "1",
+                "--steps",
+                "1",
+                "--memory-lengths",
+                "",
+                "--length-scale",
+                "0.25",
+                "--no-gradient-checkpointing",
+                "--official-dir",
+                str(official_dir),
+                "--json",
+                str(out),
+            ]
+        )
     return code, printed.getvalue(), out
 
 
@@ -76,18 +99,24 @@ def test_every_row_is_measured_or_says_why(bench_run):
 def test_memory_rows_are_cut_to_exactly_their_length(official_dir):
     """The fixed-length rows of the memory fit hold at least the length in every sequence, with trained
     tokens left after the cut, so that max_length = the length gives sequences of exactly that many tokens."""
-    from reflectevo import training
     from reflectevo.config import ModelParams
-    from reflectevo.models import load_tokenizer
+    from reflectevo.models.loading import load_tokenizer
+    from reflectevo.training import datasets as training_datasets
 
     bench = bench_module("training")
     tokenizer = load_tokenizer(ModelParams(name="builtin:tiny"))
     spec = {"seed": 0, "official_dir": str(official_dir)}
     sft, dpo = bench.training_sets(*bench.fixed_length_rows(spec, tokenizer, 320, 2))
     assert len(sft) == len(dpo) == 2
-    assert min(training.row_lengths(tokenizer, sft, ("completion",))) >= 320
-    assert min(training.row_lengths(tokenizer, dpo, ("chosen",)) + training.row_lengths(tokenizer, dpo, ("rejected",))) >= 320
-    assert max(training.prompt_lengths(tokenizer, sft)) < 320 - 16  # the cut leaves completion tokens to train
+    assert min(training_datasets.row_lengths(tokenizer, sft, ("completion",))) >= 320
+    assert (
+        min(
+            training_datasets.row_lengths(tokenizer, dpo, ("chosen",))
+            + training_datasets.row_lengths(tokenizer, dpo, ("rejected",))
+        )
+        >= 320
+    )
+    assert max(training_datasets.prompt_lengths(tokenizer, sft)) < 320 - 16  # the cut leaves completion tokens to train
     with pytest.raises(ValueError, match="leaves no room for a completion"):
         bench.fixed_length_rows(spec, tokenizer, 64, 1)
 
@@ -121,28 +150,44 @@ def test_padding_free_batches_train_the_padded_loss(tmp_path):
     others by its position ids, with sdpa attention too); auto keeps padded batches where no per-row kernel exists."""
     import torch
 
-    from reflectevo import curation, training
     from reflectevo.config import ModelParams, SFTParams
+    from reflectevo.reflection import exports
+    from reflectevo.training import adapters
+    from reflectevo.training import trainer as training_trainer
 
-    rows = [{"task": "math", "id": str(i), "question": f"What is {i} + {i}?" * (1 + 5 * i), "answer": str(2 * i),
-             "first_trial_attempt": "Thought: add.\nAction: Finish[3]" * (1 + 3 * i), "first_trial_feedback": "Answer is INCORRECT",
-             "reflections": "I added wrongly." * (1 + 2 * i), "second_trial_attempt": f"Thought: add.\nAction: Finish[{2 * i}]"}
-            for i in range(4)]
-    dataset = curation.to_trl_dataset(curation.training_rows("one_stage", rows))
-    loaded = training.prepare_model(ModelParams(name="builtin:tiny", backend="transformers"), SFTParams().lora, False, seed=0)
+    rows = [
+        {
+            "task": "math",
+            "id": str(i),
+            "question": f"What is {i} + {i}?" * (1 + 5 * i),
+            "answer": str(2 * i),
+            "first_trial_attempt": "Thought: add.\nAction: Finish[3]" * (1 + 3 * i),
+            "first_trial_feedback": "Answer is INCORRECT",
+            "reflections": "I added wrongly." * (1 + 2 * i),
+            "second_trial_attempt": f"Thought: add.\nAction: Finish[{2 * i}]",
+        }
+        for i in range(4)
+    ]
+    dataset = exports.to_trl_dataset(exports.training_rows("one_stage", rows))
+    loaded = adapters.prepare_model(
+        ModelParams(name="builtin:tiny", backend="transformers"), SFTParams().lora, False, seed=0
+    )
     loaded.model.eval()  # no dropout: the two losses must be equal
-    assert training.choose_batching("auto", loaded).mode == "padded"  # sdpa on a CPU: no per-row kernel
-    assert training.choose_batching("length_grouped", loaded).mode == "length_grouped"
+    assert training_trainer.choose_batching("auto", loaded).mode == "padded"  # sdpa on a CPU: no per-row kernel
+    assert training_trainer.choose_batching("length_grouped", loaded).mode == "length_grouped"
     with pytest.raises(ValueError, match="unknown batching"):
-        training.choose_batching("packed", loaded)
+        training_trainer.choose_batching("packed", loaded)
     losses = {}
     for mode in ("padded", "padding_free"):
         train = SFTParams(per_device_batch_size=4, max_length=512, report_to=[], batching=mode)
-        args = training.training_arguments("sft", train, tmp_path / mode, seed=0, device="cpu", dtype="float32",
-                                           has_eval=False, batching=mode)
-        trainer = training.make_trainer("sft", loaded, args, dataset, {}, batching=mode)
+        args = training_trainer.training_arguments(
+            "sft", train, tmp_path / mode, seed=0, device="cpu", dtype="float32", has_eval=False, batching=mode
+        )
+        trainer = training_trainer.make_trainer("sft", loaded, args, dataset, {}, batching=mode)
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(dataset))])
-        assert ("attention_mask" in batch) == (mode == "padded") and batch["input_ids"].shape[0] == (4 if mode == "padded" else 1)
+        assert ("attention_mask" in batch) == (mode == "padded") and batch["input_ids"].shape[0] == (
+            4 if mode == "padded" else 1
+        )
         with torch.no_grad():
             losses[mode] = trainer.compute_loss(loaded.model, batch).item()
     assert losses["padded"] == pytest.approx(losses["padding_free"], rel=1e-5)
@@ -151,12 +196,22 @@ def test_padding_free_batches_train_the_padded_loss(tmp_path):
 # ---- the memory arithmetic -------------------------------------------------------------------------------------
 def test_memory_fit_and_derivation_by_hand():
     memory = bench_module("memory")
-    shape = {"hidden_size": 1000, "intermediate_size": 1000, "num_hidden_layers": 10, "num_attention_heads": 10,
-             "num_key_value_heads": 10, "vocab_size": 1000, "tie_word_embeddings": True, "max_position_embeddings": 100_000}
+    shape = {
+        "hidden_size": 1000,
+        "intermediate_size": 1000,
+        "num_hidden_layers": 10,
+        "num_attention_heads": 10,
+        "num_key_value_heads": 10,
+        "vocab_size": 1000,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 100_000,
+    }
     total, embeddings = memory.parameter_counts(shape)
     # per layer: q, k, v, o 4 x 1000 x 1000, mlp 3 x 1000 x 1000, two norms 2 x 1000; embeddings 1000 x 1000; final norm
     assert (total, embeddings) == (10 * (7_000_000 + 2000) + 1_000_000 + 1000, 1_000_000)
-    fit = memory.make_fit("transformers", "sft", "hand", total, shape, "bfloat16", [(1000, 3 * 10**9), (2000, 4 * 10**9)])
+    fit = memory.make_fit(
+        "transformers", "sft", "hand", total, shape, "bfloat16", [(1000, 3 * 10**9), (2000, 4 * 10**9)]
+    )
     assert fit.problem is None
     assert fit.bytes_per_token == pytest.approx(1e6) and fit.intercept == pytest.approx(2e9)
     assert fit.bytes_per_token_per_width == pytest.approx(1e6 / 10_000)
@@ -179,7 +234,10 @@ def test_memory_fit_and_derivation_by_hand():
     four = next(c for c in cells["per_shape"] if c["budget_gib"] == 4 and c["weights"] == "bfloat16")
     # 4 GiB: 3e9 measured at 1,000 tokens plus the reserve fits, 4e9 at 2,000 does not
     assert four["measured_fits_at"] == 1000 and four["max_length"] == (3 * 2**30 - 2 * 10**9) // 10**6 == 1221
-    assert next(c for c in cells["largest"] if c["budget_gib"] == 10 and c["weights"] == "bfloat16")["largest_shape"] == "hand"
+    assert (
+        next(c for c in cells["largest"] if c["budget_gib"] == 10 and c["weights"] == "bfloat16")["largest_shape"]
+        == "hand"
+    )
 
 
 def test_a_memory_that_does_not_grow_is_not_derived_from():

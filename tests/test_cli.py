@@ -35,7 +35,9 @@ def test_grade_one_answer_under_both_graders():
     done = reflectevo("grade", "math", "--gold", "\\frac{1}{4}", "--output", "Thought: t\nAction: Finish<<<0.25>>>")
     assert done.returncode == 0
     assert "official wrong" in done.stdout and "robust   correct" in done.stdout
-    verdicts = json.loads(reflectevo("grade", "logiqa", "--gold", "b", "--output", "Action: Finish[(B)]", "--json").stdout)
+    verdicts = json.loads(
+        reflectevo("grade", "logiqa", "--gold", "b", "--output", "Action: Finish[(B)]", "--json").stdout
+    )
     assert [(v["grader"], v["outcome"]) for v in verdicts] == [("official", "wrong"), ("robust", "correct")]
 
 
@@ -45,8 +47,17 @@ def test_grade_a_predictions_file(tmp_path, official_dir):
     outputs = [f"Action: Finish[{items[0]['answer'].upper()}]", "Action: Finish[(A)]", "no answer"]
     predictions.write_text("".join(json.dumps({"id": i + 1, "output": o}) + "\n" for i, o in enumerate(outputs)))
     out = tmp_path / "graded.jsonl"
-    done = reflectevo("grade", "logiqa", "--data", str(official_dir / "logiqa_test.jsonl"),
-                      "--predictions", str(predictions), "--allow-missing", "--out", str(out))
+    done = reflectevo(
+        "grade",
+        "logiqa",
+        "--data",
+        str(official_dir / "logiqa_test.jsonl"),
+        "--predictions",
+        str(predictions),
+        "--allow-missing",
+        "--out",
+        str(out),
+    )
     assert done.returncode == 0, done.stderr
     assert "3 predictions graded (497 items without one)" in done.stdout
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -67,10 +78,19 @@ def test_grade_mbpp_needs_the_opt_in_and_then_runs(official_dir):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["grade", "gsm8k", "--gold", "1", "--output", "x"], "unknown task 'gsm8k'; known tasks: bigbench, logiqa, math, mbpp"),
-        (["grade", "math", "--data", "/nonexistent/math.jsonl", "--id", "1", "--output", "x"], "data file not found: /nonexistent/math.jsonl"),
+        (
+            ["grade", "gsm8k", "--gold", "1", "--output", "x"],
+            "unknown task 'gsm8k'; known tasks: bigbench, logiqa, math, mbpp",
+        ),
+        (
+            ["grade", "math", "--data", "/nonexistent/math.jsonl", "--id", "1", "--output", "x"],
+            "data file not found: /nonexistent/math.jsonl",
+        ),
         (["grade", "math", "--output", "x"], "--gold GOLD, or --data FILE --id ID"),
-        (["grade", "mbpp", "--gold", "def f(): pass", "--output", "x", "--allow-code-execution"], "--data FILE --id ID"),
+        (
+            ["grade", "mbpp", "--gold", "def f(): pass", "--output", "x", "--allow-code-execution"],
+            "--data FILE --id ID",
+        ),
         (["check-graders", "math"], "--official-dir DIR"),
     ],
 )

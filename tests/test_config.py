@@ -7,12 +7,22 @@ from pathlib import Path
 
 import pytest
 
-from reflectevo.config import SECTIONS, ConfigError, Params, load_params
+from reflectevo.config import SECTIONS, Params, load_params
+from reflectevo.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "params").glob("*.yaml"))
-EXPECTED = {"smoke", "quickstart", "smollm2-135m-cpu", "llama3-8b", "mistral-7b", "llama3-8b-24gb", "colab-t4",
-            "evolve-smoke", "evolve-quickstart"}
+EXPECTED = {
+    "smoke",
+    "quickstart",
+    "smollm2-135m-cpu",
+    "llama3-8b",
+    "mistral-7b",
+    "llama3-8b-24gb",
+    "colab-t4",
+    "evolve-smoke",
+    "evolve-quickstart",
+}
 
 
 def test_every_recipe_is_shipped_and_validates():

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from reflectevo.analysis import data_note
-from reflectevo.config import ConfigError, load_params
+from reflectevo.analysis.report import data_note
+from reflectevo.config import load_params
+from reflectevo.core.jsonl import read_jsonl
 from reflectevo.data.prepare import (
     check_eval_splits,
     content_keys,
@@ -25,8 +26,7 @@ from reflectevo.data.prepare import (
     without_options_block,
     write_data,
 )
-from reflectevo.errors import DataError
-from reflectevo.jsonl import read_jsonl
+from reflectevo.errors import ConfigError, DataError
 from reflectevo.tasks import Item
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,8 +61,11 @@ def _shout(text: str) -> str:
 # ---- the normal form ---------------------------------------------------------------------------------
 def test_normal_form_ignores_case_white_space_option_labels_and_final_punctuation():
     written = "Which follows?\nA.The cat sat.\nB.It rained"
-    assert normalise_text(written) == normalise_text("  which   FOLLOWS \n\nA. the cat sat\n(b) it rained.  ") \
+    assert (
+        normalise_text(written)
+        == normalise_text("  which   FOLLOWS \n\nA. the cat sat\n(b) it rained.  ")
         == normalise_text("Which follows\r\nA) The cat sat\nB: It rained!")
+    )
     assert normalise_text("ＡＢＣ ｘ") == normalise_text("abc x")  # full-width letters (NFKC)
     # a word, a digit or a LaTeX command still tells two questions apart
     assert normalise_text("What is $2+3$?") != normalise_text("What is $2+4$?")
@@ -75,8 +78,12 @@ def test_bigbench_keys_leave_out_the_options_block_and_pair_passage_with_claim()
     question = "Say True, False or Neither.\n\nPassage: P one.\nClaim: C one .\nOptions:\nA. True\nB. False\nC. Neither"
     assert without_options_block(question) == "Say True, False or Neither.\n\nPassage: P one.\nClaim: C one ."
     item = Item(task="bigbench", id="1", question=question, gold="a")
-    other_wording = Item(task="bigbench", id="2", gold="a",
-                         question="passage:  p one\nclaim: c one\nTrue, False, or Neither?\nOptions:\nA.True\nB.False")
+    other_wording = Item(
+        task="bigbench",
+        id="2",
+        gold="a",
+        question="passage:  p one\nclaim: c one\nTrue, False, or Neither?\nOptions:\nA.True\nB.False",
+    )
     assert content_keys(item) & content_keys(other_wording)  # the same passage and claim
     other_claim = Item(task="bigbench", id="3", gold="a", question=question.replace("C one", "C two"))
     assert not content_keys(item) & content_keys(other_claim)
@@ -96,7 +103,9 @@ def test_mbpp_matches_on_task_id_too_and_only_within_its_own_fields():
 
 def test_decontaminate_is_one_pass_over_a_dict():
     items = [Item(task="math", id=f"t{i}", question=f"Problem {i}", gold="1", split="test") for i in range(20_000)]
-    items += [Item(task="math", id=f"r{i}", question=f"problem  {i}.", gold="1", split="train") for i in range(0, 40_000, 2)]
+    items += [
+        Item(task="math", id=f"r{i}", question=f"problem  {i}.", gold="1", split="train") for i in range(0, 40_000, 2)
+    ]
     kept, dropped = decontaminate(items)
     assert len(dropped["train"]) == 10_000 and dropped["train"]["r2"] == "t2" and "r20000" not in dropped["train"]
     assert len(kept) == 20_000 + 10_000
@@ -106,20 +115,32 @@ def test_decontaminate_is_one_pass_over_a_dict():
 def _logiqa_hub_row(question: str, answer: str) -> dict:
     lines = question.split("\n")
     assert [line[:2] for line in lines[-4:]] == ["A.", "B.", "C.", "D."]
-    return {"context": "\n".join(lines[:-5]), "query": lines[-5], "options": [line[2:] for line in lines[-4:]],
-            "correct_option": "abcd".index(answer)}
+    return {
+        "context": "\n".join(lines[:-5]),
+        "query": lines[-5],
+        "options": [line[2:] for line in lines[-4:]],
+        "correct_option": "abcd".index(answer),
+    }
 
 
 def _fresh_logiqa(n: int) -> dict:
-    return {"context": f"A passage written for this test, number {n}.", "query": "Which follows?",
-            "options": ["w", "x", "y", "z"], "correct_option": 0}
+    return {
+        "context": f"A passage written for this test, number {n}.",
+        "query": "Which follows?",
+        "options": ["w", "x", "y", "z"],
+        "correct_option": 0,
+    }
 
 
 def _vitaminc_row(question: str, answer: str, idx: int) -> dict:
     inputs = question.split("\nOptions:\n")[0]
-    return {"inputs": inputs, "targets": [["True", "False", "Neither"]["abc".index(answer)]],
-            "multiple_choice_targets": ["True", "False", "Neither"],
-            "multiple_choice_scores": [int(letter == answer) for letter in "abc"], "idx": idx}
+    return {
+        "inputs": inputs,
+        "targets": [["True", "False", "Neither"]["abc".index(answer)]],
+        "multiple_choice_targets": ["True", "False", "Neither"],
+        "multiple_choice_scores": [int(letter == answer) for letter in "abc"],
+        "idx": idx,
+    }
 
 
 def build_hub_copies(official_dir: Path, root: Path) -> tuple[dict, dict]:
@@ -133,17 +154,29 @@ def build_hub_copies(official_dir: Path, root: Path) -> tuple[dict, dict]:
     # is replaced by the official file, so a planted row there is no contamination.
     rows = _official_rows(official_dir, "logiqa")
     labels = ["A.", "B.", "C.", "D."]
-    usable = [i for i, row in enumerate(rows)
-              if [line[:2] for line in row["question"].split("\n")[-4:]] == labels and row["question"].count("\n") >= 5][:4]
+    usable = [
+        i
+        for i, row in enumerate(rows)
+        if [line[:2] for line in row["question"].split("\n")[-4:]] == labels and row["question"].count("\n") >= 5
+    ][:4]
     a, b, c, d = (_logiqa_hub_row(rows[i]["question"], rows[i]["answer"]) for i in usable)
-    shouted = {**b, "context": _shout(b["context"]), "query": b["query"].lower() + " ",
-               "options": [option.upper() + " ." for option in b["options"]]}
+    shouted = {
+        **b,
+        "context": _shout(b["context"]),
+        "query": b["query"].lower() + " ",
+        "options": [option.upper() + " ." for option in b["options"]],
+    }
     logiqa = root / "logiqa"
-    for split, split_rows in (("train", [a, _fresh_logiqa(1), shouted]), ("validation", [_fresh_logiqa(2), c]),
-                              ("test", [d, _fresh_logiqa(3)])):
+    for split, split_rows in (
+        ("train", [a, _fresh_logiqa(1), shouted]),
+        ("validation", [_fresh_logiqa(2), c]),
+        ("test", [d, _fresh_logiqa(3)]),
+    ):
         _parquet(split_rows, logiqa / "data" / f"{split}-00000-of-00001.parquet")
-    expected["logiqa"] = {"train": {"train-1": str(usable[0] + 1), "train-3": str(usable[1] + 1)},
-                          "validation": {"validation-2": str(usable[2] + 1)}}
+    expected["logiqa"] = {
+        "train": {"train-1": str(usable[0] + 1), "train-3": str(usable[1] + 1)},
+        "validation": {"validation-2": str(usable[2] + 1)},
+    }
 
     # MATH: an official problem verbatim and one shouted; one with a digit changed stays.
     rows = _official_rows(official_dir, "math")
@@ -152,9 +185,15 @@ def build_hub_copies(official_dir: Path, root: Path) -> tuple[dict, dict]:
     digit = next(ch for ch in changed if ch.isdigit())
     changed = changed.replace(digit, str((int(digit) + 1) % 10), 1)
     math = root / "math"
-    _parquet([rows[0], {**rows[1], "problem": _shout(rows[1]["problem"])}, {**rows[near_miss], "problem": changed},
-              {"problem": "What is $1+1$?", "level": "Level 1", "type": "Algebra", "solution": "$\\boxed{2}$"}],
-             math / "algebra" / "train-00000-of-00001.parquet")
+    _parquet(
+        [
+            rows[0],
+            {**rows[1], "problem": _shout(rows[1]["problem"])},
+            {**rows[near_miss], "problem": changed},
+            {"problem": "What is $1+1$?", "level": "Level 1", "type": "Algebra", "solution": "$\\boxed{2}$"},
+        ],
+        math / "algebra" / "train-00000-of-00001.parquet",
+    )
     _parquet([rows[2]], math / "algebra" / "test-00000-of-00001.parquet")
     _configs_readme(math, {"algebra": ["train", "test"]})
     expected["math"] = {"train": {"train-1": "1", "train-2": "2"}, "validation": {}}
@@ -162,20 +201,39 @@ def build_hub_copies(official_dir: Path, root: Path) -> tuple[dict, dict]:
     # MBPP: verbatim (both keys), the same text and tests under a new task_id and shouted (text key),
     # another text under an official task_id (task_id key), and a problem of its own.
     rows = _official_rows(official_dir, "mbpp")
-    fresh = {"task_id": 9002, "text": "Write a function to add one.", "code": "def f(x): return x + 1",
-             "test_list": ["assert f(1) == 2"], "test_setup_code": "", "challenge_test_list": []}
+    fresh = {
+        "task_id": 9002,
+        "text": "Write a function to add one.",
+        "code": "def f(x): return x + 1",
+        "test_list": ["assert f(1) == 2"],
+        "test_setup_code": "",
+        "challenge_test_list": [],
+    }
     mbpp = root / "mbpp"
     # (the text is glued to "Your code should pass..." without a space: shouting adds none at its end)
-    _parquet([rows[0], {**rows[1], "task_id": 9001, "text": rows[1]["text"].upper().replace(" ", "  ")},
-              {**fresh, "task_id": rows[2]["task_id"], "text": "Reworded for the sanitized copy."}, fresh],
-             mbpp / "full" / "train-00000-of-00001.parquet")
-    _parquet([{**fresh, "task_id": 9003, "text": "Write a function to add two."}, rows[3]],
-             mbpp / "full" / "validation-00000-of-00001.parquet")
+    _parquet(
+        [
+            rows[0],
+            {**rows[1], "task_id": 9001, "text": rows[1]["text"].upper().replace(" ", "  ")},
+            {**fresh, "task_id": rows[2]["task_id"], "text": "Reworded for the sanitized copy."},
+            fresh,
+        ],
+        mbpp / "full" / "train-00000-of-00001.parquet",
+    )
+    _parquet(
+        [{**fresh, "task_id": 9003, "text": "Write a function to add two."}, rows[3]],
+        mbpp / "full" / "validation-00000-of-00001.parquet",
+    )
     _parquet([rows[4]], mbpp / "full" / "test-00000-of-00001.parquet")
     _configs_readme(mbpp, {"full": ["train", "validation", "test"]})
-    expected["mbpp"] = {"train": {"train-11": str(rows[0]["task_id"]), "train-9001": str(rows[1]["task_id"]),
-                                  f"train-{rows[2]['task_id']}": str(rows[2]["task_id"])},
-                        "validation": {f"validation-{rows[3]['task_id']}": str(rows[3]["task_id"])}}
+    expected["mbpp"] = {
+        "train": {
+            "train-11": str(rows[0]["task_id"]),
+            "train-9001": str(rows[1]["task_id"]),
+            f"train-{rows[2]['task_id']}": str(rows[2]["task_id"]),
+        },
+        "validation": {f"validation-{rows[3]['task_id']}": str(rows[3]["task_id"])},
+    }
     assert rows[0]["task_id"] == 11
 
     # BIG-bench: VitaminC rows verbatim, shouted, and with the instruction dropped and the hub's
@@ -188,20 +246,33 @@ def build_hub_copies(official_dir: Path, root: Path) -> tuple[dict, dict]:
     shouted = _vitaminc_row(rows[vitaminc[1]]["question"], rows[vitaminc[1]]["answer"], 1)
     shouted["inputs"] = _shout(shouted["inputs"])
     reworded = _vitaminc_row(rows[vitaminc[2]]["question"], rows[vitaminc[2]]["answer"], 2)
-    reworded["inputs"] = reworded["inputs"][reworded["inputs"].index("Passage:"):] + "\nTrue, False, or Neither?"
+    reworded["inputs"] = reworded["inputs"][reworded["inputs"].index("Passage:") :] + "\nTrue, False, or Neither?"
     other_claim = _vitaminc_row(rows[vitaminc[3]]["question"], rows[vitaminc[3]]["answer"], 3)
     other_claim["inputs"] = other_claim["inputs"].split("\nClaim:")[0] + "\nClaim: A claim written for this test ."
-    free_row = {"inputs": rows[free]["question"], "targets": [rows[free]["answer"]], "multiple_choice_targets": [],
-                "multiple_choice_scores": [], "idx": 4}
+    free_row = {
+        "inputs": rows[free]["question"],
+        "targets": [rows[free]["answer"]],
+        "multiple_choice_targets": [],
+        "multiple_choice_scores": [],
+        "idx": 4,
+    }
     fresh = _vitaminc_row("Passage: Written for this test.\nClaim: It was written.\nOptions:\nA. True", "a", 5)
     bigbench = root / "bigbench"
     _parquet([verbatim, other_claim, shouted, free_row, reworded], bigbench / VITAMINC / "train-00000-of-00001.parquet")
-    _parquet([fresh, _vitaminc_row(rows[vitaminc[4]]["question"], rows[vitaminc[4]]["answer"], 6)],
-             bigbench / VITAMINC / "validation-00000-of-00001.parquet")
+    _parquet(
+        [fresh, _vitaminc_row(rows[vitaminc[4]]["question"], rows[vitaminc[4]]["answer"], 6)],
+        bigbench / VITAMINC / "validation-00000-of-00001.parquet",
+    )
     _configs_readme(bigbench, {VITAMINC: ["train", "validation"]})
-    expected["bigbench"] = {"train": {"train-1": str(vitaminc[0] + 1), "train-3": str(vitaminc[1] + 1),
-                                      "train-4": str(free + 1), "train-5": str(vitaminc[2] + 1)},
-                            "validation": {"validation-2": str(vitaminc[4] + 1)}}
+    expected["bigbench"] = {
+        "train": {
+            "train-1": str(vitaminc[0] + 1),
+            "train-3": str(vitaminc[1] + 1),
+            "train-4": str(free + 1),
+            "train-5": str(vitaminc[2] + 1),
+        },
+        "validation": {"validation-2": str(vitaminc[4] + 1)},
+    }
 
     options = {task: {"path": str(root / task), "cache_dir": cache} for task in ("logiqa", "math", "mbpp", "bigbench")}
     options["math"]["subjects"] = ["algebra"]
@@ -216,8 +287,10 @@ def test_guard_drops_official_test_questions_from_the_hub_splits(official_dir, t
 
     for task, splits in expected.items():
         assert prepared[task].dropped == splits, task
-    kept = {task: {split: [item.id for item in td.splits[split]] for split in ("train", "validation")}
-            for task, td in prepared.items()}
+    kept = {
+        task: {split: [item.id for item in td.splits[split]] for split in ("train", "validation")}
+        for task, td in prepared.items()
+    }
     assert kept["logiqa"] == {"train": ["train-2"], "validation": ["validation-1"]}
     assert kept["math"] == {"train": ["train-3", "train-4"], "validation": []}  # the near miss is kept
     assert kept["mbpp"] == {"train": ["train-9002"], "validation": ["validation-9003"]}
@@ -229,8 +302,11 @@ def test_guard_drops_official_test_questions_from_the_hub_splits(official_dir, t
     assert tmp_path / "data" / "summary.json" in written
     assert summary["decontamination"]["enabled"] is True
     assert summary["decontamination"]["dropped"] == {
-        "logiqa": {"train": 2, "validation": 1}, "math": {"train": 2, "validation": 0},
-        "mbpp": {"train": 3, "validation": 1}, "bigbench": {"train": 4, "validation": 1}}
+        "logiqa": {"train": 2, "validation": 1},
+        "math": {"train": 2, "validation": 0},
+        "mbpp": {"train": 3, "validation": 1},
+        "bigbench": {"train": 4, "validation": 1},
+    }
     assert summary["decontamination"]["matches"] == expected
     assert summary["counts"]["bigbench"] == {"train": 1, "validation": 1, "test": 500}
     assert summary["test_cuts"] == {}  # the test split comes from the official files: nothing is cut
@@ -288,8 +364,10 @@ def test_samples_have_nothing_to_drop():
 
 # ---- the evaluated split -------------------------------------------------------------------------------
 def _bigbench_hub(root: Path, n_train: int, n_validation: int) -> dict:
-    rows = [_vitaminc_row(f"Passage: Passage {i}.\nClaim: Claim {i}.\nOptions:\nA. True\nB. False", "a", i)
-            for i in range(n_train + n_validation)]
+    rows = [
+        _vitaminc_row(f"Passage: Passage {i}.\nClaim: Claim {i}.\nOptions:\nA. True\nB. False", "a", i)
+        for i in range(n_train + n_validation)
+    ]
     _parquet(rows[:n_train], root / VITAMINC / "train-00000-of-00001.parquet")
     _parquet(rows[n_train:], root / VITAMINC / "validation-00000-of-00001.parquet")
     _configs_readme(root, {VITAMINC: ["train", "validation"]})
@@ -304,8 +382,13 @@ def test_hub_bigbench_gets_a_seeded_test_split_cut_from_its_validation_split(tmp
     test_ids = [item.id for item in prepared.splits["test"]]
     assert all(item_id.startswith("validation-") for item_id in test_ids)
     assert prepared.sources["test"] == "hub:tasksource/bigbench (validation split, seeded test cut)"
-    assert prepared.test_cut == {"from_split": "validation", "test_share": 0.5, "moved": 5, "kept": 5,
-                                 "seed_purpose": "hub-test-cut"}
+    assert prepared.test_cut == {
+        "from_split": "validation",
+        "test_share": 0.5,
+        "moved": 5,
+        "kept": 5,
+        "seed_purpose": "hub-test-cut",
+    }
     assert [item.id for item in prepare_data(params.data, seed=0)["bigbench"].splits["test"]] == test_ids
     assert [item.id for item in prepare_data(params.data, seed=1)["bigbench"].splits["test"]] != test_ids
     assert check_eval_splits({"bigbench": prepared}, params) == []
@@ -317,15 +400,28 @@ def test_hub_bigbench_gets_a_seeded_test_split_cut_from_its_validation_split(tmp
     note = data_note(tmp_path / "data", "test")
     assert "bigbench: the test split is a seeded cut of the hub's validation split (5 items" in note
 
-    shares = load_params(None, {"data": {"tasks": ["bigbench"], "source": "hub", "hub_options": hub_options,
-                                         "split_fractions": {"train": 0.5, "validation": 0.2, "test": 0.3}}})
+    shares = load_params(
+        None,
+        {
+            "data": {
+                "tasks": ["bigbench"],
+                "source": "hub",
+                "hub_options": hub_options,
+                "split_fractions": {"train": 0.5, "validation": 0.2, "test": 0.3},
+            }
+        },
+    )
     assert prepare_data(shares.data, seed=0)["bigbench"].counts() == {"train": 4, "validation": 4, "test": 6}
 
 
 def test_an_empty_eval_split_stops_stage_01_unless_allowed(tmp_path):
     hub_options = _bigbench_hub(tmp_path / "bigbench", n_train=4, n_validation=4)
-    data = {"tasks": ["logiqa", "bigbench"], "source": "hub", "hub_options": hub_options,
-            "split_fractions": {"train": 0.8, "validation": 0.2, "test": 0.0}}
+    data = {
+        "tasks": ["logiqa", "bigbench"],
+        "source": "hub",
+        "hub_options": hub_options,
+        "split_fractions": {"train": 0.8, "validation": 0.2, "test": 0.0},
+    }
     (tmp_path / "logiqa" / "data").mkdir(parents=True)
     for offset, split in enumerate(("train", "validation", "test")):
         rows = [_fresh_logiqa(10 * offset + i) for i in range(2)]  # other questions per split: nothing to drop
@@ -352,8 +448,17 @@ def test_an_empty_eval_split_stops_stage_01_unless_allowed(tmp_path):
     note = data_note(tmp_path / "data", "test")
     assert "Left out of evaluation, with no `test` items (data.allow_empty_eval): bigbench" in note
 
-    only_bigbench = load_params(None, {"data": {**data, "tasks": ["bigbench"], "allow_empty_eval": ["bigbench"],
-                                                "hub_options": {"bigbench": hub_options["bigbench"]}}})
+    only_bigbench = load_params(
+        None,
+        {
+            "data": {
+                **data,
+                "tasks": ["bigbench"],
+                "allow_empty_eval": ["bigbench"],
+                "hub_options": {"bigbench": hub_options["bigbench"]},
+            }
+        },
+    )
     with pytest.raises(DataError, match="nothing to evaluate"):
         check_eval_splits({"bigbench": {"train": 4, "validation": 4, "test": 0}}, only_bigbench)
 

@@ -1,4 +1,4 @@
-"""Data-parallel generation (reflectevo.distributed): processes split a stage's generation and end with
+"""Data-parallel generation (reflectevo.cli.generate): processes split a stage's generation and end with
 the bytes one process writes.
 
 The launch test starts two real CPU processes with ``accelerate launch`` (gloo); the others split the
@@ -21,27 +21,32 @@ import pytest
 import yaml
 from conftest import clone_run
 
-from reflectevo import distributed
+from reflectevo.cli import generate as distributed
+from reflectevo.cli.generate import ProcessGroup, check_launch, generate_stage
 from reflectevo.config import ModelParams
-from reflectevo.distributed import (
-    DistributedError,
-    ProcessGroup,
-    check_launch,
-    generate_stage,
-)
-from reflectevo.generation import (
-    BatchedEngine,
-    GenerationError,
-    GenerationRequest,
-    GenerationSettings,
-    create_once,
-    make_engine,
-)
-from reflectevo.runs import RunDir, RunLock, RunLockedError, StageError, read_manifest
+from reflectevo.errors import DistributedError, GenerationError, RunLockedError, StageError
+from reflectevo.generation.base import BatchedEngine
+from reflectevo.generation.engines import make_engine
+from reflectevo.generation.requests import GenerationRequest, GenerationSettings
+from reflectevo.generation.store import create_once
+from reflectevo.runs.lock import RunLock
+from reflectevo.runs.plan import read_manifest
+from reflectevo.runs.rundir import RunDir
 
 BIN = Path(sys.executable).parent
-LAUNCH = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no"]  # with no GPU visible: 2 CPU processes, gloo
+LAUNCH = [
+    str(BIN / "accelerate"),
+    "launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]  # with no GPU visible: 2 CPU processes, gloo
 
 
 def write_params(params, path: Path) -> Path:
@@ -51,8 +56,11 @@ def write_params(params, path: Path) -> Path:
 
 def store_files(folder: Path) -> dict[str, bytes]:
     """Every batch and plan file under a store, by relative path (shard ledgers left out)."""
-    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*"))
-            if path.is_file() and not path.name.startswith("shard-")}
+    return {
+        str(path.relative_to(folder)): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and not path.name.startswith("shard-")
+    }
 
 
 def ledgers(step: Path, world_size: int) -> list[dict]:
@@ -128,19 +136,26 @@ def test_two_processes_fill_the_reflect_store_with_the_bytes_of_one(smoke_reflec
     """`accelerate launch` (2 CPU processes) fills stage 02's store; every file is byte-identical to what
     the single-process notebook run wrote, each process generated its own share, and a rerun after a
     batch went missing (a process killed before committing it) generates only that one."""
-    from reflectevo.pipeline import generations_dir
+    from reflectevo.reflection.pipeline import reflection_store_dir
 
     params = clone_run(smoke_reflect_run, tmp_path, "parallel")
     identity = read_manifest(params.run_dir)["stages"]["02_reflect"]["identity"]
-    reference = generations_dir(smoke_reflect_run / "outputs" / "smoke" / "reflect", identity)
-    store = generations_dir(params.run_dir / "reflect", identity)
+    reference = reflection_store_dir(smoke_reflect_run / "outputs" / "smoke" / "reflect", identity)
+    store = reflection_store_dir(params.run_dir / "reflect", identity)
     assert store_files(reference)  # the notebook's run, in one process
     shutil.rmtree(store)
     file = write_params(params, tmp_path / "parallel.yaml")
 
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([*LAUNCH, "-m", "reflectevo", "generate", str(file), "--stage", "reflect"],
-                            capture_output=True, text=True, timeout=600, check=False, env=env, cwd=tmp_path)
+    result = subprocess.run(
+        [*LAUNCH, "-m", "reflectevo", "generate", str(file), "--stage", "reflect"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env=env,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "2 processes (DistributedType.MULTI_CPU, gloo)" in result.stdout
     assert store_files(store) == store_files(reference)
@@ -157,7 +172,9 @@ def test_two_processes_fill_the_reflect_store_with_the_bytes_of_one(smoke_reflec
 
     manifest = read_manifest(params.run_dir)
     event = manifest["events"][-1]
-    assert event["kind"] == "generation" and event["world_size"] == 2 and [p["rank"] for p in event["processes"]] == [0, 1]
+    assert (
+        event["kind"] == "generation" and event["world_size"] == 2 and [p["rank"] for p in event["processes"]] == [0, 1]
+    )
     assert not (params.run_dir / ".lock").exists()  # the main process released the run
 
     # A process killed while writing its last second-trial batch: the batch is missing, a temporary file is
@@ -172,7 +189,8 @@ def test_two_processes_fill_the_reflect_store_with_the_bytes_of_one(smoke_reflec
     summary = generate_stage(params, "reflect", params_file=file, out=lines.append)  # one process now
     steps_run = summary["processes"][0]["steps"]
     assert {name: (stats["batches_run"], stats["batches_resumed"]) for name, stats in steps_run.items()} == {
-        name: (1, count - 1) if name == "second_trial" else (0, count) for name, count in planned.items()}
+        name: (1, count - 1) if name == "second_trial" else (0, count) for name, count in planned.items()
+    }
     assert not leftover.exists()
     assert store_files(store) == store_files(reference)
 
@@ -182,11 +200,26 @@ def test_eval_split_between_two_workers_equals_one(smoke_reflect_run, tmp_path, 
     """Stage 05's calls (first turns, then the base model's reflections and second turns under the oracle
     protocol, whose gate is the verdicts, and the oracle-free one), split between two workers, write
     the store one worker writes; each did its own share."""
-    params = clone_run(smoke_reflect_run, tmp_path, "eval-split", {
-        "data": {"source": "samples", "tasks": ["logiqa", "math"], "max_items": {"train": 8, "validation": 2, "test": 2}},
-        "generation": {"batch_size": 2, "max_new_tokens": 16},
-        "eval": {"variants": ["base"], "protocols": ["oracle", "oracle_free"], "fewshots": 0,
-                 "max_new_tokens": 16, "reflection_max_new_tokens": 16}})
+    params = clone_run(
+        smoke_reflect_run,
+        tmp_path,
+        "eval-split",
+        {
+            "data": {
+                "source": "samples",
+                "tasks": ["logiqa", "math"],
+                "max_items": {"train": 8, "validation": 2, "test": 2},
+            },
+            "generation": {"batch_size": 2, "max_new_tokens": 16},
+            "eval": {
+                "variants": ["base"],
+                "protocols": ["oracle", "oracle_free"],
+                "fewshots": 0,
+                "max_new_tokens": 16,
+                "reflection_max_new_tokens": 16,
+            },
+        },
+    )
     run = RunDir(params, params.run_dir)
     alone = distributed.generate_eval(params, run, tmp_path / "alone", thread_groups(1)[0])
     shares = run_threads(lambda group: distributed.generate_eval(params, run, tmp_path / "split", group), 2)
@@ -194,7 +227,9 @@ def test_eval_split_between_two_workers_equals_one(smoke_reflect_run, tmp_path, 
     first = tmp_path / "split" / "first_turn" / "base"
     planned = json.loads((first / "plan.json").read_text())["num_batches"]
     assert planned >= 2 and [share["generated"] for share in ledgers(first, 2)] == [
-        list(range(0, planned, 2)), list(range(1, planned, 2))]
+        list(range(0, planned, 2)),
+        list(range(1, planned, 2)),
+    ]
     for name, stats in alone.items():  # together the workers generated what one worker generated alone
         assert shares[0][name]["batches_run"] + shares[1][name]["batches_run"] == stats["batches_run"], name
 
@@ -217,7 +252,7 @@ def test_workers_that_do_not_share_the_store_folder_are_stopped(tmp_path, one_to
 
 
 def distributed_model():
-    from reflectevo.models import load_model
+    from reflectevo.models.loading import load_model
 
     return load_model(ModelParams(name="builtin:tiny", backend="transformers", device="cpu", dtype="float32"))
 
@@ -235,9 +270,11 @@ def test_a_launch_that_cannot_plan_the_same_batches_everywhere_is_refused(smoke_
     def with_generation(**changes):
         return params.model_copy(update={"generation": params.generation.model_copy(update=changes)})
 
-    for changes, message in (({"batch_size": "auto"}, "set generation.batch_size to a number"),
-                             ({"num_shards": 2}, "leave num_shards at 1"),
-                             ({"engine": "vllm"}, "vllm_tensor_parallel_size")):
+    for changes, message in (
+        ({"batch_size": "auto"}, "set generation.batch_size to a number"),
+        ({"num_shards": 2}, "leave num_shards at 1"),
+        ({"engine": "vllm"}, "vllm_tensor_parallel_size"),
+    ):
         with pytest.raises(DistributedError, match=message):
             check_launch(with_generation(**changes), "reflect", 2)
     check_launch(with_generation(batch_size="auto"), "reflect", 1)  # alone, "auto" is fine

@@ -11,18 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from reflectevo.config import ConfigError, load_params
-from reflectevo.evaluation import (
-    EvaluationError,
-    ModelPool,
-    format_example,
-    generations_dir,
-    make_evaluator,
-    make_variant,
-    plan_variants,
-    roles_table,
-    slug,
-)
+from reflectevo.config import load_params
+from reflectevo.errors import ConfigError, EvaluationError
+from reflectevo.evaluation.evaluator import evaluation_store_dir, make_evaluator
+from reflectevo.evaluation.stage import format_example, slug
+from reflectevo.evaluation.variants import ModelPool, make_variant, plan_variants, roles_table
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -55,15 +48,34 @@ def test_default_roles_follow_the_paper(tmp_path):
     fake_reflection_phase_adapter(tmp_path)
     manifest = {"stages": {"03_sft": {"status": "done"}, "04_dpo": {"status": "done"}}}
     variants = {v.name: v.roles() for v in plan_variants(params, tmp_path, manifest)}
-    assert list(variants) == ["retry", "base", "sft/one_stage", "sft/two_stage", "sft/two_stage:reflection_phase",
-                              "sft/qa_pairs", "dpo/d_pm", "dpo/d_pref"]
+    assert list(variants) == [
+        "retry",
+        "base",
+        "sft/one_stage",
+        "sft/two_stage",
+        "sft/two_stage:reflection_phase",
+        "sft/qa_pairs",
+        "dpo/d_pm",
+        "dpo/d_pref",
+    ]
     assert variants["retry"] == {"first_turn": "base", "reflector": None, "second_turn": "base"}
     assert variants["base"] == {"first_turn": "base", "reflector": "base", "second_turn": "base"}
-    assert variants["sft/one_stage"] == {"first_turn": "base", "reflector": "sft/one_stage", "second_turn": "sft/one_stage"}
-    assert variants["sft/two_stage"] == {"first_turn": "base", "reflector": "sft/two_stage", "second_turn": "sft/two_stage"}
+    assert variants["sft/one_stage"] == {
+        "first_turn": "base",
+        "reflector": "sft/one_stage",
+        "second_turn": "sft/one_stage",
+    }
+    assert variants["sft/two_stage"] == {
+        "first_turn": "base",
+        "reflector": "sft/two_stage",
+        "second_turn": "sft/two_stage",
+    }
     # the same two-stage training, its reflection-phase adapter reflecting and its final adapter answering
     assert variants["sft/two_stage:reflection_phase"] == {
-        "first_turn": "base", "reflector": "sft/two_stage:reflection_phase", "second_turn": "sft/two_stage"}
+        "first_turn": "base",
+        "reflector": "sft/two_stage:reflection_phase",
+        "second_turn": "sft/two_stage",
+    }
     assert variants["sft/qa_pairs"] == {"first_turn": "sft/qa_pairs", "reflector": None, "second_turn": None}
     assert variants["dpo/d_pm"] == {"first_turn": "base", "reflector": "dpo/d_pm", "second_turn": "base"}
     table = roles_table(plan_variants(params, tmp_path, manifest))
@@ -73,21 +85,31 @@ def test_default_roles_follow_the_paper(tmp_path):
 
 
 def test_which_two_stage_adapter_reflects_is_a_choice(tmp_path):
-    from reflectevo.evaluation import trained_variants
+    from reflectevo.evaluation.variants import trained_variants
 
     fake_adapters(tmp_path, ["sft/two_stage"])
     manifest = {"stages": {"03_sft": {"status": "done"}}}
     sft = {"modes": ["two_stage"], "max_steps": 2}
-    assert [trained_variants(smoke(sft=sft, eval={"two_stage_reflector": choice})) for choice in ("final", "reflection_phase", "both")] == [
-        ["sft/two_stage", "dpo/d_pm", "dpo/d_pref"], ["sft/two_stage:reflection_phase", "dpo/d_pm", "dpo/d_pref"],
-        ["sft/two_stage", "sft/two_stage:reflection_phase", "dpo/d_pm", "dpo/d_pref"]]
-    assert [v.name for v in plan_variants(smoke(sft=sft, eval={"two_stage_reflector": "final"}), tmp_path, manifest)] == [
-        "retry", "base", "sft/two_stage"]
+    assert [
+        trained_variants(smoke(sft=sft, eval={"two_stage_reflector": choice}))
+        for choice in ("final", "reflection_phase", "both")
+    ] == [
+        ["sft/two_stage", "dpo/d_pm", "dpo/d_pref"],
+        ["sft/two_stage:reflection_phase", "dpo/d_pm", "dpo/d_pref"],
+        ["sft/two_stage", "sft/two_stage:reflection_phase", "dpo/d_pm", "dpo/d_pref"],
+    ]
+    assert [
+        v.name for v in plan_variants(smoke(sft=sft, eval={"two_stage_reflector": "final"}), tmp_path, manifest)
+    ] == ["retry", "base", "sft/two_stage"]
     # without the reflection phase's adapter the variant that needs it stops before any model loads
-    with pytest.raises(EvaluationError, match=r"sft/two_stage:reflection_phase, but .*reflection_adapter holds no trained adapter"):
+    with pytest.raises(
+        EvaluationError, match=r"sft/two_stage:reflection_phase, but .*reflection_adapter holds no trained adapter"
+    ):
         plan_variants(smoke(eval={"variants": ["base", "sft/two_stage:reflection_phase"]}), tmp_path, manifest)
     fake_reflection_phase_adapter(tmp_path)
-    only = plan_variants(smoke(eval={"variants": ["sft/two_stage:reflection_phase"], "first_turn": "variant"}), tmp_path, manifest)
+    only = plan_variants(
+        smoke(eval={"variants": ["sft/two_stage:reflection_phase"], "first_turn": "variant"}), tmp_path, manifest
+    )
     (variant,) = only
     assert variant.reflector.adapter == tmp_path / "sft/two_stage/reflection_adapter"
     assert variant.first_turn.adapter == variant.second_turn.adapter == tmp_path / "sft/two_stage/adapter"
@@ -110,7 +132,13 @@ def test_trained_means_what_this_run_trained(tmp_path):
     fake_reflection_phase_adapter(tmp_path)
     only_sft = {"stages": {"03_sft": {"status": "done"}, "04_dpo": {"status": "failed"}}}
     assert [v.name for v in plan_variants(params, tmp_path, only_sft)] == [
-        "retry", "base", "sft/one_stage", "sft/two_stage", "sft/two_stage:reflection_phase", "sft/qa_pairs"]
+        "retry",
+        "base",
+        "sft/one_stage",
+        "sft/two_stage",
+        "sft/two_stage:reflection_phase",
+        "sft/qa_pairs",
+    ]
     assert [v.name for v in plan_variants(params, tmp_path, {})] == ["retry", "base"]
 
 
@@ -120,7 +148,9 @@ def test_a_named_variant_that_was_not_trained_stops_before_any_model_loads(tmp_p
         plan_variants(params, tmp_path, {})
     with pytest.raises(ConfigError, match="sft.modes / dpo.pairs do not train"):
         smoke(sft={"modes": ["one_stage"]}, eval={"variants": ["sft/two_stage"]})
-    with pytest.raises(ConfigError, match=r"eval.protocols.0: Input should be 'oracle', 'oracle_free' or 'self_verify'"):
+    with pytest.raises(
+        ConfigError, match=r"eval.protocols.0: Input should be 'oracle', 'oracle_free' or 'self_verify'"
+    ):
         smoke(eval={"protocols": ["oracle_fre"]})
 
 
@@ -136,11 +166,26 @@ def test_engines_that_cannot_switch_adapters_are_refused():
 
 def test_metric_settings_reuse_the_generations_and_prompt_settings_do_not(tmp_path):
     manifest = {"stages": {"01_data": {"identity": "a"}, "03_sft": {"identity": "b"}}}
-    base = generations_dir(tmp_path, smoke(), manifest)
-    assert generations_dir(tmp_path, smoke(eval={"bootstrap_samples": 7, "graders": ["robust"], "protocols": ["oracle"],
-                                                 "allow_mismatch": ["grader"]}), manifest) == base
-    assert generations_dir(tmp_path, smoke(eval={"fewshots": 1, "allow_mismatch": ["fewshots"]}), manifest) != base
-    assert generations_dir(tmp_path, smoke(), {"stages": {**manifest["stages"], "03_sft": {"identity": "c"}}}) != base
+    base = evaluation_store_dir(tmp_path, smoke(), manifest)
+    assert (
+        evaluation_store_dir(
+            tmp_path,
+            smoke(
+                eval={
+                    "bootstrap_samples": 7,
+                    "graders": ["robust"],
+                    "protocols": ["oracle"],
+                    "allow_mismatch": ["grader"],
+                }
+            ),
+            manifest,
+        )
+        == base
+    )
+    assert evaluation_store_dir(tmp_path, smoke(eval={"fewshots": 1, "allow_mismatch": ["fewshots"]}), manifest) != base
+    assert (
+        evaluation_store_dir(tmp_path, smoke(), {"stages": {**manifest["stages"], "03_sft": {"identity": "c"}}}) != base
+    )
 
 
 def test_slugs_name_models_and_adapters():
@@ -154,9 +199,17 @@ def test_self_verification_gates_the_review(tmp_path, tiny_model_dir):
     are reviewed, and its verdict text is kept with the prediction."""
     from reflectevo.data.prepare import prepare_data
 
-    params = smoke(data={"source": "samples", "tasks": ["logiqa", "bigbench"], "max_items": {"test": 4}},
-                   eval={"variants": ["retry", "base"], "protocols": ["self_verify"], "fewshots": 0,
-                         "max_new_tokens": 48, "reflection_max_new_tokens": 48, "bootstrap_samples": 0})
+    params = smoke(
+        data={"source": "samples", "tasks": ["logiqa", "bigbench"], "max_items": {"test": 4}},
+        eval={
+            "variants": ["retry", "base"],
+            "protocols": ["self_verify"],
+            "fewshots": 0,
+            "max_new_tokens": 48,
+            "reflection_max_new_tokens": 48,
+            "bootstrap_samples": 0,
+        },
+    )
     items = {task: data.splits["test"] for task, data in prepare_data(params.data, params.run.seed).items()}
     evaluator = make_evaluator(params, tmp_path / "generations", progress=False)
     variants = [make_variant(params, "retry"), make_variant(params, "base")]
@@ -176,9 +229,23 @@ def test_self_verification_gates_the_review(tmp_path, tiny_model_dir):
 
 def test_reflectevo_eval_evaluates_a_model_without_the_pipeline(tmp_path, tiny_model_dir):
     result = subprocess.run(
-        [str(BIN / "reflectevo"), "eval", str(REPO / "params" / "smoke.yaml"), "--variants", "retry",
-         "--protocols", "oracle", "--out", str(tmp_path / "eval")],
-        cwd=tmp_path, capture_output=True, text=True, check=False, timeout=600)
+        [
+            str(BIN / "reflectevo"),
+            "eval",
+            str(REPO / "params" / "smoke.yaml"),
+            "--variants",
+            "retry",
+            "--protocols",
+            "oracle",
+            "--out",
+            str(tmp_path / "eval"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Prompt, w/o reflection" in result.stdout and "protocol oracle" in result.stdout
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
@@ -187,8 +254,14 @@ def test_reflectevo_eval_evaluates_a_model_without_the_pipeline(tmp_path, tiny_m
     assert sorted({row["gate_grader"] for row in rows}) == ["official", "robust"]
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("manifest.json"))
 
-    missing = subprocess.run([str(BIN / "reflectevo"), "eval", str(REPO / "params" / "smoke.yaml"), "--adapter", str(tmp_path / "none")],
-                             cwd=tmp_path, capture_output=True, text=True, check=False, timeout=120)
+    missing = subprocess.run(
+        [str(BIN / "reflectevo"), "eval", str(REPO / "params" / "smoke.yaml"), "--adapter", str(tmp_path / "none")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
     assert missing.returncode == 2 and "adapter folder not found" in missing.stderr
 
 
@@ -205,7 +278,7 @@ class ScriptedEngine:
         self.stages: list[str] = []  # the generation stores asked for, in order
 
     def generate(self, requests, settings, *, stage, store_dir=None, seed=None, force=False):
-        from reflectevo.generation import GenerationOutput
+        from reflectevo.generation.requests import GenerationOutput
         from reflectevo.prompts import REFLECTION_HEADER, REFLECTION_INTRO, REVIEW_HEADER, REVIEW_INTRO
 
         outputs = []
@@ -220,9 +293,21 @@ class ScriptedEngine:
             else:
                 kind, text = "first", self.first[question]
             self.asked.append((kind, user))
-            outputs.append(GenerationOutput(key=request.key, sample=0, text=text, finish_reason="eos", prompt=user,
-                                            settings=settings.to_dict(), prompt_tokens=0, new_tokens=0, engine=self.name,
-                                            batch=0, stage=stage))
+            outputs.append(
+                GenerationOutput(
+                    key=request.key,
+                    sample=0,
+                    text=text,
+                    finish_reason="eos",
+                    prompt=user,
+                    settings=settings.to_dict(),
+                    prompt_tokens=0,
+                    new_tokens=0,
+                    engine=self.name,
+                    batch=0,
+                    stage=stage,
+                )
+            )
         return outputs
 
 
@@ -249,16 +334,22 @@ def disagreeing_items():
     from reflectevo.tasks.text import parse_options
 
     options = "Which holds?\nA.red\nB.blue\nC.green\nD.white"
-    logiqa = [Item("logiqa", "1", f"Sky. {options}", "b", options=parse_options(options, 4)),
-              Item("logiqa", "2", f"Grass. {options}", "c", options=parse_options(options, 4))]
+    logiqa = [
+        Item("logiqa", "1", f"Sky. {options}", "b", options=parse_options(options, 4)),
+        Item("logiqa", "2", f"Grass. {options}", "c", options=parse_options(options, 4)),
+    ]
     math = [Item("math", "1", "What is one half as a fraction?", "\\frac{1}{2}")]
-    first = {"Sky. " + options: "Thought: The sky is blue.\nAction: Finish[(B)]",
-             "Grass. " + options: "Thought: Grass is red.\nAction: Finish[A]",
-             "What is one half as a fraction?": "Thought: One over two.\nAction: Finish<<<$\\frac{1}{2}$>>>"}
+    first = {
+        "Sky. " + options: "Thought: The sky is blue.\nAction: Finish[(B)]",
+        "Grass. " + options: "Thought: Grass is red.\nAction: Finish[A]",
+        "What is one half as a fraction?": "Thought: One over two.\nAction: Finish<<<$\\frac{1}{2}$>>>",
+    }
     # second attempts that are wrong under both graders: a right answer reflected on can only be broken
-    second = {"Sky. " + options: "Thought: Maybe green.\nAction: Finish[C]",
-              "Grass. " + options: "Thought: My previous answer Finish[A] was wrong; grass is green.\nAction: Finish[C]",
-              "What is one half as a fraction?": "Thought: Try again.\nAction: Finish<<<2>>>"}
+    second = {
+        "Sky. " + options: "Thought: Maybe green.\nAction: Finish[C]",
+        "Grass. " + options: "Thought: My previous answer Finish[A] was wrong; grass is green.\nAction: Finish[C]",
+        "What is one half as a fraction?": "Thought: Try again.\nAction: Finish<<<2>>>",
+    }
     return {"logiqa": logiqa, "math": math}, first, second
 
 
@@ -266,10 +357,13 @@ def test_the_oracle_runs_once_per_grader_gated_and_scored_by_it(tmp_path):
     """Where the graders disagree on a first answer, each oracle run reflects on what its own grader rejected,
     so no oracle table shows a right answer turned wrong; the table of the other protocol is scored by every
     grader. A question both graders reject with the same feedback is reflected on and answered once."""
-    from reflectevo.evaluation import Evaluator, compute_tables, protocol_runs
+    from reflectevo.evaluation.evaluator import Evaluator, protocol_runs
+    from reflectevo.evaluation.stage import compute_tables
 
-    params = smoke(data={"source": "samples", "tasks": ["logiqa", "math"]},
-                   eval={"variants": ["base"], "protocols": ["oracle", "oracle_free"], "bootstrap_samples": 0})
+    params = smoke(
+        data={"source": "samples", "tasks": ["logiqa", "math"]},
+        eval={"variants": ["base"], "protocols": ["oracle", "oracle_free"], "bootstrap_samples": 0},
+    )
     items, first, second = disagreeing_items()
     engine = ScriptedEngine(first, second)
     evaluator = Evaluator(params, ScriptedPool(engine), tmp_path / "generations")
@@ -302,19 +396,24 @@ def test_the_oracle_runs_once_per_grader_gated_and_scored_by_it(tmp_path):
     assert sum("Grass." in user for user in oracle_reflections) == 1
     assert sum("Sky." in user for user in oracle_reflections) == 1  # only the official run reflected on it
     # robust's run needed no generation of its own: its one reflected question was asked alike by the official run
-    assert engine.stages == ["first_turn_base", "base_oracle-official_reflection", "base_oracle-official_second_turn",
-                             "base_oracle_free_reflection", "base_oracle_free_second_turn"]
+    assert engine.stages == [
+        "first_turn_base",
+        "base_oracle-official_reflection",
+        "base_oracle-official_second_turn",
+        "base_oracle_free_reflection",
+        "base_oracle_free_second_turn",
+    ]
 
 
 def test_two_call_attempts_in_the_evaluation(tmp_path):
     """eval.attempt_calls: 2 makes each attempt as the paper's agent does: a thought call that stops at the
     action, then the action call with the thought given; the graded text is the two joined."""
-    from reflectevo.evaluation import Evaluator
+    from reflectevo.evaluation.evaluator import Evaluator
     from reflectevo.prompts import ACTION_PREFIX, THOUGHT_PREFIX
 
     class TwoCalls(ScriptedEngine):
         def generate(self, requests, settings, *, stage, store_dir=None, seed=None, force=False):
-            from reflectevo.generation import GenerationOutput
+            from reflectevo.generation.requests import GenerationOutput
 
             outputs = []
             for request in requests:
@@ -323,21 +422,46 @@ def test_two_call_attempts_in_the_evaluation(tmp_path):
                 text = "The sky is blue." if last["content"] == THOUGHT_PREFIX else "Finish[B]"
                 assert last["content"] == THOUGHT_PREFIX or last["content"].endswith(ACTION_PREFIX)
                 self.asked.append((stage, last["content"]))
-                outputs.append(GenerationOutput(key=request.key, sample=0, text=text, finish_reason="eos", prompt="",
-                                                settings=settings.to_dict(), prompt_tokens=0, new_tokens=0,
-                                                engine=self.name, batch=0, stage=stage))
+                outputs.append(
+                    GenerationOutput(
+                        key=request.key,
+                        sample=0,
+                        text=text,
+                        finish_reason="eos",
+                        prompt="",
+                        settings=settings.to_dict(),
+                        prompt_tokens=0,
+                        new_tokens=0,
+                        engine=self.name,
+                        batch=0,
+                        stage=stage,
+                    )
+                )
             return outputs
 
-    params = smoke(data={"source": "samples", "tasks": ["logiqa"]}, reflect={"fewshots": 0, "attempt_calls": 2},
-                   eval={"variants": ["retry"], "protocols": ["oracle"], "attempt_calls": 2, "graders": ["official"],
-                         "bootstrap_samples": 0})
+    params = smoke(
+        data={"source": "samples", "tasks": ["logiqa"]},
+        reflect={"fewshots": 0, "attempt_calls": 2},
+        eval={
+            "variants": ["retry"],
+            "protocols": ["oracle"],
+            "attempt_calls": 2,
+            "graders": ["official"],
+            "bootstrap_samples": 0,
+        },
+    )
     items, first, second = disagreeing_items()
     engine = TwoCalls(first, second)
-    predictions = Evaluator(params, ScriptedPool(engine), None).run([make_variant(params, "retry")], {"logiqa": items["logiqa"]})
+    predictions = Evaluator(params, ScriptedPool(engine), None).run(
+        [make_variant(params, "retry")], {"logiqa": items["logiqa"]}
+    )
     assert {row["t1"]["text"] for row in predictions} == {"Thought: The sky is blue.\nAction: Finish[B]"}
     assert list(dict.fromkeys(stage for stage, _ in engine.asked)) == [
-        "first_turn_base_thought", "first_turn_base_action", "retry_oracle-official_second_turn_thought",
-        "retry_oracle-official_second_turn_action"]
+        "first_turn_base_thought",
+        "first_turn_base_action",
+        "retry_oracle-official_second_turn_thought",
+        "retry_oracle-official_second_turn_action",
+    ]
     outcomes = {row["id"]: row["t1"]["official"]["outcome"] for row in predictions}
     assert outcomes == {"1": "correct", "2": "wrong"}
 
@@ -345,11 +469,15 @@ def test_two_call_attempts_in_the_evaluation(tmp_path):
 def test_training_and_test_settings_must_agree_unless_the_recipe_says_so():
     with pytest.raises(ConfigError, match=r"reflect.fewshots is 0, eval.fewshots is 3.*eval.allow_mismatch"):
         smoke(eval={"fewshots": 3})
-    with pytest.raises(ConfigError, match=r"reflect.second_trial is 'reflection_and_attempt', eval.second_trial is 'reflection'"):
+    with pytest.raises(
+        ConfigError, match=r"reflect.second_trial is 'reflection_and_attempt', eval.second_trial is 'reflection'"
+    ):
         smoke(eval={"second_trial": "reflection"})
     with pytest.raises(ConfigError, match=r"reflect.attempt_calls is 1, eval.attempt_calls is 2"):
         smoke(eval={"attempt_calls": 2})
-    with pytest.raises(ConfigError, match=r"reflect.grader is 'official', which eval.graders \['robust'\] does not include"):
+    with pytest.raises(
+        ConfigError, match=r"reflect.grader is 'official', which eval.graders \['robust'\] does not include"
+    ):
         smoke(eval={"graders": ["robust"]})
     allowed = smoke(eval={"fewshots": 3, "graders": ["robust"], "allow_mismatch": ["fewshots", "grader"]})
     from reflectevo.config import training_test_mismatches
@@ -367,11 +495,14 @@ def test_training_and_test_settings_must_agree_unless_the_recipe_says_so():
 def test_a_task_left_out_of_evaluation_is_named_in_every_table(tmp_path):
     """data.allow_empty_eval lets a task without eval items be left out; the overall rows, the paper-layout
     tables, results.json and the report's provenance say so."""
-    from reflectevo.analysis import provenance
-    from reflectevo.evaluation import Evaluator, compute_tables, eval_record, write_results
+    from reflectevo.analysis.report import provenance
+    from reflectevo.evaluation.evaluator import Evaluator
+    from reflectevo.evaluation.stage import compute_tables, eval_record, write_results
 
-    params = smoke(data={"source": "samples", "tasks": ["logiqa", "math", "bigbench"], "allow_empty_eval": ["bigbench"]},
-                   eval={"variants": ["base"], "protocols": ["oracle"], "bootstrap_samples": 0})
+    params = smoke(
+        data={"source": "samples", "tasks": ["logiqa", "math", "bigbench"], "allow_empty_eval": ["bigbench"]},
+        eval={"variants": ["base"], "protocols": ["oracle"], "bootstrap_samples": 0},
+    )
     items, first, second = disagreeing_items()
     variants = [make_variant(params, "base")]
     predictions = Evaluator(params, ScriptedPool(ScriptedEngine(first, second)), None).run(variants, items)
@@ -381,13 +512,16 @@ def test_a_task_left_out_of_evaluation_is_named_in_every_table(tmp_path):
     assert set(tables.summary.loc[tables.summary["task"] != "overall", "tasks_left_out"]) == {""}
     record = eval_record(params, variants, items, excluded_tasks=["bigbench"])
     write_results(tmp_path, predictions, tables, record)
-    assert "Left out, with no test items (data.allow_empty_eval): bigbench." in (tmp_path / "paper_table_oracle_official.md").read_text()
+    assert (
+        "Left out, with no test items (data.allow_empty_eval): bigbench."
+        in (tmp_path / "paper_table_oracle_official.md").read_text()
+    )
     assert json.loads((tmp_path / "results.json").read_text())["excluded_tasks"] == ["bigbench"]
     assert "left out with no test items: bigbench" in provenance(record, "builtin:tiny")
 
 
 def test_a_prediction_records_when_the_robust_grader_read_an_answer_without_an_action_line():
-    from reflectevo.evaluation import Turn
+    from reflectevo.evaluation.evaluator import Turn
     from reflectevo.tasks import get_task
 
     item = get_task("logiqa").load_samples("test")[0]

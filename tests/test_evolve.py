@@ -21,17 +21,13 @@ import nbformat
 import pytest
 import yaml
 
-from reflectevo.config import ConfigError, load_params
-from reflectevo.errors import ReflectEvoError
+from reflectevo.cli.run import run_pipeline
+from reflectevo.config import load_params
+from reflectevo.core.files import folder_sha256
+from reflectevo.errors import ConfigError, ReflectEvoError, StageError
 from reflectevo.evolve import generator_digest, stop_rule, training_data
-from reflectevo.runner import run_pipeline
-from reflectevo.runs import (
-    StageError,
-    folder_sha256,
-    for_round,
-    read_manifest,
-    round_seed,
-)
+from reflectevo.runs.plan import read_manifest
+from reflectevo.runs.stages import for_round, round_seed
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -63,8 +59,14 @@ def evolve_run(smoke_papermill_run, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("evolve-smoke")
     adopt_as_round_1(smoke_papermill_run / "outputs" / "smoke", cwd / "outputs" / "evolve-smoke")
     started = time.monotonic()
-    result = subprocess.run([str(BIN / "reflectevo"), "run", str(EVOLVE_SMOKE), "--notebooks", str(REPO / "notebooks")],
-                            cwd=cwd, capture_output=True, text=True, check=False, timeout=1500)
+    result = subprocess.run(
+        [str(BIN / "reflectevo"), "run", str(EVOLVE_SMOKE), "--notebooks", str(REPO / "notebooks")],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=1500,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     return cwd, result.stdout, time.monotonic() - started
 
@@ -76,7 +78,14 @@ def test_two_rounds_of_the_smoke_recipe(evolve_run):
     # round 1 is the smoke run: its stages 01-04 were adopted, not rerun; everything else ran
     for key in ("01_data", "round_1:02_reflect", "round_1:03_sft", "round_1:04_dpo"):
         assert f"{key}: skipped, finished with the same params" in stdout, stdout
-    for key in ("round_1:05_eval", "round_2:02_reflect", "round_2:03_sft", "round_2:04_dpo", "round_2:05_eval", "06_analysis"):
+    for key in (
+        "round_1:05_eval",
+        "round_2:02_reflect",
+        "round_2:03_sft",
+        "round_2:04_dpo",
+        "round_2:05_eval",
+        "06_analysis",
+    ):
         assert f"{key}: done" in stdout, stdout
 
     manifest = read_manifest(top)
@@ -85,7 +94,8 @@ def test_two_rounds_of_the_smoke_recipe(evolve_run):
     rounds = {number: read_manifest(top / f"round_{number}") for number in (1, 2)}
     for number, round_manifest in rounds.items():
         assert {key: entry["status"] for key, entry in round_manifest["stages"].items()} == dict.fromkeys(
-            ("02_reflect", "03_sft", "04_dpo", "05_eval"), "done")
+            ("02_reflect", "03_sft", "04_dpo", "05_eval"), "done"
+        )
         assert round_manifest["seeds"] == {"run": round_seed(0, number), "round": number}
         assert (top / f"round_{number}" / "eval" / "summary.csv").stat().st_size > 0  # the round's eval table
         validation = round_manifest["stages"]["05_eval"]["validation"]
@@ -109,11 +119,17 @@ def test_two_rounds_of_the_smoke_recipe(evolve_run):
     # accumulate: round 2 trains on both rounds' rows, round 1 on its own
     from datasets import load_from_disk
 
-    own = {number: {row["task"]: row for row in rounds[number]["stages"]["02_reflect"]["counts"]}["all"] for number in (1, 2)}
+    own = {
+        number: {row["task"]: row for row in rounds[number]["stages"]["02_reflect"]["counts"]}["all"]
+        for number in (1, 2)
+    }
     data = rounds[2]["stages"]["02_reflect"]["training_data"]
     for name in ("d_plus", "d_pm", "d_pref"):
         assert data["rows"][name] == own[1][name] + own[2][name] - data["duplicates_dropped"][name]
-        rows = [json.loads(line) for line in (top / "round_2" / "reflect" / "accumulated" / f"{name}.jsonl").read_text().splitlines()]
+        rows = [
+            json.loads(line)
+            for line in (top / "round_2" / "reflect" / "accumulated" / f"{name}.jsonl").read_text().splitlines()
+        ]
         assert len(rows) == data["rows"][name] and {row["round"] for row in rows} <= {1, 2}
     assert load_from_disk(str(top / "round_2" / "reflect" / "datasets" / "dpo_d_pm")).num_rows == data["rows"]["d_pm"]
     assert load_from_disk(str(top / "round_1" / "reflect" / "datasets" / "dpo_d_pm")).num_rows == own[1]["d_pm"]
@@ -128,7 +144,7 @@ def test_two_rounds_of_the_smoke_recipe(evolve_run):
 
 
 def test_stability_table_reads_every_round(evolve_run):
-    from reflectevo import analysis
+    from reflectevo.analysis import tables as analysis
 
     top = evolve_run[0] / "outputs" / "evolve-smoke"
     rounds = {number: analysis.read_round(top / f"round_{number}") for number in (1, 2)}
@@ -144,13 +160,21 @@ def test_stability_table_reads_every_round(evolve_run):
 def test_data_policies_on_the_run(evolve_run, tmp_path):
     """fresh keeps a round's own rows; accumulate drops a later round's row an earlier round already has."""
     cwd = evolve_run[0]
-    params = load_params(EVOLVE_SMOKE, {"run": {"name": "evolve-smoke", "seed": 0, "allow_code_execution": True,
-                                                "output_dir": str(cwd / "outputs")}})
-    round_1 = [json.loads(line) for line in (params.run_dir / "round_1" / "reflect" / "curated" / "d_plus.jsonl").read_text().splitlines()]
+    params = load_params(
+        EVOLVE_SMOKE,
+        {"run": {"name": "evolve-smoke", "seed": 0, "allow_code_execution": True, "output_dir": str(cwd / "outputs")}},
+    )
+    round_1 = [
+        json.loads(line)
+        for line in (params.run_dir / "round_1" / "reflect" / "curated" / "d_plus.jsonl").read_text().splitlines()
+    ]
     new = {**round_1[0], "reflections": round_1[0]["reflections"] + " (a new one)"}
     accumulated, summary, written = training_data(for_round(params, 2), tmp_path, [round_1[0], new], [], [])
     assert accumulated["d_plus"] == [{**row, "round": 1} for row in round_1] + [{**new, "round": 2}]
-    assert summary["duplicates_dropped"]["d_plus"] == 1 and summary["by_round"]["d_plus"] == {"round_1": len(round_1), "round_2": 1}
+    assert summary["duplicates_dropped"]["d_plus"] == 1 and summary["by_round"]["d_plus"] == {
+        "round_1": len(round_1),
+        "round_2": 1,
+    }
     assert [path.name for path in written] == ["d_plus.jsonl", "d_pm.jsonl", "d_pref.jsonl"]
     fresh = load_params(EVOLVE_SMOKE, {"evolve": {"rounds": 2, "data": "fresh"}})
     own, summary, written = training_data(for_round(fresh, 2), tmp_path, [round_1[0], new], [], [])
@@ -169,15 +193,32 @@ def test_round_addressing(evolve_run, monkeypatch):
         end = next(index for index, line in enumerate(lines) if line.strip().startswith("# one rendered prompt"))
         return [tuple(line.split()[:2]) for line in lines[start:end]]
 
-    assert plan(start="round_2:03", force=True) == [("round_2:03_sft", "run"), ("round_2:04_dpo", "run"),
-                                                    ("round_2:05_eval", "run"), ("06_analysis", "run")]
+    assert plan(start="round_2:03", force=True) == [
+        ("round_2:03_sft", "run"),
+        ("round_2:04_dpo", "run"),
+        ("round_2:05_eval", "run"),
+        ("06_analysis", "run"),
+    ]
     assert all(action == "skip" for _, action in plan(start="round_2:03"))
-    assert plan(stages=["round_1:02", "round_2:05_eval"]) == [("round_1:02_reflect", "skip"), ("round_2:05_eval", "skip")]
+    assert plan(stages=["round_1:02", "round_2:05_eval"]) == [
+        ("round_1:02_reflect", "skip"),
+        ("round_2:05_eval", "skip"),
+    ]
     assert [key for key, _ in plan(stages=["03"])] == ["round_1:03_sft", "round_2:03_sft"]
-    assert [key for key, _ in plan(start="05")] == ["round_1:05_eval", "round_2:02_reflect", "round_2:03_sft",
-                                                    "round_2:04_dpo", "round_2:05_eval", "06_analysis"]
-    for address, message in (("round_x:03", "malformed stage address"), ("round_3:03", r"outside 1\.\.2"),
-                             ("round_1:01", "runs once per run"), ("round_2:09", "unknown stage")):
+    assert [key for key, _ in plan(start="05")] == [
+        "round_1:05_eval",
+        "round_2:02_reflect",
+        "round_2:03_sft",
+        "round_2:04_dpo",
+        "round_2:05_eval",
+        "06_analysis",
+    ]
+    for address, message in (
+        ("round_x:03", "malformed stage address"),
+        ("round_3:03", r"outside 1\.\.2"),
+        ("round_1:01", "runs once per run"),
+        ("round_2:09", "unknown stage"),
+    ):
         with pytest.raises(ReflectEvoError, match=message):
             plan(start=address)
     with pytest.raises(ReflectEvoError, match="one round"):
@@ -190,8 +231,9 @@ def test_stop_rule():
     assert stop_rule(evolve, {1: 0.5, 2: 0.6, 3: 0.62, 4: 0.9}).after_round == 3  # +0.02 < 0.05
     decision = stop_rule(evolve, {1: 0.5, 2: 0.55})  # exactly the margin: it goes on
     assert decision.after_round is None and decision.decided_through == 2
-    assert stop_rule(evolve, {1: 0.5, 2: 0.4}).reason.startswith("validation Acc@t2 (oracle_free) went from 0.5000 in round 1 "
-                                                                 "to 0.4000 in round 2 (-0.1000)")
+    assert stop_rule(evolve, {1: 0.5, 2: 0.4}).reason.startswith(
+        "validation Acc@t2 (oracle_free) went from 0.5000 in round 1 to 0.4000 in round 2 (-0.1000)"
+    )
     assert stop_rule(evolve, {1: 0.5, 3: 0.1}).decided_through == 1  # round 2 not current: nothing after it is decided
     # a round without a score (none of its variants has a second turn) is compared with nothing
     assert stop_rule(evolve, {1: 0.5, 2: None, 3: 0.4}).after_round is None
@@ -204,7 +246,9 @@ MINI_BODY = """
 from reflectevo.notebook import configure, setup
 setup()
 params = configure(params_file, select_model_backend=False, run=run, data=data, evolve=evolve)
-from reflectevo.runs import atomic_write_text, for_round, open_run
+from reflectevo.core.files import atomic_write_text
+from reflectevo.runs.stages import for_round
+from reflectevo.runs.rundir import open_run
 params = for_round(params)
 rundir = open_run(params, params_file=params_file)
 stage = rundir.begin_stage("{key}", require_upstream=False)
@@ -228,43 +272,58 @@ def test_the_runner_stops_when_validation_stops_improving(tmp_path, monkeypatch)
         notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         parameters = nbformat.v4.new_code_cell(MINI_PARAMETERS)
         parameters.metadata["tags"] = ["parameters"]
-        notebook.cells = [parameters, nbformat.v4.new_code_cell(MINI_BODY.format(key=key, scores={1: 0.25, 2: 0.25, 3: 0.75}))]
+        notebook.cells = [
+            parameters,
+            nbformat.v4.new_code_cell(MINI_BODY.format(key=key, scores={1: 0.25, 2: 0.25, 3: 0.75})),
+        ]
         nbformat.write(notebook, notebooks / f"{key}.ipynb")
     monkeypatch.chdir(tmp_path)
     recipe = tmp_path / "recipe.yaml"
 
     def run(**evolve) -> list[str]:
-        recipe.write_text(yaml.safe_dump({"run": {"name": "r"}, "data": {"tasks": ["logiqa"]}, "evolve": {"rounds": 3, **evolve}}))
+        recipe.write_text(
+            yaml.safe_dump({"run": {"name": "r"}, "data": {"tasks": ["logiqa"]}, "evolve": {"rounds": 3, **evolve}})
+        )
         lines: list[str] = []
         assert run_pipeline(recipe, notebooks=notebooks, out=lines.append) == 0, lines
         return lines
 
     lines = run(stop_margin=0.01)
     assert "[3/4] round_3:05_eval: skipped, the run stops after round 2 (evolve.stop_margin)" in lines, lines
-    assert any(line.startswith("  stopping after round 2: validation Acc@t2 (oracle_free) went from 0.2500") for line in lines)
+    assert any(
+        line.startswith("  stopping after round 2: validation Acc@t2 (oracle_free) went from 0.2500") for line in lines
+    )
     assert "[4/4] 06_analysis: running (not run yet)" in lines
     manifest = read_manifest(tmp_path / "outputs" / "r")
-    assert manifest["evolve"]["stopped"]["after_round"] == 2 and set(manifest["evolve"]["rounds"]) == {"round_1", "round_2"}
+    assert manifest["evolve"]["stopped"]["after_round"] == 2 and set(manifest["evolve"]["rounds"]) == {
+        "round_1",
+        "round_2",
+    }
     assert not (tmp_path / "outputs" / "r" / "round_3").exists()
 
     lines = run(stop_margin=0.01)  # the rounds on disk decide it before anything runs
     assert [line.split(": ")[1].split(",")[0] for line in lines if line.startswith("[")] == ["skipped"] * 4, lines
 
     lines = run()  # no stopping rule: round 3 runs, and stage 06 now covers three rounds
-    assert "[3/4] round_3:05_eval: running (not run yet)" in lines and "[4/4] 06_analysis: running" in " ".join(lines), lines
+    assert "[3/4] round_3:05_eval: running (not run yet)" in lines and "[4/4] 06_analysis: running" in " ".join(
+        lines
+    ), lines
     assert "stopped" not in read_manifest(tmp_path / "outputs" / "r")["evolve"]
 
 
 # ---- params and round params ---------------------------------------------------------------------------
-@pytest.mark.parametrize(("evolve", "message"), [
-    ({"rounds": 0}, "evolve.rounds"),
-    ({"rounds": 2, "generator": "sft/two_stag"}, "did you mean 'sft/two_stage'"),
-    ({"rounds": 2, "generator": "dpo/d_pref"}, "which sft.modes / dpo.pairs do not train"),
-    ({"rounds": 2, "protocol": "self_verify"}, "is not in eval.protocols"),
-    ({"rounds": 2, "data": "all"}, "evolve.data"),
-    ({"rounds": 1, "round": 1}, "only set in a run of several rounds"),
-    ({"rounds": 2, "round": 3}, "beyond evolve.rounds"),
-])
+@pytest.mark.parametrize(
+    ("evolve", "message"),
+    [
+        ({"rounds": 0}, "evolve.rounds"),
+        ({"rounds": 2, "generator": "sft/two_stag"}, "did you mean 'sft/two_stage'"),
+        ({"rounds": 2, "generator": "dpo/d_pref"}, "which sft.modes / dpo.pairs do not train"),
+        ({"rounds": 2, "protocol": "self_verify"}, "is not in eval.protocols"),
+        ({"rounds": 2, "data": "all"}, "evolve.data"),
+        ({"rounds": 1, "round": 1}, "only set in a run of several rounds"),
+        ({"rounds": 2, "round": 3}, "beyond evolve.rounds"),
+    ],
+)
 def test_bad_evolve_params_are_refused(evolve, message):
     with pytest.raises(ConfigError, match=message):
         load_params(None, {"evolve": evolve})
@@ -280,7 +339,8 @@ def test_the_runner_refuses_a_round_in_the_params_file(tmp_path):
 def test_round_params_and_identities():
     """Round 1 is the plain run (same identities for 02-04); round k >= 2 has its own seed, its merged
     generator as model, and identities that name the round and the generator."""
-    from reflectevo.runs import STAGES, Address, address_identity, identity_of
+    from reflectevo.runs.plan import Address, address_identity, identity_of
+    from reflectevo.runs.stages import STAGES
 
     params = load_params(EVOLVE_SMOKE)
     plain = load_params(REPO / "params" / "smoke.yaml")
@@ -293,14 +353,18 @@ def test_round_params_and_identities():
         assert address_identity(params, Address(stage, 1), upstream) == identity_of(plain, stage, upstream)
     other = load_params(EVOLVE_SMOKE, {"evolve": {"rounds": 2, "generator": "sft/two_stage"}})
     for stage in STAGES[1:5]:
-        assert address_identity(params, Address(stage, 2), upstream) != address_identity(other, Address(stage, 2), upstream)
+        assert address_identity(params, Address(stage, 2), upstream) != address_identity(
+            other, Address(stage, 2), upstream
+        )
     with pytest.raises(StageError, match="not resolved"):
-        from reflectevo.runs import open_run
+        from reflectevo.runs.rundir import open_run
 
         open_run(load_params(EVOLVE_SMOKE, {"evolve": {"rounds": 2, "round": 2}}))
 
 
-@pytest.mark.parametrize(("evolving", "base"), [("evolve-smoke.yaml", "smoke.yaml"), ("evolve-quickstart.yaml", "quickstart.yaml")])
+@pytest.mark.parametrize(
+    ("evolving", "base"), [("evolve-smoke.yaml", "smoke.yaml"), ("evolve-quickstart.yaml", "quickstart.yaml")]
+)
 def test_evolve_recipes_follow_their_base(evolving, base):
     """The evolve recipes are their base recipe plus the evolve section (so round 1 is the base run)."""
     evolved = load_params(REPO / "params" / evolving).to_dict()

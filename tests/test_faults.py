@@ -44,12 +44,16 @@ def reference(zygote, tmp_path_factory):
 def test_a_killed_stage_reruns_to_the_uninterrupted_result(zygote, reference, stage, tmp_path):
     seed = SEED + faults.STAGES.index(stage)
     chain = faults.fault_stage(zygote, reference, stage, KILLS, seed, tmp_path)
-    print(f"{stage}: {len(reference.traces[stage])} fault points; killed at {chain.landed}; "
-          f"runs {[(run.returncode, run.seconds) for run in chain.runs]}; uninterrupted {reference.seconds[stage]} s")
+    print(
+        f"{stage}: {len(reference.traces[stage])} fault points; killed at {chain.landed}; "
+        f"runs {[(run.returncode, run.seconds) for run in chain.runs]}; uninterrupted {reference.seconds[stage]} s"
+    )
     assert chain.landed, f"no kill landed in {stage}; replay: {chain.replay()}"
     found = faults.differences(reference.root, chain.cwd, stage)
-    assert not found, f"{stage} after kills at {chain.landed} differs from the uninterrupted run " \
-                      f"(replay: {chain.replay()}):\n" + "\n".join(found)
+    assert not found, (
+        f"{stage} after kills at {chain.landed} differs from the uninterrupted run "
+        f"(replay: {chain.replay()}):\n" + "\n".join(found)
+    )
     assert not faults.sandbox_strays()
     assert not (chain.cwd / "outputs" / "smoke" / ".lock").exists(), "the finished rerun kept the lock"
 
@@ -69,7 +73,8 @@ def test_the_same_params_and_seed_give_byte_identical_data_and_metrics(reference
     """Two runs of params/smoke.yaml on CPU, one through raw papermill, one cell by cell in a plain process:
     their manifests record the same sha256 for every split, raw record file, curated set, training dataset,
     prediction and metrics table, and the same LoRA tensors (the files on disk match the recorded hashes)."""
-    from reflectevo.runs import file_sha256, read_manifest
+    from reflectevo.core.files import file_sha256
+    from reflectevo.runs.plan import read_manifest
 
     runs = [root / "outputs" / "smoke" for root in (reference.root, smoke_papermill_run)]
     manifests = [read_manifest(run) for run in runs]
@@ -84,16 +89,26 @@ def test_the_same_params_and_seed_give_byte_identical_data_and_metrics(reference
         assert manifests[0]["stages"][stage]["identity"] == manifests[1]["stages"][stage]["identity"]
         for name in outputs[0]:
             if stage in faults.DATA_STAGES or name.endswith(("adapter_model.safetensors", "adapter_config.json")):
-                assert outputs[0][name]["sha256"] == outputs[1][name]["sha256"], f"{stage}: {name} differs between two runs"
+                assert outputs[0][name]["sha256"] == outputs[1][name]["sha256"], (
+                    f"{stage}: {name} differs between two runs"
+                )
                 compared += 1
         if stage in faults.TRAINING_STAGES:
-            losses = [{phase: {k: v["after"] for k, v in entry["evaluation"].items() if k.endswith("_loss")}
-                       for phase, entry in manifest["stages"][stage]["training"].items()} for manifest in manifests]
+            losses = [
+                {
+                    phase: {k: v["after"] for k, v in entry["evaluation"].items() if k.endswith("_loss")}
+                    for phase, entry in manifest["stages"][stage]["training"].items()
+                }
+                for manifest in manifests
+            ]
             assert faults.same_metrics(*losses), f"{stage}: held-out metrics differ by more than {faults.METRIC_RTOL}"
     print(f"{compared} output files byte-identical across the two runs")
     recorded = {stage: set(manifests[0]["stages"][stage]["outputs"]) for stage in faults.STAGES}
-    assert {f"data/{task}/{split}.jsonl" for task in ("logiqa", "math", "mbpp", "bigbench")
-            for split in ("train", "validation", "test")} <= recorded["01_data"]
+    assert {
+        f"data/{task}/{split}.jsonl"
+        for task in ("logiqa", "math", "mbpp", "bigbench")
+        for split in ("train", "validation", "test")
+    } <= recorded["01_data"]
     assert {"reflect/raw.jsonl", "reflect/curated/d_plus.jsonl", "reflect/curated/d_pm.jsonl"} <= recorded["02_reflect"]
     assert any(name.startswith("reflect/datasets/") for name in recorded["02_reflect"])
     assert {"eval/predictions.jsonl", "eval/results.json", "eval/summary.csv"} <= recorded["05_eval"]

@@ -34,12 +34,14 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from reflectevo import curation, prompts
-from reflectevo.cli import main as cli_main
+from reflectevo import prompts
+from reflectevo.cli.main import main as cli_main
 from reflectevo.config import SECTIONS, Params, load_params
 from reflectevo.data.prepare import load_run_items
 from reflectevo.errors import DataError, ReflectEvoError
-from reflectevo.generation import GenerationRequest, GenerationSettings, ReplayEngine
+from reflectevo.generation.engines import ReplayEngine
+from reflectevo.generation.requests import GenerationRequest, GenerationSettings
+from reflectevo.reflection import curation, released
 from reflectevo.tasks import get_task
 from reflectevo.tasks.base import write_items
 
@@ -53,9 +55,19 @@ OUTCOMES: Counter[tuple[str, str]] = Counter()  # (property, "accepted" | "refus
 
 def fuzz(examples: int):
     """Hypothesis settings for one property: reproducible, no deadline (the machine is shared)."""
-    return settings(max_examples=examples, deadline=None, derandomize=True, database=None, print_blob=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                                           HealthCheck.data_too_large, HealthCheck.large_base_example])
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        print_blob=True,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.filter_too_much,
+            HealthCheck.data_too_large,
+            HealthCheck.large_base_example,
+        ],
+    )
 
 
 def count(prop: str, accepted: bool) -> None:
@@ -100,10 +112,47 @@ MODEL_PATHS = [(), *(path for path in SCHEMA_PATHS if _is_model_path(path))]  # 
 _SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=16))
 PARAM_JUNK = st.one_of(
     # the values people actually get wrong: negative counts, fractions above 1, NaN, empty things
-    st.sampled_from([None, "", " ", [], {}, -1, 0, -0.5, 1.5, 2, 10**30, -(10**30), 2**63, float("nan"),
-                     float("inf"), float("-inf"), True, False, "auto", "yes", "1e-3", "none", [None], [""],
-                     [1, 2], {"a": 1}, {"nested": {"deeper": []}}, "logiqa", ["logiqa"], ["math", "math"],
-                     "cpu", "train", "official", "replay", "trained", ["sft/one_stage"], "two_stage"]),
+    st.sampled_from(
+        [
+            None,
+            "",
+            " ",
+            [],
+            {},
+            -1,
+            0,
+            -0.5,
+            1.5,
+            2,
+            10**30,
+            -(10**30),
+            2**63,
+            float("nan"),
+            float("inf"),
+            float("-inf"),
+            True,
+            False,
+            "auto",
+            "yes",
+            "1e-3",
+            "none",
+            [None],
+            [""],
+            [1, 2],
+            {"a": 1},
+            {"nested": {"deeper": []}},
+            "logiqa",
+            ["logiqa"],
+            ["math", "math"],
+            "cpu",
+            "train",
+            "official",
+            "replay",
+            "trained",
+            ["sft/one_stage"],
+            "two_stage",
+        ]
+    ),
     _SCALARS,
     st.lists(st.one_of(st.integers(), st.text(max_size=6), st.none()), max_size=3),
     st.dictionaries(st.text(min_size=1, max_size=6), st.one_of(st.integers(), st.text(max_size=6)), max_size=2),
@@ -111,12 +160,64 @@ PARAM_JUNK = st.one_of(
 
 
 # the mistakes people make with a field of each type, drawn half of the time (the rest is any junk)
-NUMBER_MISTAKES = [-1, -100, 0, 1.5, 2, -0.5, 1.0000001, 10**30, -(10**30), 2**63, 2**64, float("nan"), float("inf"),
-                   float("-inf"), "1e-3", "16", "", True, None, [], {"value": 3}]
-TEXT_MISTAKES = ["", " ", None, 0, 1.5, True, [], {}, {"a": 1}, ["x"], "x" * 300, "auto ", "Transformers", "CPU",
-                 "a b", "name/with/slash", "\u00e9t\u00e9", "-leading-dash"]
-LIST_MISTAKES = [[], "logiqa", ["logiqa", "logiqa"], [None], [1], [[]], {}, None, [""], ["unknown"], ["Logiqa"],
-                 {"logiqa": True}, ["one_stage", "ONE_STAGE"]]
+NUMBER_MISTAKES = [
+    -1,
+    -100,
+    0,
+    1.5,
+    2,
+    -0.5,
+    1.0000001,
+    10**30,
+    -(10**30),
+    2**63,
+    2**64,
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+    "1e-3",
+    "16",
+    "",
+    True,
+    None,
+    [],
+    {"value": 3},
+]
+TEXT_MISTAKES = [
+    "",
+    " ",
+    None,
+    0,
+    1.5,
+    True,
+    [],
+    {},
+    {"a": 1},
+    ["x"],
+    "x" * 300,
+    "auto ",
+    "Transformers",
+    "CPU",
+    "a b",
+    "name/with/slash",
+    "\u00e9t\u00e9",
+    "-leading-dash",
+]
+LIST_MISTAKES = [
+    [],
+    "logiqa",
+    ["logiqa", "logiqa"],
+    [None],
+    [1],
+    [[]],
+    {},
+    None,
+    [""],
+    ["unknown"],
+    ["Logiqa"],
+    {"logiqa": True},
+    ["one_stage", "ONE_STAGE"],
+]
 
 
 def _annotation(path: tuple[str, ...]) -> str:
@@ -128,7 +229,9 @@ def _annotation(path: tuple[str, ...]) -> str:
 
 def junk_for(path: tuple[str, ...]) -> st.SearchStrategy:
     kind = _annotation(path)
-    mistakes = LIST_MISTAKES if "list" in kind else NUMBER_MISTAKES if ("int" in kind or "float" in kind) else TEXT_MISTAKES
+    mistakes = (
+        LIST_MISTAKES if "list" in kind else NUMBER_MISTAKES if ("int" in kind or "float" in kind) else TEXT_MISTAKES
+    )
     return st.one_of(st.sampled_from(mistakes), PARAM_JUNK)
 
 
@@ -139,9 +242,9 @@ def typo_of(draw, word: str) -> str:
     i = draw(st.integers(0, max(0, len(word) - 1)))
     if kind == "swap" and len(word) > 1:
         i = min(i, len(word) - 2)
-        return word[:i] + word[i + 1] + word[i] + word[i + 2:]
+        return word[:i] + word[i + 1] + word[i] + word[i + 2 :]
     if kind == "drop" and len(word) > 1:
-        return word[:i] + word[i + 1:]
+        return word[:i] + word[i + 1 :]
     if kind == "double":
         return word[:i] + word[i] + word[i:]
     if kind == "insert":
@@ -169,7 +272,9 @@ def params_mutation(draw) -> tuple[str, dict, tuple, str]:
     """(recipe file name, its dict with one mistake, the key path to blame, the kind of mistake)."""
     name = draw(st.sampled_from(sorted(RECIPES)))
     data = copy.deepcopy(recipe_dict(name))
-    kind = draw(st.sampled_from(["wrong_value", "wrong_value", "typo", "unknown_key", "non_string_key", "section_not_mapping"]))
+    kind = draw(
+        st.sampled_from(["wrong_value", "wrong_value", "typo", "unknown_key", "non_string_key", "section_not_mapping"])
+    )
     if kind == "wrong_value":
         path = draw(st.sampled_from(SCHEMA_PATHS))
         set_at(data, path, draw(junk_for(path)))
@@ -227,6 +332,7 @@ def names_key(message: str, key: tuple) -> bool:
 
 def check_resolved(params: Params) -> None:
     """What validation accepts must be usable downstream: finite numbers, integers torch can hold."""
+
     def walk(value: Any, where: str) -> None:
         if isinstance(value, dict):
             for key, item in value.items():
@@ -282,8 +388,23 @@ def broken_params_text(draw) -> tuple[bytes, str, int | None]:
     text = recipe_text(name)
     lines = text.splitlines(keepends=True)
     n = draw(st.integers(0, len(lines) - 1))
-    kind = draw(st.sampled_from(["truncate", "tab", "indent", "bracket", "top_level", "not_utf8", "empty",
-                                 "bom_crlf", "duplicate_line", "control", "replace_char"]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "truncate",
+                "tab",
+                "indent",
+                "bracket",
+                "top_level",
+                "not_utf8",
+                "empty",
+                "bom_crlf",
+                "duplicate_line",
+                "control",
+                "replace_char",
+            ]
+        )
+    )
     if kind == "truncate":
         return text[: draw(st.integers(0, len(text)))].encode(), kind, None
     if kind == "tab":
@@ -293,17 +414,40 @@ def broken_params_text(draw) -> tuple[bytes, str, int | None]:
         lines[n] = " " * draw(st.sampled_from([0, 1, 3, 5, 8])) + stripped
     elif kind == "bracket":
         at = draw(st.integers(0, len(lines[n].rstrip("\n"))))
-        lines[n] = lines[n][:at] + draw(st.sampled_from(["[", "]", "{", "}", "'", '"', ": ", "- ", "&", "*", "!"])) + lines[n][at:]
+        lines[n] = (
+            lines[n][:at]
+            + draw(st.sampled_from(["[", "]", "{", "}", "'", '"', ": ", "- ", "&", "*", "!"]))
+            + lines[n][at:]
+        )
     elif kind == "top_level":
-        return draw(st.sampled_from([b"- run\n- model\n", b"[1, 2]\n", b"just some text\n", b"42\n", b"true\n",
-                                     b"'quoted'\n", b"- " + text.encode()])), kind, None
+        return (
+            draw(
+                st.sampled_from(
+                    [
+                        b"- run\n- model\n",
+                        b"[1, 2]\n",
+                        b"just some text\n",
+                        b"42\n",
+                        b"true\n",
+                        b"'quoted'\n",
+                        b"- " + text.encode(),
+                    ]
+                )
+            ),
+            kind,
+            None,
+        )
     elif kind == "not_utf8":
         raw = [line.encode() for line in lines]
         at = draw(st.integers(0, len(raw[n].rstrip(b"\n"))))
         raw[n] = raw[n][:at] + draw(st.sampled_from(BAD_BYTES)) + raw[n][at:]
         return b"".join(raw), kind, n + 1
     elif kind == "empty":
-        return draw(st.sampled_from([b"", b"\n\n", b"   \n", b"# only a comment\n", b"---\n", b"~\n", b"null\n"])), kind, None
+        return (
+            draw(st.sampled_from([b"", b"\n\n", b"   \n", b"# only a comment\n", b"---\n", b"~\n", b"null\n"])),
+            kind,
+            None,
+        )
     elif kind == "bom_crlf":
         out = text.replace("\n", "\r\n") if draw(st.booleans()) else text
         return (b"\xef\xbb\xbf" if draw(st.booleans()) else b"") + out.encode(), kind, None
@@ -314,7 +458,7 @@ def broken_params_text(draw) -> tuple[bytes, str, int | None]:
         lines[n] = lines[n][:at] + draw(st.sampled_from(["\x00", "\x07", "\x1b", "\x7f", "\ufffe"])) + lines[n][at:]
     else:
         at = draw(st.integers(0, max(0, len(lines[n]) - 1)))
-        lines[n] = lines[n][:at] + draw(st.characters(codec="utf-8")) + lines[n][at + 1:]
+        lines[n] = lines[n][:at] + draw(st.characters(codec="utf-8")) + lines[n][at + 1 :]
     return "".join(lines).encode("utf-8", "surrogatepass"), kind, None
 
 
@@ -343,17 +487,33 @@ def test_broken_params_text_is_refused_naming_file_and_line(case):
             check_resolved(params)
 
 
-SECTION_KEYS = st.one_of(st.sampled_from([*SECTIONS, "Run", "runs", "sft ", "", "params", "model_name"]),
-                         st.text(max_size=8), st.integers(), st.none())
+SECTION_KEYS = st.one_of(
+    st.sampled_from([*SECTIONS, "Run", "runs", "sft ", "", "params", "model_name"]),
+    st.text(max_size=8),
+    st.integers(),
+    st.none(),
+)
 
 
 @fuzz(300)
 @given(
     recipe=st.one_of(st.none(), st.sampled_from(sorted(RECIPES))),
     sections=st.one_of(
-        st.dictionaries(SECTION_KEYS, st.one_of(PARAM_JUNK, st.dictionaries(st.sampled_from(
-            ["name", "seed", "tasks", "temperature", "modes", "nmae", "batch_size"]), PARAM_JUNK, max_size=2)), max_size=3),
-        _SCALARS, st.lists(_SCALARS, max_size=3), st.just([("run", {"seed": 1})]),
+        st.dictionaries(
+            SECTION_KEYS,
+            st.one_of(
+                PARAM_JUNK,
+                st.dictionaries(
+                    st.sampled_from(["name", "seed", "tasks", "temperature", "modes", "nmae", "batch_size"]),
+                    PARAM_JUNK,
+                    max_size=2,
+                ),
+            ),
+            max_size=3,
+        ),
+        _SCALARS,
+        st.lists(_SCALARS, max_size=3),
+        st.just([("run", {"seed": 1})]),
     ),
 )
 def test_injected_sections_are_accepted_or_refused_naming_the_key(recipe, sections):
@@ -373,8 +533,14 @@ def test_injected_sections_are_accepted_or_refused_naming_the_key(recipe, sectio
 
 
 # ---- property 2: an invalid params file writes nothing --------------------------------------------
-COMMANDS = [["run", "bad.yaml"], ["run", "bad.yaml", "--dry-run"], ["run", "bad.yaml", "--force", "--from", "02"],
-            ["train", "sft", "bad.yaml"], ["train", "dpo", "bad.yaml"], ["eval", "bad.yaml"]]
+COMMANDS = [
+    ["run", "bad.yaml"],
+    ["run", "bad.yaml", "--dry-run"],
+    ["run", "bad.yaml", "--force", "--from", "02"],
+    ["train", "sft", "bad.yaml"],
+    ["train", "dpo", "bad.yaml"],
+    ["eval", "bad.yaml"],
+]
 
 
 @fuzz(60)
@@ -401,13 +567,49 @@ def test_cli_with_an_invalid_params_file_fails_and_writes_nothing(mutation, comm
 
 
 # ---- data rows: mutations of one row in a JSONL file ------------------------------------------------
-ODD_TEXT = ["\u202e", "\ufeff", "\u0000", "\u2028", "\U0001f600", "e\u0301", "\ud83d", "\x85", "\u00a0", "\\", '"', "\n"]
+ODD_TEXT = [
+    "\u202e",
+    "\ufeff",
+    "\u0000",
+    "\u2028",
+    "\U0001f600",
+    "e\u0301",
+    "\ud83d",
+    "\x85",
+    "\u00a0",
+    "\\",
+    '"',
+    "\n",
+]
 JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=12))
 TYPE_SWAPS = [None, 0, 1, -1, 1.5, True, False, "", "x", [], ["a"], [1], {}, {"a": 1}]  # a field of the wrong JSON type
 JSON_JUNK = st.one_of(
     st.sampled_from(TYPE_SWAPS),
-    st.sampled_from([None, "", " ", "\t\n", 0, -1, 1.5, True, False, [], {}, [None], [""], {"": None}, 10**40,
-                     "null", "[]", float("nan"), float("inf"), "x" * 100_000, {"a": {"b": [None, {}]}}]),
+    st.sampled_from(
+        [
+            None,
+            "",
+            " ",
+            "\t\n",
+            0,
+            -1,
+            1.5,
+            True,
+            False,
+            [],
+            {},
+            [None],
+            [""],
+            {"": None},
+            10**40,
+            "null",
+            "[]",
+            float("nan"),
+            float("inf"),
+            "x" * 100_000,
+            {"a": {"b": [None, {}]}},
+        ]
+    ),
     JSON_SCALARS,
     st.lists(JSON_SCALARS, max_size=3),
     st.dictionaries(st.text(max_size=5), JSON_SCALARS, max_size=3),
@@ -422,8 +624,12 @@ def mutate_tree(draw, row: dict) -> dict:
     key: Any = draw(st.sampled_from(sorted(row))) if row else None
     while key is not None and isinstance(parent[key], (dict, list)) and parent[key] and draw(st.booleans()):
         parent = parent[key]
-        key = draw(st.sampled_from(sorted(parent))) if isinstance(parent, dict) else draw(st.integers(0, len(parent) - 1))
-    operation = draw(st.sampled_from(["set", "set", "drop", "add", "wrap_list", "wrap_dict", "empty", "stringify", "odd_text"]))
+        key = (
+            draw(st.sampled_from(sorted(parent))) if isinstance(parent, dict) else draw(st.integers(0, len(parent) - 1))
+        )
+    operation = draw(
+        st.sampled_from(["set", "set", "drop", "add", "wrap_list", "wrap_dict", "empty", "stringify", "odd_text"])
+    )
     if key is None or operation == "add":
         target = parent if isinstance(parent, dict) else row
         target[draw(st.text(min_size=1, max_size=10))] = draw(JSON_JUNK)
@@ -462,7 +668,9 @@ def damage_line(draw, line: bytes) -> bytes:
     if kind == "truncate":
         return line[: draw(st.integers(1, len(line) - 1))]
     if kind == "not_object":
-        return dump_row(draw(st.one_of(JSON_SCALARS, st.lists(JSON_SCALARS, max_size=3), st.just([json.loads(line)]))), True)
+        return dump_row(
+            draw(st.one_of(JSON_SCALARS, st.lists(JSON_SCALARS, max_size=3), st.just([json.loads(line)]))), True
+        )
     if kind == "garbage":
         return line[:at] + draw(st.text(min_size=1, max_size=3)).encode("utf-8") + line[at:]
     if kind == "bad_utf8":
@@ -501,8 +709,9 @@ def jsonl_with_one_bad_row(draw, rows: list[dict], row_mutation: Callable | None
 REFUSED = object()  # what load_or_refused returns when the loader refused the file
 
 
-def load_or_refused(label: str, path: Path, raw: bytes, line: int, load: Callable[[Path], Any],
-                    error: type[Exception] = DataError) -> Any:
+def load_or_refused(
+    label: str, path: Path, raw: bytes, line: int, load: Callable[[Path], Any], error: type[Exception] = DataError
+) -> Any:
     """Write ``raw`` to ``path`` and ``load`` it: what it returned, counted as accepted, or
     :data:`REFUSED` after checking that the refusal names ``path:line``."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -547,10 +756,20 @@ def official_rows(task_name: str) -> tuple[dict, ...]:
     rows = []
     for index, item in enumerate(task.load_samples()[:12]):
         if task_name == "math":
-            rows.append({"problem": item.question, "level": "Level 1", "type": "Algebra", "solution": item.metadata["solution"]})
+            rows.append(
+                {"problem": item.question, "level": "Level 1", "type": "Algebra", "solution": item.metadata["solution"]}
+            )
         elif task_name == "mbpp":
-            rows.append({"text": item.metadata["text"], "code": item.gold, "task_id": 900 + index, "test_setup_code": "",
-                         "test_list": item.tests, "challenge_test_list": []})
+            rows.append(
+                {
+                    "text": item.metadata["text"],
+                    "code": item.gold,
+                    "task_id": 900 + index,
+                    "test_setup_code": "",
+                    "test_list": item.tests,
+                    "challenge_test_list": [],
+                }
+            )
         else:
             rows.append({"id": index, "question": item.question, "answer": item.gold})
     return tuple(rows)
@@ -621,9 +840,19 @@ def test_run_item_rows_load_or_fail_at_their_line(case):
 REPLAY_ROWS = [
     {"key": "logiqa/1/t1", "text": "Thought: B.\nAction: Finish[B]"},
     {"key": "logiqa/2/t1", "text": "Action: Finish[C]", "finish_reason": "length", "sample": 0},
-    {"key": "math/7/1-2-1/1", "sample": 1, "text": "Finish<<<3>>>", "finish_reason": "stop", "prompt": "<p>",
-     "settings": {"n": 2, "temperature": 0.8}, "prompt_tokens": 12, "new_tokens": 4, "engine": "transformers",
-     "batch": 3, "stage": "reflect"},
+    {
+        "key": "math/7/1-2-1/1",
+        "sample": 1,
+        "text": "Finish<<<3>>>",
+        "finish_reason": "stop",
+        "prompt": "<p>",
+        "settings": {"n": 2, "temperature": 0.8},
+        "prompt_tokens": 12,
+        "new_tokens": 4,
+        "engine": "transformers",
+        "batch": 3,
+        "stage": "reflect",
+    },
     {"key": "mbpp/11/t1", "text": "[BEGIN]\ndef f():\n    return 1\n[END]", "stage": "first_trial"},
 ]
 
@@ -634,8 +863,9 @@ def test_replay_rows_load_or_fail_at_their_line(data):
     chosen = data.draw(st.lists(st.integers(0, len(REPLAY_ROWS) - 1), min_size=2, max_size=4, unique=True))
     raw, line = data.draw(jsonl_with_one_bad_row([REPLAY_ROWS[i] for i in chosen]))
     with tempfile.TemporaryDirectory() as tmp:
-        engine = load_or_refused("data: replay rows", Path(tmp) / "replay.jsonl", raw, line, ReplayEngine.from_path,
-                                 error=ReflectEvoError)
+        engine = load_or_refused(
+            "data: replay rows", Path(tmp) / "replay.jsonl", raw, line, ReplayEngine.from_path, error=ReflectEvoError
+        )
         if engine is REFUSED:
             return
         assert len(engine.rows) == len(chosen)
@@ -644,7 +874,9 @@ def test_replay_rows_load_or_fail_at_their_line(data):
             if n:
                 settings = GenerationSettings(n=n, temperature=0.7 if n > 1 else 0.0)
                 outputs = engine.generate([GenerationRequest(key, [])], settings, stage="s")
-                assert all(isinstance(out.text, str) and out.finish_reason in ("eos", "stop", "length") for out in outputs)
+                assert all(
+                    isinstance(out.text, str) and out.finish_reason in ("eos", "stop", "length") for out in outputs
+                )
 
 
 # ---- raw reflection records (stage 02's raw.jsonl, read by curation) ---------------------------------
@@ -656,18 +888,31 @@ def raw_record(qid: str, outcomes: tuple[str, ...], task: str = "logiqa") -> dic
     for position, outcome in enumerate(outcomes):
         first = position == 0
         answer = "" if outcome == "parse_failure" else ("B" if outcome == "correct" else "C")
-        outputs.append({
-            "trial": 1 if first else 2, "key": f"{task}/{qid}/t1" if first else f"{task}/{qid}/{INSTRUCTION_KEYS[0]}/{position}",
-            "instruction": None if first else INSTRUCTION_KEYS[0], "sample": None if first else position,
-            "reasoning": f"Thought: try {position}.\nAction: Finish[{answer}]", "scratchpad": f"Action: Finish[{answer}]\nObservation: x",
-            "generated_answer": answer, "is_correct": outcome == "correct", "outcome": outcome, "feedback": "Answer is INCORRECT",
-            "error": None, "reflections": [] if first else [f"Reflection {position}: check the premises."],
-        })
+        outputs.append(
+            {
+                "trial": 1 if first else 2,
+                "key": f"{task}/{qid}/t1" if first else f"{task}/{qid}/{INSTRUCTION_KEYS[0]}/{position}",
+                "instruction": None if first else INSTRUCTION_KEYS[0],
+                "sample": None if first else position,
+                "reasoning": f"Thought: try {position}.\nAction: Finish[{answer}]",
+                "scratchpad": f"Action: Finish[{answer}]\nObservation: x",
+                "generated_answer": answer,
+                "is_correct": outcome == "correct",
+                "outcome": outcome,
+                "feedback": "Answer is INCORRECT",
+                "error": None,
+                "reflections": [] if first else [f"Reflection {position}: check the premises."],
+            }
+        )
     return {"task": task, "id": qid, "question": f"Question {qid}?\nA. yes\nB. no", "answer": "b", "output": outputs}
 
 
-RAW_RECORDS = [raw_record("q1", ("wrong", "correct", "wrong")), raw_record("q2", ("correct",)),
-               raw_record("q3", ("parse_failure", "correct", "timeout"), task="math"), raw_record("q4", ("wrong", "correct", "correct"))]
+RAW_RECORDS = [
+    raw_record("q1", ("wrong", "correct", "wrong")),
+    raw_record("q2", ("correct",)),
+    raw_record("q3", ("parse_failure", "correct", "timeout"), task="math"),
+    raw_record("q4", ("wrong", "correct", "correct")),
+]
 
 
 @fuzz(300)
@@ -685,8 +930,12 @@ def test_raw_records_load_or_fail_at_their_line(data):
 
 
 # ---- released ReflectEvo files (load_released) ------------------------------------------------------
-RELEASED_FILES = {"example_D+.jsonl": "d_plus", "example_D+-.jsonl": "d_pm", "example_Dpref.jsonl": "d_pref",
-                  "example_Reflection_raw.jsonl": "raw"}
+RELEASED_FILES = {
+    "example_D+.jsonl": "d_plus",
+    "example_D+-.jsonl": "d_pm",
+    "example_Dpref.jsonl": "d_pref",
+    "example_Reflection_raw.jsonl": "raw",
+}
 
 
 @cache
@@ -694,7 +943,7 @@ def released_rows(name: str) -> tuple[dict, ...] | None:
     path = official_data_dir() / "examples" / name
     if not path.is_file():
         return None
-    return tuple(row for _line, row in curation.read_json_objects(path))[:4]
+    return tuple(row for _line, row in released.read_json_objects(path))[:4]
 
 
 @fuzz(300)
@@ -710,8 +959,9 @@ def test_released_rows_load_or_fail_at_their_line(data):
     raw, line = data.draw(jsonl_with_one_bad_row([pool[i] for i in chosen]))
     kind = data.draw(st.sampled_from([None, RELEASED_FILES[name]]))
     with tempfile.TemporaryDirectory() as tmp:
-        rows = load_or_refused("data: released rows", Path(tmp) / name, raw, line,
-                               lambda path: curation.load_released(path, kind=kind))
+        rows = load_or_refused(
+            "data: released rows", Path(tmp) / name, raw, line, lambda path: released.load_released(path, kind=kind)
+        )
         if rows is REFUSED:
             return
         assert len(rows) == len(chosen)
@@ -727,8 +977,10 @@ def test_prediction_rows_are_graded_or_refused_at_their_line(data):
     pool = official_rows("logiqa")
     chosen = data.draw(st.lists(st.integers(0, len(pool) - 1), min_size=2, max_size=4, unique=True))
     items = [pool[i] for i in chosen]
-    predictions = [{"id": str(n + 1), "output": f"Thought: x\nAction: Finish[{row['answer'].upper()}]"}
-                   for n, row in enumerate(items)]
+    predictions = [
+        {"id": str(n + 1), "output": f"Thought: x\nAction: Finish[{row['answer'].upper()}]"}
+        for n, row in enumerate(items)
+    ]
     raw, line = data.draw(jsonl_with_one_bad_row(predictions))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -736,8 +988,19 @@ def test_prediction_rows_are_graded_or_refused_at_their_line(data):
         (folder / "preds.jsonl").write_bytes(raw)
         stderr, stdout = io.StringIO(), io.StringIO()
         with contextlib.chdir(folder), contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
-            status = cli_main(["grade", "logiqa", "--data", "items.jsonl", "--predictions", "preds.jsonl",
-                               "--allow-missing", "--grader", "official"])
+            status = cli_main(
+                [
+                    "grade",
+                    "logiqa",
+                    "--data",
+                    "items.jsonl",
+                    "--predictions",
+                    "preds.jsonl",
+                    "--allow-missing",
+                    "--grader",
+                    "official",
+                ]
+            )
         count("cli: prediction rows", accepted=status == 0)
         assert status in (0, 2), stderr.getvalue()
         if status == 2:
@@ -757,7 +1020,9 @@ def test_zz_inputs_tried(capsys):
     width = max(len(name) for name in TRIED)
     lines = [f"{'property':{width}s}  tried  accepted  refused"]
     for name in sorted(TRIED):
-        lines.append(f"{name:{width}s}  {TRIED[name]:5d}  {OUTCOMES[name, 'accepted']:8d}  {OUTCOMES[name, 'refused']:7d}")
+        lines.append(
+            f"{name:{width}s}  {TRIED[name]:5d}  {OUTCOMES[name, 'accepted']:8d}  {OUTCOMES[name, 'refused']:7d}"
+        )
     lines.append(f"{'total':{width}s}  {sum(TRIED.values()):5d}")
     with capsys.disabled():
         print("\n\nfuzz inputs tried\n" + "\n".join(lines))

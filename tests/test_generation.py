@@ -23,25 +23,10 @@ import pytest
 import torch
 
 from reflectevo.config import GenerationParams
-from reflectevo.generation import (
-    DuplicateKeyError,
-    GenerationError,
-    GenerationOutput,
-    GenerationRequest,
-    GenerationSettings,
-    ReplayEngine,
-    ReplayMissingError,
-    SettingsError,
-    StoreMismatchError,
-    TransformersEngine,
-    batch_seed,
-    load_store,
-    make_engine,
-    merge_shards,
-    plan_batches,
-    read_outputs,
-    write_outputs,
-)
+from reflectevo.errors import DuplicateKeyError, GenerationError, ReplayMissingError, SettingsError, StoreMismatchError
+from reflectevo.generation.engines import ReplayEngine, TransformersEngine, make_engine
+from reflectevo.generation.requests import GenerationOutput, GenerationRequest, GenerationSettings
+from reflectevo.generation.store import batch_seed, load_store, merge_shards, plan_batches, read_outputs, write_outputs
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{% endfor %}"
@@ -61,16 +46,31 @@ def build_tiny(folder: Path) -> None:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(corpus, trainer=trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIALS, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(
+        corpus,
+        trainer=trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=SPECIALS,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|pad|>", eos_token="<|end|>")
     tokenizer.chat_template = CHAT_TEMPLATE
     # a wide initialisation spreads the logits, so greedy choices are far from ties
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=None, initializer_range=0.3)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        initializer_range=0.3,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -92,8 +92,10 @@ def tiny(tiny_dir):
 
 def make_requests(count: int, prefix: str = "q") -> list[GenerationRequest]:
     """Prompts of uneven lengths, so batches need real left padding."""
-    return [GenerationRequest(f"{prefix}{i:03d}", [{"role": "user", "content": "word " * (i * 7 % 23) + f"question {i}?"}])
-            for i in range(count)]
+    return [
+        GenerationRequest(f"{prefix}{i:03d}", [{"role": "user", "content": "word " * (i * 7 % 23) + f"question {i}?"}])
+        for i in range(count)
+    ]
 
 
 def engine(tiny, **options) -> TransformersEngine:
@@ -106,17 +108,20 @@ def as_bytes(outputs: list[GenerationOutput], path: Path) -> bytes:
 
 
 # ---- settings and requests ---------------------------------------------------------------------
-@pytest.mark.parametrize("bad, message", [
-    ({"n": 2, "temperature": 0.0}, "need temperature > 0"),
-    ({"n": 0}, "n must be a positive integer"),
-    ({"temperature": -0.5}, "temperature must be >= 0"),
-    ({"top_p": 0.0}, "top_p"),
-    ({"top_k": -1}, "top_k"),
-    ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
-    ({"max_new_tokens": 8, "min_new_tokens": 9}, "min_new_tokens"),
-    ({"stop": ("",)}, "stop strings"),
-    ({"seed": -1}, "seed"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"n": 2, "temperature": 0.0}, "need temperature > 0"),
+        ({"n": 0}, "n must be a positive integer"),
+        ({"temperature": -0.5}, "temperature must be >= 0"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+        ({"max_new_tokens": 8, "min_new_tokens": 9}, "min_new_tokens"),
+        ({"stop": ("",)}, "stop strings"),
+        ({"seed": -1}, "seed"),
+    ],
+)
 def test_invalid_settings_are_rejected(bad, message):
     with pytest.raises(SettingsError, match=message):
         GenerationSettings(**bad)
@@ -176,7 +181,7 @@ def test_stop_string_cuts_the_text_and_ends_the_row_early(tiny):
     free = engine(tiny).generate(request, GREEDY, stage="s")[0]
     stop = next(m.group() for m in re.finditer(r"[A-Za-z]{2,}", free.text) if m.start() >= 2)  # a word the model writes
     stopped = engine(tiny).generate(request, GenerationSettings(max_new_tokens=16, stop=("zzzq", stop)), stage="s")[0]
-    assert stopped.text == free.text[:free.text.index(stop)]
+    assert stopped.text == free.text[: free.text.index(stop)]
     assert stopped.finish_reason == "stop" and stopped.new_tokens < free.new_tokens
 
 
@@ -187,7 +192,7 @@ def test_eos_and_length_finish_reasons(tiny):
     assert free.finish_reason == "length" and free.new_tokens == GREEDY.max_new_tokens
     # a copy of the model whose end-of-sequence token is a token it writes anyway (first seen at `at`)
     prompt_ids = tokenizer(free.prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    written = model.generate(prompt_ids, max_new_tokens=16, do_sample=False)[0, prompt_ids.shape[1]:].tolist()
+    written = model.generate(prompt_ids, max_new_tokens=16, do_sample=False)[0, prompt_ids.shape[1] :].tolist()
     at = next(i for i in range(2, 16) if written[i] not in written[:i])
     ending = copy.deepcopy(model)
     ending.generation_config.eos_token_id = written[at]
@@ -196,7 +201,8 @@ def test_eos_and_length_finish_reasons(tiny):
     assert free.text.startswith(ended.text) and len(ended.text) < len(free.text)
     # min_new_tokens keeps that token from ending the row before the minimum
     forced = TransformersEngine(ending, tokenizer, progress=False).generate(
-        request, GenerationSettings(max_new_tokens=16, min_new_tokens=16), stage="s")[0]
+        request, GenerationSettings(max_new_tokens=16, min_new_tokens=16), stage="s"
+    )[0]
     assert forced.finish_reason == "length" and forced.new_tokens == 16
 
 
@@ -217,8 +223,9 @@ def test_shared_prefill_samples_equal_separate_prefills_and_encode_each_prompt_o
     """n samples of a prompt reuse one prefill: the same samples, and the model sees each prompt once."""
     model = tiny[0]
     rows_seen = []
-    hook = model.register_forward_pre_hook(lambda _m, args, kwargs: rows_seen.append(tuple(kwargs["input_ids"].shape)),
-                                           with_kwargs=True)
+    hook = model.register_forward_pre_hook(
+        lambda _m, args, kwargs: rows_seen.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
     settings = dataclasses.replace(SAMPLING, n=4)
     requests = make_requests(5)
     try:
@@ -238,7 +245,7 @@ def test_shared_prefill_samples_equal_separate_prefills_and_encode_each_prompt_o
 
 
 def test_memory_budget_cuts_calls_by_the_batch_lengths(tiny):
-    from reflectevo.generation import MemoryBudget
+    from reflectevo.generation.base import MemoryBudget
 
     eng = engine(tiny, batch_size=64)
     settings = dataclasses.replace(SAMPLING, n=2, max_new_tokens=100)
@@ -279,14 +286,17 @@ def test_out_of_memory_halves_the_batch_and_records_it(tiny, tmp_path):
     ]  # the second plan batch starts at the size that fitted
     assert backing_off.describe()["events"] == backing_off.events
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        TransformersEngine(oom_above(tiny, 0), tiny[1], batch_size=4, progress=False).generate(requests, GREEDY, stage="s")
+        TransformersEngine(oom_above(tiny, 0), tiny[1], batch_size=4, progress=False).generate(
+            requests, GREEDY, stage="s"
+        )
 
 
 # ---- store: resume, damage, mismatch ------------------------------------------------------------
 CHILD = """
 import json, sys, time
 from transformers import AutoTokenizer, LlamaForCausalLM
-from reflectevo.generation import GenerationRequest, GenerationSettings, TransformersEngine
+from reflectevo.generation.requests import GenerationRequest, GenerationSettings
+from reflectevo.generation.engines import TransformersEngine
 
 class SlowEngine(TransformersEngine):  # slow enough that the parent can kill it between batches
     def run_batch(self, *args, **kwargs):
@@ -304,12 +314,19 @@ engine.generate(requests, GenerationSettings(**job["settings"]), stage="reflect"
 def test_killed_run_resumes_to_the_same_bytes(tiny, tiny_dir, tmp_path):
     requests = make_requests(16)
     store = tmp_path / "killed"
-    job = {"batch_size": 4, "settings": SAMPLING.to_dict(), "store": str(store),
-           "requests": [{"key": r.key, "messages": r.messages} for r in requests]}
+    job = {
+        "batch_size": 4,
+        "settings": SAMPLING.to_dict(),
+        "store": str(store),
+        "requests": [{"key": r.key, "messages": r.messages} for r in requests],
+    }
     (tmp_path / "job.json").write_text(json.dumps(job))
     (tmp_path / "child.py").write_text(CHILD)
-    child = subprocess.Popen([sys.executable, str(tmp_path / "child.py"), str(tiny_dir), str(tmp_path / "job.json")],
-                             stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, str(tmp_path / "child.py"), str(tiny_dir), str(tmp_path / "job.json")],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not list(store.glob("batch-*.jsonl")):
         assert child.poll() is None, f"the child ended before committing a batch:\n{child.stderr.read()}"
@@ -320,12 +337,14 @@ def test_killed_run_resumes_to_the_same_bytes(tiny, tiny_dir, tmp_path):
     child.stderr.close()
     committed = sorted(p.name for p in store.glob("batch-*.jsonl"))
     assert 1 <= len(committed) < 8  # 16 prompts x 2 samples in batches of 4 sequences: 8 batches
-    stray = store / f".batch-00007{committed[0][len('batch-00000'):]}.half.tmp"  # a writer killed mid-write
+    stray = store / f".batch-00007{committed[0][len('batch-00000') :]}.half.tmp"  # a writer killed mid-write
     stray.write_text('{"key": "q000", "text": "not a result"')
 
     resumed_engine = engine(tiny, batch_size=4)
     resumed = resumed_engine.generate(requests, SAMPLING, stage="reflect", store_dir=store)
-    uninterrupted = engine(tiny, batch_size=4).generate(requests, SAMPLING, stage="reflect", store_dir=tmp_path / "whole")
+    uninterrupted = engine(tiny, batch_size=4).generate(
+        requests, SAMPLING, stage="reflect", store_dir=tmp_path / "whole"
+    )
     assert resumed_engine.stats["reflect"]["batches_resumed"] == len(committed)
     assert not stray.exists()
     assert as_bytes(resumed, tmp_path / "a.jsonl") == as_bytes(uninterrupted, tmp_path / "b.jsonl")
@@ -348,7 +367,9 @@ def test_store_of_another_plan_is_an_error_unless_forced(tiny, tmp_path):
     requests = make_requests(6)
     engine(tiny, batch_size=2).generate(requests, GREEDY, stage="s", store_dir=tmp_path)
     with pytest.raises(StoreMismatchError, match=r"settings.*new run name.*--force"):
-        engine(tiny, batch_size=2).generate(requests, GenerationSettings(max_new_tokens=5), stage="s", store_dir=tmp_path)
+        engine(tiny, batch_size=2).generate(
+            requests, GenerationSettings(max_new_tokens=5), stage="s", store_dir=tmp_path
+        )
     renamed = make_requests(5) + [GenerationRequest("other", requests[5].messages)]
     with pytest.raises(StoreMismatchError, match="record keys or prompts"):
         engine(tiny, batch_size=2).generate(renamed, GREEDY, stage="s", store_dir=tmp_path)
@@ -367,8 +388,12 @@ def test_store_of_another_plan_is_an_error_unless_forced(tiny, tmp_path):
 def test_two_shards_merged_equal_one_run(tiny, tmp_path):
     requests = make_requests(11)
     single = engine(tiny, batch_size=4).generate(requests, SAMPLING, stage="s")
-    parts = [engine(tiny, batch_size=4, num_shards=2, shard_index=k).generate(requests, SAMPLING, stage="s", store_dir=tmp_path)
-             for k in (0, 1)]
+    parts = [
+        engine(tiny, batch_size=4, num_shards=2, shard_index=k).generate(
+            requests, SAMPLING, stage="s", store_dir=tmp_path
+        )
+        for k in (0, 1)
+    ]
     assert {o.batch % 2 for o in parts[0]} == {0} and {o.batch % 2 for o in parts[1]} == {1}
     merged = merge_shards(parts, requests)
     assert as_bytes(merged, tmp_path / "merged.jsonl") == as_bytes(single, tmp_path / "single.jsonl")
@@ -381,7 +406,9 @@ def test_two_shards_merged_equal_one_run(tiny, tmp_path):
 
 def test_auto_batch_size_on_cpu_is_fixed_and_recorded(tiny):
     auto = engine(tiny, batch_size="auto")
-    assert auto.batch_size == 16 and auto.events == [{"event": "batch_size_auto", "batch_size": 16, "how": "CPU default"}]
+    assert auto.batch_size == 16 and auto.events == [
+        {"event": "batch_size_auto", "batch_size": 16, "how": "CPU default"}
+    ]
 
 
 # ---- replay and the factory ----------------------------------------------------------------------
@@ -400,10 +427,20 @@ def test_replay_serves_stored_outputs_by_key(tiny, tmp_path):
 
 
 def test_replay_of_scripted_rows_fills_in_the_rest():
-    scripted = ReplayEngine([{"key": "a", "text": "Thought: x\nAction: Finish[B]"},
-                             {"key": "b", "text": "Action: Finish[C]", "finish_reason": "length"}])
+    scripted = ReplayEngine(
+        [
+            {"key": "a", "text": "Thought: x\nAction: Finish[B]"},
+            {"key": "b", "text": "Action: Finish[C]", "finish_reason": "length"},
+        ]
+    )
     a, b = scripted.generate([GenerationRequest("a", []), GenerationRequest("b", [])], GREEDY, stage="first")
-    assert (a.text, a.finish_reason, a.engine, a.stage, a.settings) == ("Thought: x\nAction: Finish[B]", "eos", "replay", "first", GREEDY.to_dict())
+    assert (a.text, a.finish_reason, a.engine, a.stage, a.settings) == (
+        "Thought: x\nAction: Finish[B]",
+        "eos",
+        "replay",
+        "first",
+        GREEDY.to_dict(),
+    )
     assert b.finish_reason == "length"
     with pytest.raises(DuplicateKeyError, match="'a' sample 0"):
         ReplayEngine([{"key": "a", "text": "1"}, {"key": "a", "text": "2"}])
@@ -416,14 +453,16 @@ def test_make_engine_needs_a_model_for_model_engines():
 
 def test_make_engine_follows_the_loaded_backend(tiny_dir, tiny):
     from reflectevo.config import ModelParams
-    from reflectevo.models import load_model
+    from reflectevo.models.loading import load_model
 
     loaded = load_model(ModelParams(name=str(tiny_dir), device="cpu"))
     auto = make_engine(GenerationParams(batch_size=4), loaded, progress=False)
     assert isinstance(auto, TransformersEngine) and auto.describe()["model"] == str(tiny_dir)
     assert auto.max_seq_length == 512  # the model's positions bound the params' 2048
     requests = make_requests(5)
-    assert [o.text for o in auto.generate(requests, GREEDY, stage="s")] == [o.text for o in engine(tiny).generate(requests, GREEDY, stage="s")]
+    assert [o.text for o in auto.generate(requests, GREEDY, stage="s")] == [
+        o.text for o in engine(tiny).generate(requests, GREEDY, stage="s")
+    ]
     with pytest.raises(GenerationError, match="loaded through Unsloth"):
         make_engine(GenerationParams(engine="unsloth"), loaded)
 
@@ -432,7 +471,7 @@ def test_vllm_engine_contract(tiny_dir):
     pytest.importorskip("vllm")
     if not torch.cuda.is_available():
         pytest.skip("vLLM needs a CUDA GPU")
-    from reflectevo.generation import VLLMEngine
+    from reflectevo.generation.engines import VLLMEngine
 
     vllm_engine = VLLMEngine(str(tiny_dir), batch_size=4, progress=False, gpu_memory_utilization=0.3)
     requests = make_requests(5)

@@ -20,14 +20,22 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-needs_unsloth = pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("unsloth") is None,
-                                   reason="needs a CUDA GPU and the unsloth package")
+needs_unsloth = pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("unsloth") is None,
+    reason="needs a CUDA GPU and the unsloth package",
+)
 
 
 def run_python(code: str, timeout: float = 1200) -> dict:
     """Run ``code`` in a fresh interpreter; it prints one JSON line last."""
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], check=False, capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -35,15 +43,14 @@ def run_python(code: str, timeout: float = 1200) -> dict:
 @needs_gpu
 def test_shared_prefill_on_gpu_gives_the_same_greedy_text_as_separate_prefills():
     from reflectevo.config import ModelParams
-    from reflectevo.generation import (
-        GenerationRequest,
-        GenerationSettings,
-        TransformersEngine,
-    )
-    from reflectevo.models import load_model
+    from reflectevo.generation.engines import TransformersEngine
+    from reflectevo.generation.requests import GenerationRequest, GenerationSettings
+    from reflectevo.models.loading import load_model
 
     loaded = load_model(ModelParams(name="builtin:tiny", device="cuda", dtype="float32"))
-    requests = [GenerationRequest(f"q{i}", [{"role": "user", "content": "word " * i + "What is 2 + 3?"}]) for i in range(6)]
+    requests = [
+        GenerationRequest(f"q{i}", [{"role": "user", "content": "word " * i + "What is 2 + 3?"}]) for i in range(6)
+    ]
     settings = GenerationSettings(max_new_tokens=24, n=3, temperature=0.7, seed=1)
     texts = {}
     for shared in (False, True):
@@ -56,12 +63,10 @@ def test_shared_prefill_on_gpu_gives_the_same_greedy_text_as_separate_prefills()
 @needs_gpu
 def test_auto_batch_size_plans_wide_batches_and_cuts_calls_to_memory():
     from reflectevo.config import ModelParams
-    from reflectevo.generation import (
-        AUTO_MAX_BATCH,
-        GenerationSettings,
-        TransformersEngine,
-    )
-    from reflectevo.models import load_model
+    from reflectevo.generation.base import AUTO_MAX_BATCH
+    from reflectevo.generation.engines import TransformersEngine
+    from reflectevo.generation.requests import GenerationSettings
+    from reflectevo.models.loading import load_model
 
     loaded = load_model(ModelParams(name="builtin:random-1b", device="cuda", dtype="bfloat16"))
     engine = TransformersEngine(loaded.model, loaded.tokenizer, batch_size="auto", progress=False)
@@ -75,8 +80,9 @@ def test_unsloth_loads_a_random_builtin_from_its_saved_copy_and_generates():
     result = run_python("""
         import unsloth, json
         from reflectevo.config import GenerationParams, ModelParams
-        from reflectevo.generation import GenerationRequest, GenerationSettings, make_engine
-        from reflectevo.models import load_model
+        from reflectevo.generation.requests import GenerationRequest, GenerationSettings
+        from reflectevo.generation.engines import make_engine
+        from reflectevo.models.loading import load_model
         loaded = load_model(ModelParams(name="builtin:random-1b", backend="unsloth", device="cuda", dtype="bfloat16"))
         engine = make_engine(GenerationParams(batch_size=8), loaded, progress=False)
         outputs = engine.generate([GenerationRequest(f"q{i}", [{"role": "user", "content": "hello " * i}]) for i in range(8)],
@@ -92,9 +98,28 @@ def test_unsloth_loads_a_random_builtin_from_its_saved_copy_and_generates():
 @needs_unsloth
 def test_suite_runs_both_backends_on_the_gpu(tmp_path, official_dir):
     out = tmp_path / "suite.json"
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "suite.py"), "--model", "builtin:random-1b", "--questions", "16",
-                           "--length-scale", "0.25", "--train-steps", "4", "--official-dir", str(official_dir), "--json", str(out)],
-                          check=False, capture_output=True, text=True, timeout=3600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "suite.py"),
+            "--model",
+            "builtin:random-1b",
+            "--questions",
+            "16",
+            "--length-scale",
+            "0.25",
+            "--train-steps",
+            "4",
+            "--official-dir",
+            str(official_dir),
+            "--json",
+            str(out),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(out.read_text())
     ways = {row["way"]: row for row in report["generation"]["rows"]}

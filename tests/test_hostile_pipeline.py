@@ -28,20 +28,20 @@ from hostile_corpus import (
 )
 
 from reflectevo.config import load_params
-from reflectevo.curation import (
+from reflectevo.generation.engines import ReplayEngine
+from reflectevo.reflection.curation import (
     build_d_plus,
     build_d_pm,
     build_d_pref,
     counts_table,
     plan_comparisons,
     read_records,
-    save_training_datasets,
     write_curated,
 )
-from reflectevo.generation import ReplayEngine
-from reflectevo.judges import make_judge
-from reflectevo.pipeline import ReflectionPipeline, write_records
-from reflectevo.sandbox import Sandbox
+from reflectevo.reflection.exports import save_training_datasets
+from reflectevo.reflection.judges import make_judge
+from reflectevo.reflection.pipeline import ReflectionPipeline, write_records
+from reflectevo.sandbox.host import Sandbox
 from reflectevo.tasks import SPLITS, check_code_execution, get_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,8 +92,13 @@ def replay_rows(questions: dict[str, object], corpus: dict[str, str]) -> list[di
         answer = model_answer(corpus[name])
         rows.append({"key": f"mbpp/{item.id}/t1", "text": answer})
         for sample in range(SAMPLES):
-            rows.append({"key": f"mbpp/{item.id}/{INSTRUCTION}", "sample": sample,
-                         "text": f"My code did not define the function the tests call. I will define it. ({sample})"})
+            rows.append(
+                {
+                    "key": f"mbpp/{item.id}/{INSTRUCTION}",
+                    "sample": sample,
+                    "text": f"My code did not define the function the tests call. I will define it. ({sample})",
+                }
+            )
             rows.append({"key": f"mbpp/{item.id}/{INSTRUCTION}/{sample}", "text": answer})
     return rows
 
@@ -122,16 +127,25 @@ def hostile_pipeline(isolated_sandbox, tmp_path_factory):
         items = [item for split in SPLITS for item in task.load_samples(split)]
         assert len({item.id for item in items}) >= len(corpus), "not enough distinct MBPP sample items"
         questions = dict(zip(corpus, items))
-        params = load_params(REPO / "params" / "smoke.yaml", {
-            "run": {"name": "hostile", "seed": 0, "output_dir": str(out / "outputs"), "allow_code_execution": True},
-            "reflect": {"fewshots": 0, "instructions": [INSTRUCTION], "samples_per_instruction": SAMPLES,
-                        "max_new_tokens": 64},
-        })
+        params = load_params(
+            REPO / "params" / "smoke.yaml",
+            {
+                "run": {"name": "hostile", "seed": 0, "output_dir": str(out / "outputs"), "allow_code_execution": True},
+                "reflect": {
+                    "fewshots": 0,
+                    "instructions": [INSTRUCTION],
+                    "samples_per_instruction": SAMPLES,
+                    "max_new_tokens": 64,
+                },
+            },
+        )
         check_code_execution(["mbpp"], allowed=params.run.allow_code_execution)
         sandbox = CountingSandbox(allow_code_execution=True, timeout_s=2.0, workers=isolated_sandbox.workers)
         engine = ReplayEngine(replay_rows(questions, corpus))
         temp_before, pids_before = sandbox_temp_dirs(), all_pids()
-        result = ReflectionPipeline(params, engine, out / "generations", sandbox=sandbox).run({"mbpp": list(questions.values())})
+        result = ReflectionPipeline(params, engine, out / "generations", sandbox=sandbox).run(
+            {"mbpp": list(questions.values())}
+        )
         strays = sandbox_processes(pids_before)
         leftover_temp = sorted(sandbox_temp_dirs() - temp_before)
         server.close()
@@ -142,15 +156,33 @@ def hostile_pipeline(isolated_sandbox, tmp_path_factory):
         # the "self" judge over the replay engine: it holds no judge replies, so a request would fail
         judge_params = params.reflect.judge
         judge = make_judge(judge_params, engine=engine, seed=params.run.seed)
-        d_pref = build_d_pref(records, judge, max_pairs_per_question=judge_params.max_pairs_per_question,
-                              both_orders=judge_params.both_orders, seed=params.run.seed)
+        d_pref = build_d_pref(
+            records,
+            judge,
+            max_pairs_per_question=judge_params.max_pairs_per_question,
+            both_orders=judge_params.both_orders,
+            seed=params.run.seed,
+        )
         curated = write_curated(out / "curated", d_plus, d_pm, d_pref.rows, d_pref.judgements)
         sizes = save_training_datasets(out / "training", d_plus, d_pm, d_pref.rows, {"mbpp": list(questions.values())})
         yield {
-            "corpus": corpus, "questions": questions, "records": records, "sandbox": sandbox, "out": out,
-            "d_plus": d_plus, "d_pm": d_pm, "d_pref": d_pref, "curated": curated, "sizes": sizes,
-            "counts": counts_table(records, d_plus, d_pm, d_pref), "canary": canary, "host_dir": host_dir,
-            "secret": secret, "connections": server.connections, "strays": strays, "leftover_temp": leftover_temp,
+            "corpus": corpus,
+            "questions": questions,
+            "records": records,
+            "sandbox": sandbox,
+            "out": out,
+            "d_plus": d_plus,
+            "d_pm": d_pm,
+            "d_pref": d_pref,
+            "curated": curated,
+            "sizes": sizes,
+            "counts": counts_table(records, d_plus, d_pm, d_pref),
+            "canary": canary,
+            "host_dir": host_dir,
+            "secret": secret,
+            "connections": server.connections,
+            "strays": strays,
+            "leftover_temp": leftover_temp,
         }
     finally:
         server.close()
@@ -178,8 +210,12 @@ def test_every_trial_of_every_hostile_program_is_graded_failed(hostile_pipeline)
             assert execution["status"] in EXPECTED_STATUS[name], where
             assert output["outcome"] == ("timeout" if execution["status"] == "timeout" else "wrong"), where
             assert output["feedback"].endswith("Answer is INCORRECT"), where
-        table.append(f"{name:16} " + "  ".join(f"t{o['trial']}={o['outcome']}/{o['verdict']['details']['execution']['status']}"
-                                                for o in outputs))
+        table.append(
+            f"{name:16} "
+            + "  ".join(
+                f"t{o['trial']}={o['outcome']}/{o['verdict']['details']['execution']['status']}" for o in outputs
+            )
+        )
     print("\n" + "\n".join(table))
 
 
@@ -192,12 +228,20 @@ def test_nothing_is_curated(hostile_pipeline):
     run = hostile_pipeline
     records = run["records"]
     assert run["d_plus"] == [] and run["d_pm"] == [] and run["d_pref"].rows == []
-    assert plan_comparisons(records) == [] and run["d_pref"].judgements == []  # no candidate pair, the judge never asked
+    assert (
+        plan_comparisons(records) == [] and run["d_pref"].judgements == []
+    )  # no candidate pair, the judge never asked
     assert sum(run["d_pref"].outcomes.values()) == 0
     for name in ("d_plus", "d_pm", "d_pref", "judgements"):
         assert run["curated"][name].read_text() == "", name
-    assert run["sizes"] == {"sft_one_stage": 0, "sft_reflection": 0, "sft_correction": 0,
-                            "sft_qa_pairs": len(run["corpus"]), "dpo_d_pm": 0, "dpo_d_pref": 0}
+    assert run["sizes"] == {
+        "sft_one_stage": 0,
+        "sft_reflection": 0,
+        "sft_correction": 0,
+        "sft_qa_pairs": len(run["corpus"]),
+        "dpo_d_pm": 0,
+        "dpo_d_pref": 0,
+    }
     total = run["counts"].loc["all"]
     assert total["questions"] == len(run["corpus"]) and total["first_correct"] == 0
     assert total["reflections"] == len(run["corpus"]) * SAMPLES and total["second_correct"] == 0

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from reflectevo.core.jsonl import read_jsonl, write_jsonl_atomic
 from reflectevo.errors import DataError, DataFileNotFound, ReflectEvoError
-from reflectevo.jsonl import read_jsonl, write_jsonl_atomic
 from reflectevo.tasks import SPLITS, TASKS, Item, get_task
 from reflectevo.tasks.base import write_items
 
@@ -46,7 +46,9 @@ def test_official_contents(official_items):
 
 
 def test_malformed_jsonl_line_names_file_and_line(tmp_path):
-    path = write_lines(tmp_path / "logiqa.jsonl", ['{"question": "q\\nA.a\\nB.b\\nC.c\\nD.d", "answer": "a"}', "{not json"])
+    path = write_lines(
+        tmp_path / "logiqa.jsonl", ['{"question": "q\\nA.a\\nB.b\\nC.c\\nD.d", "answer": "a"}', "{not json"]
+    )
     with pytest.raises(DataError, match=r"logiqa\.jsonl:2: not valid JSON"):
         get_task("logiqa").load_official(path)
 
@@ -58,7 +60,9 @@ def test_non_object_line_names_file_and_line(tmp_path):
 
 
 def test_missing_field_names_file_and_line(tmp_path):
-    path = write_lines(tmp_path / "math.jsonl", ['{"problem": "1+1", "solution": "\\\\boxed{2}"}', '{"problem": "2+2"}'])
+    path = write_lines(
+        tmp_path / "math.jsonl", ['{"problem": "1+1", "solution": "\\\\boxed{2}"}', '{"problem": "2+2"}']
+    )
     with pytest.raises(DataError, match=r"math\.jsonl:2: missing field 'solution'"):
         get_task("math").load_official(path)
 
@@ -186,31 +190,62 @@ def test_logiqa_hub_row():
 def test_math_hub_row():
     row = {"problem": "Find $x$.", "level": "Level 2", "type": "Algebra", "solution": "So $x = \\boxed{\\frac{1}{2}}$."}
     item = get_task("math").from_hub_row(row, 9)
-    assert (item.id, item.gold, item.metadata["subject"], item.metadata["level"]) == ("10", "\\frac{1}{2}", "Algebra", "Level 2")
+    assert (item.id, item.gold, item.metadata["subject"], item.metadata["level"]) == (
+        "10",
+        "\\frac{1}{2}",
+        "Algebra",
+        "Level 2",
+    )
     assert get_task("math").from_hub_row({**row, "solution": "no box"}, 0) is None  # counted and skipped by load_hub
 
 
 def test_mbpp_hub_rows_full_and_sanitized():
-    full = {"task_id": 601, "text": "Write f.", "code": "def f(): return 1", "test_list": ["assert f() == 1"],
-            "test_setup_code": "", "challenge_test_list": []}
+    full = {
+        "task_id": 601,
+        "text": "Write f.",
+        "code": "def f(): return 1",
+        "test_list": ["assert f() == 1"],
+        "test_setup_code": "",
+        "challenge_test_list": [],
+    }
     item = get_task("mbpp").from_hub_row(full, 0)
     assert item.id == "601" and item.question.endswith("Your code should pass these tests: ['assert f() == 1']")
-    sanitized = {"task_id": 602, "prompt": "Write g.", "code": "import math\ndef g(): return math.pi",
-                 "test_imports": ["import math"], "test_list": ["assert g() == math.pi"], "source_file": "x"}
+    sanitized = {
+        "task_id": 602,
+        "prompt": "Write g.",
+        "code": "import math\ndef g(): return math.pi",
+        "test_imports": ["import math"],
+        "test_list": ["assert g() == math.pi"],
+        "source_file": "x",
+    }
     item = get_task("mbpp").from_hub_row(sanitized, 1)
     assert item.id == "602" and item.setup_code == "import math" and item.metadata["text"] == "Write g."
 
 
 def test_bigbench_hub_rows():
-    choice = {"inputs": "Passage: p\nClaim: c", "targets": ["False"], "multiple_choice_targets": ["True", "False", "Neither"],
-              "multiple_choice_scores": [0, 1, 0], "idx": 12}
+    choice = {
+        "inputs": "Passage: p\nClaim: c",
+        "targets": ["False"],
+        "multiple_choice_targets": ["True", "False", "Neither"],
+        "multiple_choice_scores": [0, 1, 0],
+        "idx": 12,
+    }
     item = get_task("bigbench").from_hub_row(choice, 0, subtask="vitaminc_fact_verification")
     assert item.question.endswith("Claim: c\nOptions:\nA. True\nB. False\nC. Neither")
     assert (item.gold, item.metadata["answer_type"], item.source_id) == ("b", "choice", "vitaminc_fact_verification:12")
-    free = {"inputs": "Q: capital of France?", "targets": ["Paris", "paris"], "multiple_choice_targets": [],
-            "multiple_choice_scores": [], "idx": 3}
+    free = {
+        "inputs": "Q: capital of France?",
+        "targets": ["Paris", "paris"],
+        "multiple_choice_targets": [],
+        "multiple_choice_scores": [],
+        "idx": 3,
+    }
     item = get_task("bigbench").from_hub_row(free, 1, subtask="qa")
-    assert (item.gold, item.metadata["answer_type"], item.metadata["all_targets"]) == ("Paris", "free", ["Paris", "paris"])
+    assert (item.gold, item.metadata["answer_type"], item.metadata["all_targets"]) == (
+        "Paris",
+        "free",
+        ["Paris", "paris"],
+    )
     with pytest.raises(DataError, match="exactly one correct"):
         get_task("bigbench").from_hub_row({**choice, "multiple_choice_scores": [1, 1, 0]}, 0)
 
@@ -233,16 +268,22 @@ def _configs_readme(folder: Path, configs: dict[str, list[str]]) -> None:
 def test_load_hub_through_datasets_on_local_copies(tmp_path):
     cache = {"cache_dir": str(tmp_path / "cache")}
     logiqa = tmp_path / "logiqa"
-    _parquet([{"context": "c", "query": "q", "options": ["w", "x", "y", "z"], "correct_option": 1}] * 2,
-             logiqa / "data" / "test-00000-of-00001.parquet")
+    _parquet(
+        [{"context": "c", "query": "q", "options": ["w", "x", "y", "z"], "correct_option": 1}] * 2,
+        logiqa / "data" / "test-00000-of-00001.parquet",
+    )
     items = get_task("logiqa").load_hub("test", path=str(logiqa), **cache)
     assert [(item.id, item.gold) for item in items] == [("1", "b"), ("2", "b")]
 
     math = tmp_path / "math"
     for subject in ("algebra", "geometry"):
-        _parquet([{"problem": f"{subject}?", "level": "Level 1", "type": subject, "solution": "\\boxed{1}"},
-                  {"problem": "bad", "level": "Level 1", "type": subject, "solution": "none"}],
-                 math / subject / "test-00000-of-00001.parquet")
+        _parquet(
+            [
+                {"problem": f"{subject}?", "level": "Level 1", "type": subject, "solution": "\\boxed{1}"},
+                {"problem": "bad", "level": "Level 1", "type": subject, "solution": "none"},
+            ],
+            math / subject / "test-00000-of-00001.parquet",
+        )
     _configs_readme(math, {"algebra": ["test"], "geometry": ["test"]})
     with pytest.warns(UserWarning, match="skipped 2 rows"):
         items = get_task("math").load_hub("test", subjects=("algebra", "geometry"), path=str(math), **cache)
@@ -251,14 +292,35 @@ def test_load_hub_through_datasets_on_local_copies(tmp_path):
         get_task("math").load_hub("test", subjects=("calculus",), path=str(math))
 
     mbpp = tmp_path / "mbpp"
-    _parquet([{"task_id": 11, "text": "t", "code": "def f(): return 1", "test_list": ["assert f() == 1"],
-               "test_setup_code": "", "challenge_test_list": []}], mbpp / "full" / "test-00000-of-00001.parquet")
+    _parquet(
+        [
+            {
+                "task_id": 11,
+                "text": "t",
+                "code": "def f(): return 1",
+                "test_list": ["assert f() == 1"],
+                "test_setup_code": "",
+                "challenge_test_list": [],
+            }
+        ],
+        mbpp / "full" / "test-00000-of-00001.parquet",
+    )
     _configs_readme(mbpp, {"full": ["test"]})
     assert get_task("mbpp").load_hub("test", path=str(mbpp), **cache)[0].id == "11"
 
     bigbench = tmp_path / "bigbench"
-    _parquet([{"inputs": "Claim?", "targets": ["True"], "multiple_choice_targets": ["True", "False"],
-               "multiple_choice_scores": [1, 0], "idx": 0}], bigbench / "vitaminc" / "validation-00000-of-00001.parquet")
+    _parquet(
+        [
+            {
+                "inputs": "Claim?",
+                "targets": ["True"],
+                "multiple_choice_targets": ["True", "False"],
+                "multiple_choice_scores": [1, 0],
+                "idx": 0,
+            }
+        ],
+        bigbench / "vitaminc" / "validation-00000-of-00001.parquet",
+    )
     _configs_readme(bigbench, {"vitaminc": ["validation"]})
     item = get_task("bigbench").load_hub("validation", subtasks=("vitaminc",), path=str(bigbench), **cache)[0]
     assert (item.gold, item.options) == ("a", ["True", "False"])

@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from reflectevo.metrics import (
+from reflectevo.evaluation.metrics import (
     CI_COLUMNS,
     COUNT_COLUMNS,
     FRAME_COLUMNS,
@@ -29,9 +29,18 @@ from reflectevo.metrics import (
 from reflectevo.tasks import OUTCOMES
 
 
-def prediction(variant: str, task: str, item_id: str, t1: str | dict[str, str], final: str | dict[str, str] | None,
-               *, protocol: str = "oracle", reflected: bool | None = None, breakdown: dict[str, Any] | None = None,
-               graders: tuple[str, ...] = ("official",)) -> dict[str, Any]:
+def prediction(
+    variant: str,
+    task: str,
+    item_id: str,
+    t1: str | dict[str, str],
+    final: str | dict[str, str] | None,
+    *,
+    protocol: str = "oracle",
+    reflected: bool | None = None,
+    breakdown: dict[str, Any] | None = None,
+    graders: tuple[str, ...] = ("official",),
+) -> dict[str, Any]:
     """One predictions.jsonl row (eval_spec.md); an outcome given as a string is the same for every grader."""
     t1 = t1 if isinstance(t1, dict) else dict.fromkeys(graders, t1)
     final = final if final is None or isinstance(final, dict) else dict.fromkeys(graders, final)
@@ -41,10 +50,18 @@ def prediction(variant: str, task: str, item_id: str, t1: str | dict[str, str], 
     if reflected and final is not None:
         second = {"text": "Action: Finish[x]", **{g: {"outcome": final[g], "extracted": "x"} for g in graders}}
     return {
-        "variant": variant, "protocol": protocol, "task": task, "id": item_id, "question": "q?", "gold": "x",
+        "variant": variant,
+        "protocol": protocol,
+        "task": task,
+        "id": item_id,
+        "question": "q?",
+        "gold": "x",
         "breakdown": breakdown or {},
-        "roles": {"first_turn": "base", "reflector": None if final is None else variant,
-                  "second_turn": None if final is None else "base"},
+        "roles": {
+            "first_turn": "base",
+            "reflector": None if final is None else variant,
+            "second_turn": None if final is None else "base",
+        },
         "t1": {"text": "Action: Finish[y]", **{g: {"outcome": t1[g], "extracted": "y"} for g in graders}},
         "reflected": reflected,
         "gate": {"by": "grader", "self_verify_text": None, "self_verdict": None},
@@ -74,8 +91,18 @@ def one(summary: Any, **key: Any) -> Any:
 # Ten LogiQA items, four right at t1 (ids 0-3); id 4 unparseable and id 5 timed out at t1.
 FIRST = ["correct", "correct", "correct", "correct", "parse_failure", "timeout", "wrong", "wrong", "wrong", "wrong"]
 ORACLE_FINAL = ["correct"] * 4 + ["correct", "correct", "correct", "parse_failure", "wrong", "wrong"]
-FREE_FINAL = ["correct", "correct", "wrong", "timeout", "correct", "correct", "correct", "wrong", "parse_failure",
-              "parse_failure"]
+FREE_FINAL = [
+    "correct",
+    "correct",
+    "wrong",
+    "timeout",
+    "correct",
+    "correct",
+    "correct",
+    "wrong",
+    "parse_failure",
+    "parse_failure",
+]
 
 
 @pytest.fixture()
@@ -88,11 +115,24 @@ def protocols_frame() -> Any:
 # ---- prediction_frame -----------------------------------------------------------------------------
 def test_prediction_frame_one_row_per_grader_with_breakdown_and_missing_t2():
     predictions = [
-        prediction("base", "math", "m1", {"official": "wrong", "robust": "correct"},
-                   {"official": "correct", "robust": "correct"}, graders=("official", "robust"),
-                   breakdown={"level": "Level 3", "subject": "Algebra"}),
-        prediction("sft/qa_pairs", "bigbench", "b1", "correct", None, graders=("official", "robust"),
-                   breakdown={"answer_type": "choice"}),
+        prediction(
+            "base",
+            "math",
+            "m1",
+            {"official": "wrong", "robust": "correct"},
+            {"official": "correct", "robust": "correct"},
+            graders=("official", "robust"),
+            breakdown={"level": "Level 3", "subject": "Algebra"},
+        ),
+        prediction(
+            "sft/qa_pairs",
+            "bigbench",
+            "b1",
+            "correct",
+            None,
+            graders=("official", "robust"),
+            breakdown={"answer_type": "choice"},
+        ),
     ]
     frame = prediction_frame(predictions)
     assert list(frame.columns) == FRAME_COLUMNS
@@ -150,9 +190,16 @@ def test_oracle_and_oracle_free_counts_on_the_same_items(protocols_frame):
 def test_transition_matrix_counts(protocols_frame):
     table = transition_matrix(protocols_frame[protocols_frame["protocol"] == "oracle_free"])
     assert list(table.index) == list(OUTCOMES) and list(table.columns) == list(OUTCOMES)
-    expected = {("correct", "correct"): 2, ("correct", "wrong"): 1, ("correct", "timeout"): 1,
-                ("parse_failure", "correct"): 1, ("timeout", "correct"): 1, ("wrong", "correct"): 1,
-                ("wrong", "wrong"): 1, ("wrong", "parse_failure"): 2}
+    expected = {
+        ("correct", "correct"): 2,
+        ("correct", "wrong"): 1,
+        ("correct", "timeout"): 1,
+        ("parse_failure", "correct"): 1,
+        ("timeout", "correct"): 1,
+        ("wrong", "correct"): 1,
+        ("wrong", "wrong"): 1,
+        ("wrong", "parse_failure"): 2,
+    }
     for t1 in OUTCOMES:
         for t2 in OUTCOMES:
             assert table.loc[t1, t2] == expected.get((t1, t2), 0), (t1, t2)
@@ -165,8 +212,18 @@ def test_variant_without_second_turn_has_nan_t2_metrics():
     frame = prediction_frame(rows("sft/qa_pairs", "logiqa", [(o, None) for o in outcomes(3, 8)]))
     row = one(summarize(frame, bootstrap_samples=200), task="logiqa")
     assert row["n"] == 8 and row["acc_t1"] == pytest.approx(3 / 8)
-    for column in ("acc_t2", "delta", "wrong_to_right", "right_to_wrong", "parse_failures_t2", "timeouts_t2",
-                   "acc_t2_low", "acc_t2_high", "delta_low", "delta_high"):
+    for column in (
+        "acc_t2",
+        "delta",
+        "wrong_to_right",
+        "right_to_wrong",
+        "parse_failures_t2",
+        "timeouts_t2",
+        "acc_t2_low",
+        "acc_t2_high",
+        "delta_low",
+        "delta_high",
+    ):
         assert math.isnan(row[column]), column
     assert row["acc_t1_low"] <= 3 / 8 <= row["acc_t1_high"]
     assert transition_matrix(frame).to_numpy().sum() == 0
@@ -215,9 +272,11 @@ def test_delta_interval_is_paired():
 
 
 def test_overall_row_pools_tasks_with_a_stratified_bootstrap():
-    frame = prediction_frame(rows("base", "logiqa", [("correct", "correct")] * 30)
-                             + rows("base", "mbpp", [("wrong", "wrong")] * 50)
-                             + rows("base", "math", [("wrong", "correct")] * 20))
+    frame = prediction_frame(
+        rows("base", "logiqa", [("correct", "correct")] * 30)
+        + rows("base", "mbpp", [("wrong", "wrong")] * 50)
+        + rows("base", "math", [("wrong", "correct")] * 20)
+    )
     summary = summarize(frame)
     assert list(summary["task"]) == ["logiqa", "mbpp", "math", "overall"]
     overall = one(summary, task="overall")
@@ -238,10 +297,18 @@ def paired(a_only: int, b_only: int, both: int = 5, neither: int = 5) -> tuple[l
     return a, b
 
 
-@pytest.mark.parametrize(("a_only", "b_only", "p_value"), [
-    (10, 0, 2 * 0.5**10), (0, 10, 2 * 0.5**10), (7, 7, 1.0), (0, 0, 1.0), (1, 4, 0.375), (4, 1, 0.375),
-    (3, 9, 2 * (1 + 12 + 66 + 220) / 2**12),
-])
+@pytest.mark.parametrize(
+    ("a_only", "b_only", "p_value"),
+    [
+        (10, 0, 2 * 0.5**10),
+        (0, 10, 2 * 0.5**10),
+        (7, 7, 1.0),
+        (0, 0, 1.0),
+        (1, 4, 0.375),
+        (4, 1, 0.375),
+        (3, 9, 2 * (1 + 12 + 66 + 220) / 2**12),
+    ],
+)
 def test_mcnemar_exact_values(a_only, b_only, p_value):
     result = mcnemar(*paired(a_only, b_only))
     assert result == {"n": a_only + b_only + 10, "a_only": a_only, "b_only": b_only, "p_value": pytest.approx(p_value)}
@@ -259,10 +326,13 @@ def variants_frame() -> Any:
     predictions = []
     for variant, fixed in (("base", 20), ("retry", 20), ("sft/one_stage", 32)):
         pairs = [("correct" if i < 10 else "wrong", "correct" if i < 10 + fixed else "wrong") for i in range(60)]
-        predictions += [prediction(variant, "logiqa" if i % 2 else "bigbench", f"q{i}", t1, final)
-                        for i, (t1, final) in enumerate(pairs)]
-    predictions += [prediction("sft/qa_pairs", "logiqa" if i % 2 else "bigbench", f"q{i}", "correct", None)
-                    for i in range(60)]
+        predictions += [
+            prediction(variant, "logiqa" if i % 2 else "bigbench", f"q{i}", t1, final)
+            for i, (t1, final) in enumerate(pairs)
+        ]
+    predictions += [
+        prediction("sft/qa_pairs", "logiqa" if i % 2 else "bigbench", f"q{i}", "correct", None) for i in range(60)
+    ]
     return prediction_frame(predictions)
 
 
@@ -283,17 +353,20 @@ def test_paired_comparison_verdicts(variants_frame):
     assert same["difference"] == 0 and same["p_value"] == 1.0
     assert same["verdict"].startswith("no difference shown between retry and base (")
 
-    first_turn = paired_comparison(variants_frame, "sft/one_stage", "base", protocol="oracle", grader="official",
-                                   metric="t1")
+    first_turn = paired_comparison(
+        variants_frame, "sft/one_stage", "base", protocol="oracle", grader="official", metric="t1"
+    )
     assert first_turn["difference"] == 0 and first_turn["verdict"].startswith("no difference shown")
 
 
 def test_paired_comparison_small_difference_is_not_a_win(variants_frame):
     # within one task: 6 more fixed items out of 30 (p = 0.031) passes at 95% but not at 99%
-    loose = paired_comparison(variants_frame, "sft/one_stage", "base", protocol="oracle", grader="official",
-                              task="logiqa")
-    strict = paired_comparison(variants_frame, "sft/one_stage", "base", protocol="oracle", grader="official",
-                               task="logiqa", confidence=0.99)
+    loose = paired_comparison(
+        variants_frame, "sft/one_stage", "base", protocol="oracle", grader="official", task="logiqa"
+    )
+    strict = paired_comparison(
+        variants_frame, "sft/one_stage", "base", protocol="oracle", grader="official", task="logiqa", confidence=0.99
+    )
     assert loose["n"] == 30 and loose["a_only"] == 6 and loose["p_value"] == pytest.approx(2 * 0.5**6)
     assert loose["verdict"].startswith("sft/one_stage beats base")
     assert strict["verdict"].startswith("no difference shown between sft/one_stage and base")
@@ -308,15 +381,17 @@ def test_paired_comparison_errors(variants_frame):
         paired_comparison(frame, "dpo/d_pref", "base", protocol="oracle", grader="official")
     with pytest.raises(ValueError, match="no second turn"):
         paired_comparison(frame, "sft/qa_pairs", "base", protocol="oracle", grader="official")
-    assert paired_comparison(frame, "sft/qa_pairs", "base", protocol="oracle", grader="official",
-                             metric="t1")["verdict"].startswith("sft/qa_pairs beats base")
+    assert paired_comparison(frame, "sft/qa_pairs", "base", protocol="oracle", grader="official", metric="t1")[
+        "verdict"
+    ].startswith("sft/qa_pairs beats base")
 
 
 def test_compare_variants_rows(variants_frame):
     table = compare_variants(variants_frame, bootstrap_samples=200)
     assert list(table.columns[:5]) == ["variant", "reference", "protocol", "grader", "task"]
     assert list(zip(table["variant"], table["task"])) == [
-        (variant, task) for variant in ("retry", "sft/one_stage") for task in ("overall", "bigbench", "logiqa")]
+        (variant, task) for variant in ("retry", "sft/one_stage") for task in ("overall", "bigbench", "logiqa")
+    ]
     assert set(table["reference"]) == {"base"} and set(table["protocol"]) == {"oracle"}
     row = one(table, variant="sft/one_stage", task="overall")
     assert row["a_only"] == 12 and row["verdict"].startswith("sft/one_stage beats base")
@@ -328,10 +403,23 @@ def test_compare_variants_rows(variants_frame):
 
 # ---- breakdown and the paper table ----------------------------------------------------------------
 def test_breakdown_by_answer_type():
-    choice = [prediction("base", "bigbench", f"c{i}", "correct" if i < 3 else "wrong", "correct" if i < 5 else "wrong",
-                         breakdown={"answer_type": "choice"}) for i in range(6)]
-    free = [prediction("base", "bigbench", f"f{i}", "wrong", "correct" if i < 1 else "wrong",
-                       breakdown={"answer_type": "free"}) for i in range(4)]
+    choice = [
+        prediction(
+            "base",
+            "bigbench",
+            f"c{i}",
+            "correct" if i < 3 else "wrong",
+            "correct" if i < 5 else "wrong",
+            breakdown={"answer_type": "choice"},
+        )
+        for i in range(6)
+    ]
+    free = [
+        prediction(
+            "base", "bigbench", f"f{i}", "wrong", "correct" if i < 1 else "wrong", breakdown={"answer_type": "free"}
+        )
+        for i in range(4)
+    ]
     other = rows("base", "logiqa", [("correct", "correct")] * 5)
     table = breakdown(prediction_frame(choice + free + other), "answer_type", bootstrap_samples=0)
     assert list(table.columns[:5]) == ["variant", "protocol", "grader", "task", "answer_type"]
@@ -352,12 +440,14 @@ def test_format_cell():
 
 
 def test_paper_table_layout_and_cells():
-    predictions = (rows("base", "logiqa", list(zip(outcomes(3, 10), outcomes(5, 10))))
-                   + rows("adapter", "logiqa", list(zip(outcomes(3, 10), outcomes(3, 10))))
-                   + rows("sft/one_stage", "logiqa", list(zip(outcomes(3, 10), outcomes(2, 10))), reflected=True)
-                   + rows("sft/qa_pairs", "logiqa", [(o, None) for o in outcomes(4, 10)])
-                   + rows("base", "mbpp", list(zip(outcomes(1, 5), outcomes(1, 5))))
-                   + rows("base", "logiqa", list(zip(outcomes(1, 10), outcomes(1, 10))), protocol="oracle_free"))
+    predictions = (
+        rows("base", "logiqa", list(zip(outcomes(3, 10), outcomes(5, 10))))
+        + rows("adapter", "logiqa", list(zip(outcomes(3, 10), outcomes(3, 10))))
+        + rows("sft/one_stage", "logiqa", list(zip(outcomes(3, 10), outcomes(2, 10))), reflected=True)
+        + rows("sft/qa_pairs", "logiqa", [(o, None) for o in outcomes(4, 10)])
+        + rows("base", "mbpp", list(zip(outcomes(1, 5), outcomes(1, 5))))
+        + rows("base", "logiqa", list(zip(outcomes(1, 10), outcomes(1, 10))), protocol="oracle_free")
+    )
     summary = summarize(prediction_frame(predictions), bootstrap_samples=0)
     table = paper_table(summary)
     assert list(table.index) == ["Prompt, w/ reflection", "SFT on QA pairs", "One-stage SFT w/ D+", "adapter"]
@@ -405,17 +495,43 @@ def test_an_oracle_row_is_scored_by_the_grader_that_gated_it():
     answer turned wrong under the oracle; it is scored by the official grader only, and the robust run's row
     (not reflected) by the robust grader only."""
     both = ("official", "robust")
-    official_run = prediction("base", "logiqa", "q1", {"official": "wrong", "robust": "correct"},
-                              {"official": "wrong", "robust": "wrong"}, reflected=True, graders=both)
-    robust_run = prediction("base", "logiqa", "q1", {"official": "wrong", "robust": "correct"},
-                            {"official": "wrong", "robust": "correct"}, reflected=False, graders=both)
+    official_run = prediction(
+        "base",
+        "logiqa",
+        "q1",
+        {"official": "wrong", "robust": "correct"},
+        {"official": "wrong", "robust": "wrong"},
+        reflected=True,
+        graders=both,
+    )
+    robust_run = prediction(
+        "base",
+        "logiqa",
+        "q1",
+        {"official": "wrong", "robust": "correct"},
+        {"official": "wrong", "robust": "correct"},
+        reflected=False,
+        graders=both,
+    )
     official_run["gate_grader"], robust_run["gate_grader"] = "official", "robust"
-    free = prediction("base", "logiqa", "q1", {"official": "wrong", "robust": "correct"},
-                      {"official": "wrong", "robust": "wrong"}, protocol="oracle_free", reflected=True, graders=both)
+    free = prediction(
+        "base",
+        "logiqa",
+        "q1",
+        {"official": "wrong", "robust": "correct"},
+        {"official": "wrong", "robust": "wrong"},
+        protocol="oracle_free",
+        reflected=True,
+        graders=both,
+    )
     frame = prediction_frame([official_run, robust_run, free])
     scored = sorted(zip(frame["protocol"], frame["grader"], frame["t1"], frame["t2"]))
-    assert scored == [("oracle", "official", "wrong", "wrong"), ("oracle", "robust", "correct", "correct"),
-                      ("oracle_free", "official", "wrong", "wrong"), ("oracle_free", "robust", "correct", "wrong")]
+    assert scored == [
+        ("oracle", "official", "wrong", "wrong"),
+        ("oracle", "robust", "correct", "correct"),
+        ("oracle_free", "official", "wrong", "wrong"),
+        ("oracle_free", "robust", "correct", "wrong"),
+    ]
     summary = summarize(frame, bootstrap_samples=0)
     assert (summary.loc[summary["protocol"] == "oracle", "right_to_wrong"] == 0).all()
     assert one(summary, protocol="oracle_free", grader="robust", task="overall")["right_to_wrong"] == 1

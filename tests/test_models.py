@@ -18,15 +18,22 @@ from pathlib import Path
 
 import pytest
 
-from reflectevo import models, standin
+from reflectevo import errors, prompts
 from reflectevo.config import ModelParams
+from reflectevo.models import cache
+from reflectevo.models import loading as models_loading
+from reflectevo.models.builtin import attempts as builtin_attempts
+from reflectevo.models.builtin import checks as builtin_checks
+from reflectevo.models.builtin import corpus as builtin_corpus
+from reflectevo.models.builtin import random_shapes, settings, tiny
+from reflectevo.models.builtin import tokenizer as builtin_tokenizer
 from reflectevo.prompts import attempt_messages, render_attempt
 from reflectevo.tasks import SPLITS, get_task, task_names
 
 REPO = Path(__file__).resolve().parents[1]
 
 # A build small enough for tests that need a build of their own (a few seconds)
-SMALL = standin.TinySettings(
+SMALL = settings.TinySettings(
     hidden_size=32,
     intermediate_size=64,
     num_layers=1,
@@ -58,33 +65,33 @@ def corpus_questions(corpus) -> list[str]:
 def test_cache_dir_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("REFLECTEVO_CACHE", str(tmp_path / "explicit"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert models.cache_dir() == tmp_path / "explicit"
+    assert cache.cache_dir() == tmp_path / "explicit"
     monkeypatch.delenv("REFLECTEVO_CACHE")
-    assert models.cache_dir() == tmp_path / "xdg" / "reflectevo"
+    assert cache.cache_dir() == tmp_path / "xdg" / "reflectevo"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert models.cache_dir() == tmp_path / "home" / ".cache" / "reflectevo"
+    assert cache.cache_dir() == tmp_path / "home" / ".cache" / "reflectevo"
 
 
 def test_importing_the_package_stays_light():
-    code = "import sys, reflectevo, reflectevo.models, reflectevo.standin; print(sorted(m for m in ('torch', 'transformers', 'unsloth') if m in sys.modules))"
+    code = "import sys, reflectevo, reflectevo.models, reflectevo.models.builtin.tiny; print(sorted(m for m in ('torch', 'transformers', 'unsloth') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU behaviour")
 def test_backend_on_cpu_is_transformers_and_unsloth_is_refused():
-    assert models.select_backend("auto") == "transformers"
-    assert models.select_backend("transformers") == "transformers"
+    assert models_loading.select_backend("auto") == "transformers"
+    assert models_loading.select_backend("transformers") == "transformers"
     assert "unsloth" not in sys.modules
-    choice = models.choose_backend("auto")
+    choice = models_loading.choose_backend("auto")
     assert choice.reason.startswith("auto: ")
-    with pytest.raises(models.BackendUnavailable) as error:
-        models.select_backend("unsloth")
+    with pytest.raises(errors.BackendUnavailable) as error:
+        models_loading.select_backend("unsloth")
     installed = __import__("importlib").util.find_spec("unsloth") is not None
     assert ("no CUDA GPU" if installed else "not installed") in str(error.value)
     with pytest.raises(ValueError, match="unknown backend"):
-        models.select_backend("hf")
+        models_loading.select_backend("hf")
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU behaviour")
@@ -96,7 +103,8 @@ def test_auto_never_imports_an_installed_unsloth_on_cpu(tmp_path):
     code = textwrap.dedent(
         """
         import importlib.util, sys
-        from reflectevo.models import BackendUnavailable, choose_backend
+        from reflectevo.errors import BackendUnavailable
+        from reflectevo.models.loading import choose_backend
         assert importlib.util.find_spec("unsloth") is not None, "the test package is not visible"
         choice = choose_backend("auto")
         assert choice.name == "transformers", choice
@@ -110,7 +118,9 @@ def test_auto_never_imports_an_installed_unsloth_on_cpu(tmp_path):
         """
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(REPO)])}
-    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert "refused:" in out.stdout and "no CUDA GPU" in out.stdout
     assert "reason: auto: no CUDA GPU" in out.stdout
@@ -118,7 +128,7 @@ def test_auto_never_imports_an_installed_unsloth_on_cpu(tmp_path):
 
 # ---- the tiny model's corpus -------------------------------------------------------------------------
 def test_corpus_holds_train_items_only():
-    corpus = standin.build_corpus()
+    corpus = builtin_corpus.build_corpus()
     seen = set(corpus_questions(corpus))
     for name in task_names():
         task = get_task(name)
@@ -129,13 +139,13 @@ def test_corpus_holds_train_items_only():
 
 
 def test_corpus_holds_no_official_items(official_items):
-    seen = set(corpus_questions(standin.build_corpus()))
+    seen = set(corpus_questions(builtin_corpus.build_corpus()))
     for name, items in official_items.items():
         assert not [item.id for item in items if item.question in seen], name
 
 
 def test_corpus_answers_mix_gold_and_wrong(sandbox):
-    corpus = standin.build_corpus()
+    corpus = builtin_corpus.build_corpus()
     by_task: dict[str, list[tuple]] = {}
     for part, (messages, completion) in corpus:
         if part.startswith("attempts/"):
@@ -152,7 +162,7 @@ def test_corpus_answers_mix_gold_and_wrong(sandbox):
         assert all(verdict.outcome in ("correct", "wrong") for verdict in verdicts), name  # every answer parses
         # a wrong answer really is wrong: exactly the renders that state the gold answer are correct
         for item, text, verdict in zip(graded_items, texts, verdicts):
-            states_gold = text.endswith(task.render_answer(standin.gold_answer(item)))
+            states_gold = text.endswith(task.render_answer(prompts.gold_answer(item)))
             assert verdict.correct == states_gold, (name, item.id, text)
         correct += sum(verdict.correct for verdict in verdicts)
         total += len(verdicts)
@@ -163,7 +173,7 @@ def test_corpus_second_attempts_change_a_rejected_answer_and_keep_one_that_holds
     from reflectevo.prompts import parse_self_verdict
 
     counts = {"changed": 0, "kept": 0, "verdicts": 0}
-    for part, (messages, completion) in standin.build_corpus():
+    for part, (messages, completion) in builtin_corpus.build_corpus():
         kind, name = part.split("/", 1)
         # the generic parts hold multiple-choice questions, whose answers every choice task reads alike
         task = get_task(name) if name in task_names() else get_task("logiqa")
@@ -179,7 +189,7 @@ def test_corpus_second_attempts_change_a_rejected_answer_and_keep_one_that_holds
             same = task.extract(completion).answer == task.extract(previous).answer
             if "Here is a review" in prompt:
                 review = prompt.split("previous attempt:\n", 1)[1].split("\n\n", 1)[0]
-                holds = any(sentence in review for sentence in standin.REVIEW_HOLDS_CHECKS)
+                holds = any(sentence in review for sentence in builtin_corpus.REVIEW_HOLDS_CHECKS)
                 assert same == holds, (part, review, previous, completion)
             counts["kept"] += same
         elif kind == "reviews":
@@ -191,36 +201,40 @@ def test_corpus_second_attempts_change_a_rejected_answer_and_keep_one_that_holds
 
 
 def test_cache_key_follows_the_corpus(monkeypatch):
-    key = standin.tiny_cache_key()
-    assert key == standin.tiny_cache_key()  # deterministic
+    key = tiny.tiny_cache_key()
+    assert key == tiny.tiny_cache_key()  # deterministic
 
     def extra(rng, settings):
         task = get_task("logiqa")
         item = task.load_samples("train")[0]
         return [(attempt_messages(task, item), render_attempt(task, "A new kind of example.", "A"))]
 
-    monkeypatch.setattr(standin, "CORPUS_PARTS", [*standin.CORPUS_PARTS, standin.CorpusPart("test/extra", extra)])
-    assert standin.tiny_cache_key() != key
+    monkeypatch.setattr(
+        builtin_corpus, "CORPUS_PARTS", [*builtin_corpus.CORPUS_PARTS, builtin_attempts.CorpusPart("test/extra", extra)]
+    )
+    assert tiny.tiny_cache_key() != key
     # adding a part leaves the other parts' text as it was
-    corpus = standin.build_corpus()
-    assert [pair for name, pair in corpus if name != "test/extra"] == [pair for _, pair in standin.build_corpus(parts=standin.CORPUS_PARTS[:-1])]
-    monkeypatch.setattr(standin, "CORPUS_PARTS", standin.CORPUS_PARTS[:-1])
-    assert standin.tiny_cache_key() == key
-    assert standin.tiny_cache_key(standin.TinySettings(steps=7)) != key  # settings are part of the key
+    corpus = builtin_corpus.build_corpus()
+    assert [pair for name, pair in corpus if name != "test/extra"] == [
+        pair for _, pair in builtin_corpus.build_corpus(parts=builtin_corpus.CORPUS_PARTS[:-1])
+    ]
+    monkeypatch.setattr(builtin_corpus, "CORPUS_PARTS", builtin_corpus.CORPUS_PARTS[:-1])
+    assert tiny.tiny_cache_key() == key
+    assert tiny.tiny_cache_key(settings.TinySettings(steps=7)) != key  # settings are part of the key
 
 
 # ---- building builtin:tiny -----------------------------------------------------------------------
 def test_tiny_build_is_cached_and_reused(tiny_model_dir):
     info_file = tiny_model_dir / "standin.json"
     before = (info_file.read_text(), info_file.stat().st_mtime_ns, sha256_of(tiny_model_dir / "model.safetensors"))
-    assert standin.tiny_model_dir() == tiny_model_dir  # found, not rebuilt
+    assert tiny.tiny_model_dir() == tiny_model_dir  # found, not rebuilt
     after = (info_file.read_text(), info_file.stat().st_mtime_ns, sha256_of(tiny_model_dir / "model.safetensors"))
     assert after == before
     info = json.loads(before[0])
-    assert info["cache_key"] == standin.tiny_cache_key()
+    assert info["cache_key"] == tiny.tiny_cache_key()
     assert tiny_model_dir.name == f"tiny-{info['cache_key'][:16]}"
-    assert info["steps"] == standin.default_tiny_settings().steps
-    assert info["settings"] == json.loads(json.dumps(standin.default_tiny_settings().to_dict()))
+    assert info["steps"] == settings.default_tiny_settings().steps
+    assert info["settings"] == json.loads(json.dumps(settings.default_tiny_settings().to_dict()))
     assert 3_000_000 < info["parameters"] < 5_000_000
     assert info["rows_dropped_too_long"] == 0
     # no half-built folders left behind
@@ -231,30 +245,41 @@ def test_tiny_tokenizer_round_trips_and_renders_chats(tiny_model_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    assert len(tokenizer) == standin.DEFAULT_TINY.vocab_size
-    for text in ["Thought: 7 * 8 = 56.\nAction: Finish<<<56>>>", "Ünïcödé, emoji 🙂 and tabs\tare bytes too", "[BEGIN]\ndef f(x):\n    return x\n[END]"]:
+    assert len(tokenizer) == settings.DEFAULT_TINY.vocab_size
+    for text in [
+        "Thought: 7 * 8 = 56.\nAction: Finish<<<56>>>",
+        "Ünïcödé, emoji 🙂 and tabs\tare bytes too",
+        "[BEGIN]\ndef f(x):\n    return x\n[END]",
+    ]:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert tokenizer.decode(ids) == text
-    for special in standin.SPECIAL_TOKENS:
+    for special in builtin_tokenizer.SPECIAL_TOKENS:
         assert len(tokenizer(special, add_special_tokens=False)["input_ids"]) == 1
-    assert tokenizer.eos_token == standin.END and tokenizer.pad_token == standin.PAD
+    assert tokenizer.eos_token == builtin_tokenizer.END and tokenizer.pad_token == builtin_tokenizer.PAD
     chat = [{"role": "user", "content": "Question?"}, {"role": "assistant", "content": "Answer."}]
-    assert tokenizer.apply_chat_template(chat, tokenize=False) == "<|user|>\nQuestion?<|end|>\n<|assistant|>\nAnswer.<|end|>\n"
-    assert tokenizer.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True).endswith("<|assistant|>\n")
-    mask = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)["assistant_masks"]
+    assert (
+        tokenizer.apply_chat_template(chat, tokenize=False)
+        == "<|user|>\nQuestion?<|end|>\n<|assistant|>\nAnswer.<|end|>\n"
+    )
+    assert tokenizer.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True).endswith(
+        "<|assistant|>\n"
+    )
+    mask = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)[
+        "assistant_masks"
+    ]
     assert 0 < sum(mask) < len(mask)  # the {% generation %} markers work (assistant-only losses)
 
 
 def test_tiny_answers_in_format_with_a_mix_of_right_and_wrong(tiny_model_dir, sandbox):
-    loaded = models.load_model(ModelParams(name="builtin:tiny"))
+    loaded = models_loading.load_model(ModelParams(name="builtin:tiny"))
     assert loaded.backend == "transformers" and loaded.source == str(tiny_model_dir)
     assert loaded.tokenizer.padding_side == "left" and not loaded.model.training
-    stored = standin.read_standin_json(tiny_model_dir)["quality"]
+    stored = tiny.read_standin_json(tiny_model_dir)["quality"]
     parsed = correct = total = 0
     for name in task_names():
         task = get_task(name)
         items = task.load_samples("validation")
-        texts = standin.greedy_attempts(loaded.model, loaded.tokenizer, name, items)
+        texts = builtin_checks.greedy_attempts(loaded.model, loaded.tokenizer, name, items)
         assert texts == stored["outputs"][name]  # greedy decoding reproduces the build's own check
         verdicts = task.grade_many(items, texts, "official", sandbox)
         parsed += sum(verdict.outcome != "parse_failure" for verdict in verdicts)
@@ -270,7 +295,7 @@ def test_tiny_answers_the_evaluation_prompts_in_format(tiny_model_dir):
     """Stage 05's prompts (retry without reflection, oracle-free review and second attempt, self-verification,
     one-stage answers)
     get parseable answers from the stand-in; the build's own check measured the rates."""
-    stored = standin.read_standin_json(tiny_model_dir)["quality"]["evaluation_prompts"]
+    stored = tiny.read_standin_json(tiny_model_dir)["quality"]["evaluation_prompts"]
     print("builtin:tiny on the evaluation prompts:", json.dumps(stored))
     assert stored["cases"] == 12
     assert stored["retry_second_attempts_parseable"] >= 0.8
@@ -283,17 +308,17 @@ def test_tiny_answers_the_evaluation_prompts_in_format(tiny_model_dir):
 
 
 def test_load_model_info_for_the_manifest(tiny_model_dir):
-    loaded = models.load_model(ModelParams(name=str(tiny_model_dir), device="cpu"))
+    loaded = models_loading.load_model(ModelParams(name=str(tiny_model_dir), device="cpu"))
     info = loaded.info
     assert info["source_kind"] == "local" and info["source"] == str(tiny_model_dir)
     assert info["backend"] == "transformers" and info["backend_reason"] == "model.device is cpu"
     assert info["dtype"] == "float32" and info["device"] == "cpu"
     assert info["parameters"] == sum(p.numel() for p in loaded.model.parameters())
     assert info["vocab_size"] == len(loaded.tokenizer) and info["chat_template_source"] == "tokenizer"
-    assert info["pad_token"] == standin.PAD
+    assert info["pad_token"] == builtin_tokenizer.PAD
     json.dumps(info)  # the manifest stores it as JSON
-    trained = models.load_model(ModelParams(name="builtin:tiny", device="cpu"), for_training=True)
-    assert trained.model.training and trained.info["builtin"]["cache_key"] == standin.tiny_cache_key()
+    trained = models_loading.load_model(ModelParams(name="builtin:tiny", device="cpu"), for_training=True)
+    assert trained.model.training and trained.info["builtin"]["cache_key"] == tiny.tiny_cache_key()
 
 
 def test_concurrent_builders_build_once(tmp_path):
@@ -304,14 +329,14 @@ def test_concurrent_builders_build_once(tmp_path):
     code = textwrap.dedent(
         f"""
         import json
-        from reflectevo import standin
+        from reflectevo.models.builtin import settings, tiny
         raw = json.loads({settings!r})
         raw["adam_betas"] = tuple(raw["adam_betas"])
-        print(standin.tiny_model_dir(standin.TinySettings(**raw)))
+        print(tiny.tiny_model_dir(settings.TinySettings(**raw)))
         """
     )
     env = {**os.environ, "REFLECTEVO_CACHE": str(cache), "PYTHONPATH": str(REPO)}
-    key = standin.tiny_cache_key(SMALL)
+    key = tiny.tiny_cache_key(SMALL)
     lock_file = cache / "models" / f".tiny-{key[:16]}.lock"
     lock_file.parent.mkdir(parents=True)
     # the staging folder of a builder killed half-way (SIGKILL leaves it): the next builder removes it
@@ -322,7 +347,9 @@ def test_concurrent_builders_build_once(tmp_path):
     with open(lock_file, "a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         builders = [
-            subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+            subprocess.Popen(
+                [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=log.open("w"), text=True
+            )
             for log in logs
         ]
         deadline = time.monotonic() + 120
@@ -343,10 +370,10 @@ def test_build_is_bit_reproducible(tmp_path, monkeypatch):
     folders = []
     for name in ("first", "second"):
         monkeypatch.setenv("REFLECTEVO_CACHE", str(tmp_path / name))
-        folders.append(standin.tiny_model_dir(SMALL))
+        folders.append(tiny.tiny_model_dir(SMALL))
     for file in ("model.safetensors", "tokenizer.json"):
         assert sha256_of(folders[0] / file) == sha256_of(folders[1] / file)
-    info = standin.read_standin_json(folders[0])
+    info = tiny.read_standin_json(folders[0])
     assert info["steps"] == SMALL.steps and set(info["quality"]["validation"]) == set(task_names())
 
 
@@ -355,9 +382,9 @@ def test_llama3_vocab_tokenizer_decodes_every_id():
     import random
 
     started = time.perf_counter()
-    tokenizer = standin.llama3_vocab_tokenizer()
+    tokenizer = builtin_tokenizer.llama3_vocab_tokenizer()
     print(f"128,256-id tokenizer ready in {time.perf_counter() - started:.2f} s")
-    assert len(tokenizer) == standin.LLAMA3_VOCAB_SIZE == 128_256
+    assert len(tokenizer) == builtin_tokenizer.LLAMA3_VOCAB_SIZE == 128_256
     ids = random.Random(0).sample(range(len(tokenizer)), 3000) + list(range(300)) + [len(tokenizer) - 1]
     for token_id in ids:
         text = tokenizer.decode([token_id])
@@ -365,9 +392,11 @@ def test_llama3_vocab_tokenizer_decodes_every_id():
     assert tokenizer.convert_ids_to_tokens(len(tokenizer) - 1) is not None
     text = "Thought: random models never stop.\nAction: Finish[B]"
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert rendered == "<|user|>\nhi<|end|>\n<|assistant|>\n"
-    assert tokenizer.eos_token == standin.END and tokenizer.pad_token == standin.PAD
+    assert tokenizer.eos_token == builtin_tokenizer.END and tokenizer.pad_token == builtin_tokenizer.PAD
 
 
 @pytest.mark.parametrize(
@@ -378,7 +407,7 @@ def test_llama3_vocab_tokenizer_decodes_every_id():
 def test_random_models_have_the_real_shapes(name, parameters):
     import torch
 
-    model, tokenizer = standin.random_model(name, device="meta", dtype="bfloat16")  # shapes only, no memory
+    model, tokenizer = random_shapes.random_model(name, device="meta", dtype="bfloat16")  # shapes only, no memory
     assert sum(p.numel() for p in model.parameters()) == parameters
     assert next(model.parameters()).dtype == torch.bfloat16
     assert model.config.vocab_size == len(tokenizer) == 128_256
@@ -388,16 +417,16 @@ def test_random_models_have_the_real_shapes(name, parameters):
 
 # ---- load_model errors ---------------------------------------------------------------------------------
 def test_unknown_builtin_lists_the_known_ones():
-    with pytest.raises(models.UnknownModelError) as error:
-        models.load_model(ModelParams(name="builtin:huge"))
-    for known in standin.BUILTIN_MODELS:
+    with pytest.raises(errors.UnknownModelError) as error:
+        models_loading.load_model(ModelParams(name="builtin:huge"))
+    for known in random_shapes.BUILTIN_MODELS:
         assert known in str(error.value)
 
 
 def test_missing_local_folder(tmp_path):
     missing = tmp_path / "no-such-model"
-    with pytest.raises(models.ModelLoadError, match="model folder not found") as error:
-        models.load_model(ModelParams(name=str(missing)))
+    with pytest.raises(errors.ModelLoadError, match="model folder not found") as error:
+        models_loading.load_model(ModelParams(name=str(missing)))
     assert str(missing) in str(error.value)
 
 
@@ -405,34 +434,34 @@ def test_unreachable_hub_id_names_what_was_tried(monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no waiting on network retries
-    with pytest.raises(models.ModelLoadError) as error:
-        models.load_model(ModelParams(name="no-such-org/no-such-model", device="cpu"))
+    with pytest.raises(errors.ModelLoadError) as error:
+        models_loading.load_model(ModelParams(name="no-such-org/no-such-model", device="cpu"))
     message = str(error.value)
     assert "no local folder" in message and "model hub" in message and "no-such-org/no-such-model" in message
 
 
 def test_missing_or_invalid_adapter_folder(tmp_path):
-    with pytest.raises(models.ModelLoadError, match="adapter folder not found"):
-        models.load_model(ModelParams(name="builtin:tiny", adapter=str(tmp_path / "no-adapter")))
-    with pytest.raises(models.ModelLoadError, match="no adapter_config.json"):
-        models.load_model(ModelParams(name="builtin:tiny", adapter=str(tmp_path)))
+    with pytest.raises(errors.ModelLoadError, match="adapter folder not found"):
+        models_loading.load_model(ModelParams(name="builtin:tiny", adapter=str(tmp_path / "no-adapter")))
+    with pytest.raises(errors.ModelLoadError, match="no adapter_config.json"):
+        models_loading.load_model(ModelParams(name="builtin:tiny", adapter=str(tmp_path)))
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU behaviour")
 def test_cpu_refuses_four_bit_and_unsloth():
-    with pytest.raises(models.ModelLoadError, match="needs a CUDA GPU"):
-        models.load_model(ModelParams(name="builtin:tiny", load_in_4bit=True))
-    with pytest.raises(models.BackendUnavailable):
-        models.load_model(ModelParams(name="builtin:tiny", backend="unsloth"))
-    with pytest.raises(models.BackendUnavailable, match="model.device is 'cpu'"):
-        models.load_model(ModelParams(name="builtin:tiny", backend="unsloth", device="cpu"))
+    with pytest.raises(errors.ModelLoadError, match="needs a CUDA GPU"):
+        models_loading.load_model(ModelParams(name="builtin:tiny", load_in_4bit=True))
+    with pytest.raises(errors.BackendUnavailable):
+        models_loading.load_model(ModelParams(name="builtin:tiny", backend="unsloth"))
+    with pytest.raises(errors.BackendUnavailable, match="model.device is 'cpu'"):
+        models_loading.load_model(ModelParams(name="builtin:tiny", backend="unsloth", device="cpu"))
     # a random built-in goes through Unsloth from a saved copy on a GPU; on CPU it is refused first
-    with pytest.raises(models.BackendUnavailable, match="model.backend is 'unsloth'"):
-        models.load_model(ModelParams(name="builtin:random-1b", backend="unsloth"))
-    with pytest.raises(models.ModelLoadError, match="load_in_4bit"):
-        models.load_model(ModelParams(name="builtin:random-1b", load_in_4bit=True))
-    with pytest.raises(models.ModelLoadError, match="no CUDA GPU"):
-        models.load_model(ModelParams(name="builtin:tiny", device="cuda"))
+    with pytest.raises(errors.BackendUnavailable, match="model.backend is 'unsloth'"):
+        models_loading.load_model(ModelParams(name="builtin:random-1b", backend="unsloth"))
+    with pytest.raises(errors.ModelLoadError, match="load_in_4bit"):
+        models_loading.load_model(ModelParams(name="builtin:random-1b", load_in_4bit=True))
+    with pytest.raises(errors.ModelLoadError, match="no CUDA GPU"):
+        models_loading.load_model(ModelParams(name="builtin:tiny", device="cuda"))
 
 
 @pytest.fixture
@@ -441,10 +470,17 @@ def bare_model_dir(tmp_path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    bpe = standin.train_bpe(["plain text for a tiny tokenizer"] * 4, 300)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=standin.END)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    bpe = builtin_tokenizer.train_bpe(["plain text for a tiny tokenizer"] * 4, 300)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=builtin_tokenizer.END)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
     torch.manual_seed(0)
     folder = tmp_path / "bare"
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -453,20 +489,24 @@ def bare_model_dir(tmp_path) -> Path:
 
 
 def test_model_without_chat_template(bare_model_dir):
-    with pytest.raises(models.ModelLoadError, match="has no chat template.*model.chat_template"):
-        models.load_model(ModelParams(name=str(bare_model_dir)))
-    loaded = models.load_model(ModelParams(name=str(bare_model_dir), chat_template="chatml"))
+    with pytest.raises(errors.ModelLoadError, match="has no chat template.*model.chat_template"):
+        models_loading.load_model(ModelParams(name=str(bare_model_dir)))
+    loaded = models_loading.load_model(ModelParams(name=str(bare_model_dir), chat_template="chatml"))
     assert loaded.info["chat_template_source"] == "model.chat_template: chatml"
-    rendered = loaded.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    rendered = loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     # no pad token: eos pads, and the manifest says so
-    assert loaded.tokenizer.pad_token == standin.END and "no pad token" in loaded.info["pad_token"]
+    assert loaded.tokenizer.pad_token == builtin_tokenizer.END and "no pad token" in loaded.info["pad_token"]
     own = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-    loaded = models.load_model(ModelParams(name=str(bare_model_dir), chat_template=own))
+    loaded = models_loading.load_model(ModelParams(name=str(bare_model_dir), chat_template=own))
     assert loaded.info["chat_template_source"] == "model.chat_template"
     assert loaded.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "[user] hi\n"
-    with pytest.raises(models.ModelLoadError, match="does not render"):
-        models.load_model(ModelParams(name=str(bare_model_dir), chat_template="{% for m in messages %}{{ m.content }"))
+    with pytest.raises(errors.ModelLoadError, match="does not render"):
+        models_loading.load_model(
+            ModelParams(name=str(bare_model_dir), chat_template="{% for m in messages %}{{ m.content }")
+        )
 
 
 def test_lora_adapter_loads_on_top(bare_model_dir, tmp_path):
@@ -479,14 +519,17 @@ def test_lora_adapter_loads_on_top(bare_model_dir, tmp_path):
     peft_model.save_pretrained(tmp_path / "adapter")
     saved = {k: v.clone() for k, v in peft_model.named_parameters() if "lora_" in k}
 
-    loaded = models.load_model(ModelParams(name=str(bare_model_dir), chat_template="chatml", adapter=str(tmp_path / "adapter")))
+    loaded = models_loading.load_model(
+        ModelParams(name=str(bare_model_dir), chat_template="chatml", adapter=str(tmp_path / "adapter"))
+    )
     assert isinstance(loaded.model, PeftModel) and loaded.info["adapter"] == str(tmp_path / "adapter")
     assert loaded.info["trainable_parameters"] == 0 and not loaded.model.training
     for key, value in loaded.model.named_parameters():
         if "lora_" in key:
             assert torch.equal(value, saved[key])
-    trainable = models.load_model(
-        ModelParams(name=str(bare_model_dir), chat_template="chatml", adapter=str(tmp_path / "adapter")), for_training=True
+    trainable = models_loading.load_model(
+        ModelParams(name=str(bare_model_dir), chat_template="chatml", adapter=str(tmp_path / "adapter")),
+        for_training=True,
     )
     assert trainable.info["trainable_parameters"] == sum(v.numel() for v in saved.values())
     assert trainable.model.training
@@ -495,12 +538,12 @@ def test_lora_adapter_loads_on_top(bare_model_dir, tmp_path):
 def test_the_stand_in_can_be_built_from_another_seed(monkeypatch):
     """REFLECTEVO_TINY_SEED names another build of builtin:tiny (another corpus draw and training run), as a
     build on another machine is another model; a bad value is refused with what to set."""
-    monkeypatch.delenv(standin.TINY_SEED_ENV, raising=False)
-    default = standin.tiny_cache_key()
-    assert standin.default_tiny_settings() == standin.DEFAULT_TINY
-    monkeypatch.setenv(standin.TINY_SEED_ENV, "7")
-    assert standin.default_tiny_settings().seed == 7
-    assert standin.tiny_cache_key() != default
-    monkeypatch.setenv(standin.TINY_SEED_ENV, "seven")
+    monkeypatch.delenv(settings.TINY_SEED_ENV, raising=False)
+    default = tiny.tiny_cache_key()
+    assert settings.default_tiny_settings() == settings.DEFAULT_TINY
+    monkeypatch.setenv(settings.TINY_SEED_ENV, "7")
+    assert settings.default_tiny_settings().seed == 7
+    assert tiny.tiny_cache_key() != default
+    monkeypatch.setenv(settings.TINY_SEED_ENV, "seven")
     with pytest.raises(ValueError, match="REFLECTEVO_TINY_SEED must be a non-negative integer seed, got 'seven'"):
-        standin.default_tiny_settings()
+        settings.default_tiny_settings()

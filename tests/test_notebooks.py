@@ -14,7 +14,7 @@ import nbformat
 import pytest
 
 from reflectevo.config import SECTIONS
-from reflectevo.runs import read_manifest
+from reflectevo.runs.plan import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -33,7 +33,11 @@ def test_notebook_conventions(path):
         assert cell.outputs == [] and cell.execution_count is None, "commit notebooks without outputs"
     parameters, setup, config = code_cells(notebook)[:3]
     assert parameters.metadata.get("tags") == ["parameters"]
-    declared = {line.split("=")[0].strip() for line in parameters.source.splitlines() if "=" in line and not line.startswith("#")}
+    declared = {
+        line.split("=")[0].strip()
+        for line in parameters.source.splitlines()
+        if "=" in line and not line.startswith("#")
+    }
     assert declared == set(SECTIONS) | {"params_file", "install_source"}
     for line in parameters.source.splitlines():
         if line.split("=")[0].strip() in SECTIONS:
@@ -41,14 +45,28 @@ def test_notebook_conventions(path):
     assert "install_source" in setup.source and "setup()" in setup.source
     assert "configure(params_file" in config.source and all(f"{s}={s}" in config.source for s in SECTIONS)
     kinds = [cell.cell_type for cell in notebook.cells]
-    assert kinds[0] == "markdown" and kinds.count("markdown") >= len(code_cells(notebook)) // 2, "narrative between cells"
+    assert kinds[0] == "markdown" and kinds.count("markdown") >= len(code_cells(notebook)) // 2, (
+        "narrative between cells"
+    )
 
 
 def papermill(notebook: str, params: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(BIN / "papermill"), str(REPO / "notebooks" / notebook), str(cwd / f"executed-{notebook}"),
-         "-f", str(REPO / "params" / params), "-k", "python3", "--no-progress-bar"],
-        cwd=cwd, capture_output=True, text=True, check=False, timeout=900,
+        [
+            str(BIN / "papermill"),
+            str(REPO / "notebooks" / notebook),
+            str(cwd / f"executed-{notebook}"),
+            "-f",
+            str(REPO / "params" / params),
+            "-k",
+            "python3",
+            "--no-progress-bar",
+        ],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
     )
 
 
@@ -78,7 +96,9 @@ def assert_trained(run_dir: Path, modes: list[str], pairs: list[str]) -> None:
             assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "README.md").is_file()
             phases = json.loads((run_dir / folder / variant / "metrics.json").read_text())["phases"]
             assert all(phase["metrics"]["steps"] > 0 for phase in phases)
-    assert {f"{m}/{p}" for m in modes for p in ({"two_stage": ["reflection", "correction"]}.get(m, [m]))} == set(stages["03_sft"]["training"])
+    assert {f"{m}/{p}" for m in modes for p in ({"two_stage": ["reflection", "correction"]}.get(m, [m]))} == set(
+        stages["03_sft"]["training"]
+    )
     for figure in ("03_sft_loss.png", "04_dpo_loss.png", "04_dpo_rewards.png"):
         assert (run_dir / "figures" / figure).stat().st_size > 10_000
 
@@ -111,14 +131,24 @@ def test_raw_papermill_with_the_smoke_recipe(smoke_papermill_run, tmp_path):
     assert_trained(run_dir, ["one_stage", "two_stage", "qa_pairs"], ["d_pm", "d_pref"])
     assert_evaluated(run_dir, questions=8)
     assert_reported(run_dir)
-    assert not any(event["kind"] == "lock" for event in read_manifest(run_dir).get("events", [])), "a stale lock was taken over"
+    assert not any(event["kind"] == "lock" for event in read_manifest(run_dir).get("events", [])), (
+        "a stale lock was taken over"
+    )
 
     # a change that only touches the metrics reruns 05 and 06 from the stored generations; 01-04 are reused
     stores = store_files(run_dir)
     changed = tmp_path / "smoke-fewer-resamples.yaml"
-    changed.write_text((REPO / "params" / "smoke.yaml").read_text().replace("bootstrap_samples: 100", "bootstrap_samples: 50"))
-    rerun = subprocess.run([str(BIN / "reflectevo"), "run", str(changed), "--from", "05", "--notebooks", str(REPO / "notebooks")],
-                           cwd=tmp_path, capture_output=True, text=True, check=False, timeout=900)
+    changed.write_text(
+        (REPO / "params" / "smoke.yaml").read_text().replace("bootstrap_samples: 100", "bootstrap_samples: 50")
+    )
+    rerun = subprocess.run(
+        [str(BIN / "reflectevo"), "run", str(changed), "--from", "05", "--notebooks", str(REPO / "notebooks")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
+    )
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr[-3000:]
     assert "05_eval: done" in rerun.stdout and "06_analysis: done" in rerun.stdout
     assert not any(f"{stage}:" in rerun.stdout for stage in ("01_data", "02_reflect", "03_sft", "04_dpo"))
@@ -127,16 +157,27 @@ def test_raw_papermill_with_the_smoke_recipe(smoke_papermill_run, tmp_path):
 
 
 def store_files(run_dir: Path) -> dict[str, int]:
-    return {str(path.relative_to(run_dir)): path.stat().st_mtime_ns for path in (run_dir / "eval" / "generations").rglob("*.jsonl")}
+    return {
+        str(path.relative_to(run_dir)): path.stat().st_mtime_ns
+        for path in (run_dir / "eval" / "generations").rglob("*.jsonl")
+    }
 
 
-VARIANTS = ["retry", "base", "sft/one_stage", "sft/two_stage", "sft/two_stage:reflection_phase", "sft/qa_pairs", "dpo/d_pm",
-            "dpo/d_pref"]
+VARIANTS = [
+    "retry",
+    "base",
+    "sft/one_stage",
+    "sft/two_stage",
+    "sft/two_stage:reflection_phase",
+    "sft/qa_pairs",
+    "dpo/d_pm",
+    "dpo/d_pref",
+]
 
 
 def assert_evaluated(run_dir: Path, questions: int) -> list[dict]:
     """Stage 05 evaluated every variant under both protocols, and the protocols did what they say."""
-    from reflectevo.generation import load_store
+    from reflectevo.generation.store import load_store
 
     entry = read_manifest(run_dir)["stages"]["05_eval"]
     assert entry["status"] == "done" and entry["eval"]["variants"] == VARIANTS
@@ -163,15 +204,25 @@ def assert_evaluated(run_dir: Path, questions: int) -> list[dict]:
         assert prompts and all(("\nObservation: " in prompt) == told for prompt in prompts)
         assert all(("Answer is INCORRECT" in prompt or "Invalid action" in prompt) == told for prompt in prompts)
     summary = json.loads((run_dir / "eval" / "results.json").read_text())["summary"]
-    assert all(row["right_to_wrong"] == 0 for row in summary if row["protocol"] == "oracle" and row["variant"] != "sft/qa_pairs")
-    for name in ("summary.csv", "comparisons.csv", "transitions.csv", "paper_table_oracle_official.md", "breakdown_answer_type.csv"):
+    assert all(
+        row["right_to_wrong"] == 0
+        for row in summary
+        if row["protocol"] == "oracle" and row["variant"] != "sft/qa_pairs"
+    )
+    for name in (
+        "summary.csv",
+        "comparisons.csv",
+        "transitions.csv",
+        "paper_table_oracle_official.md",
+        "breakdown_answer_type.csv",
+    ):
         assert (run_dir / "eval" / name).stat().st_size > 0
     return rows
 
 
 def assert_reported(run_dir: Path) -> None:
     """Stage 06 drew every figure and linked each one, with its sentence, in report.md."""
-    from reflectevo.analysis import FIGURES, note_for
+    from reflectevo.analysis.report import FIGURES, note_for
 
     assert read_manifest(run_dir)["stages"]["06_analysis"]["status"] == "done"
     report = (run_dir / "report.md").read_text()
@@ -182,8 +233,15 @@ def assert_reported(run_dir: Path) -> None:
 
 
 def test_reflectevo_run_quickstart_stages_01_to_04_then_skip(tmp_path):
-    command = [str(BIN / "reflectevo"), "run", str(REPO / "params" / "quickstart.yaml"), "--stages", "01,02,03,04",
-               "--notebooks", str(REPO / "notebooks")]
+    command = [
+        str(BIN / "reflectevo"),
+        "run",
+        str(REPO / "params" / "quickstart.yaml"),
+        "--stages",
+        "01,02,03,04",
+        "--notebooks",
+        str(REPO / "notebooks"),
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False, timeout=900, env=env)
     assert first.returncode == 0, first.stdout + first.stderr[-3000:]
@@ -208,8 +266,9 @@ def test_reflectevo_run_quickstart_stages_01_to_04_then_skip(tmp_path):
     assert dpo["before"] == 0.0 and dpo["after"] > 0.5
 
     second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False, timeout=600, env=env)
-    assert second.returncode == 0 and all(f"{stage}: skipped" in second.stdout
-                                          for stage in ("01_data", "02_reflect", "03_sft", "04_dpo"))
+    assert second.returncode == 0 and all(
+        f"{stage}: skipped" in second.stdout for stage in ("01_data", "02_reflect", "03_sft", "04_dpo")
+    )
 
 
 def test_bad_params_fail_in_the_config_cell(tmp_path):
@@ -217,9 +276,21 @@ def test_bad_params_fail_in_the_config_cell(tmp_path):
     bad.write_text("run: {name: bad}\ndata:\n  tasks: [logiqa]\n  source: official\n")
     out = tmp_path / "executed.ipynb"
     result = subprocess.run(
-        [str(BIN / "papermill"), str(REPO / "notebooks" / "01_data.ipynb"), str(out), "-f", str(bad), "-k", "python3",
-         "--no-progress-bar"],
-        cwd=tmp_path, capture_output=True, text=True, check=False, timeout=600,
+        [
+            str(BIN / "papermill"),
+            str(REPO / "notebooks" / "01_data.ipynb"),
+            str(out),
+            "-f",
+            str(bad),
+            "-k",
+            "python3",
+            "--no-progress-bar",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
     )
     assert result.returncode != 0
     assert "ConfigError" in result.stderr and "needs official_dir" in result.stderr

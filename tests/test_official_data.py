@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from reflectevo.curation import infer_task
+from reflectevo.reflection.released import infer_task
 from reflectevo.tasks import TASKS
 from reflectevo.tasks.selfcheck import check_graders, format_report, wrong_answer
 
@@ -49,9 +49,15 @@ def test_mbpp_reference_solutions_fail_exactly_where_expected(reports, official_
     timed_out = [grade["gold_not_correct_timeouts"] for grade in (official, robust)]
     by_id = {item.id: item for item in official_items["mbpp"]}
     for item_id in set(timed_out[0]) | set(timed_out[1]):
-        assert seconds_to_run_plainly(by_id[item_id]) > 2.0, f"task {item_id} timed out in the sandbox but runs fast alone"
+        assert seconds_to_run_plainly(by_id[item_id]) > 2.0, (
+            f"task {item_id} timed out in the sandbox but runs fast alone"
+        )
     assert [i for i in official["gold_not_correct"] if i not in timed_out[0]] == ["367"]
-    assert official["gold_outcomes"].get("wrong") == 1 and set(official["gold_outcomes"]) <= {"correct", "wrong", "timeout"}
+    assert official["gold_outcomes"].get("wrong") == 1 and set(official["gold_outcomes"]) <= {
+        "correct",
+        "wrong",
+        "timeout",
+    }
     assert [i for i in robust["gold_not_correct"] if i not in timed_out[1]] == []
     assert set(robust["gold_outcomes"]) <= {"correct", "timeout"}
 
@@ -140,4 +146,6 @@ def test_released_rows_infer_the_task_of_every_official_question(official_items)
     attempt = "Thought: I have worked it out.\nAction: Finish[A]"
     for task in ("logiqa", "bigbench"):
         inferred = [infer_task(attempt, item.question) for item in official_items[task]]
-        assert inferred == [task] * 500, [item.id for item, name in zip(official_items[task], inferred) if name != task][:10]
+        assert inferred == [task] * 500, [
+            item.id for item, name in zip(official_items[task], inferred) if name != task
+        ][:10]

@@ -12,13 +12,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from reflectevo.cli import main
+from reflectevo.cli.main import main
+from reflectevo.cli.serve import make_server
 from reflectevo.config import GenerationParams, JudgeParams, ModelParams
-from reflectevo.generation import GenerationRequest, make_engine
-from reflectevo.judges import EngineJudge, JudgeError, make_judge
-from reflectevo.openai_judge import OpenAIJudge
+from reflectevo.errors import JudgeError
+from reflectevo.generation.engines import make_engine
+from reflectevo.generation.requests import GenerationRequest
 from reflectevo.prompts import judge_prompt
-from reflectevo.serve import make_server
+from reflectevo.reflection.judges import EngineJudge, OpenAIJudge, make_judge
 from reflectevo.tasks import get_task
 
 MAX_NEW_TOKENS = 48
@@ -26,7 +27,7 @@ MAX_NEW_TOKENS = 48
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from reflectevo.models import load_model
+    from reflectevo.models.loading import load_model
 
     return load_model(ModelParams(name=str(tiny_model_dir), device="cpu", dtype="float32", backend="transformers"))
 
@@ -55,9 +56,14 @@ def base_url(server):
     return f"http://{host}:{port}/v1"
 
 
-REFLECTIONS = ["I misread option A.", "I should compare every option with the statements before answering.", "",
-               "The answer must follow from the statements; I chose an option that only seemed plausible.",
-               "Check B.", "Thought: x"]
+REFLECTIONS = [
+    "I misread option A.",
+    "I should compare every option with the statements before answering.",
+    "",
+    "The answer must follow from the statements; I chose an option that only seemed plausible.",
+    "Check B.",
+    "Thought: x",
+]
 
 
 def judge_requests(count: int = 6) -> list[GenerationRequest]:
@@ -65,8 +71,13 @@ def judge_requests(count: int = 6) -> list[GenerationRequest]:
     items = get_task("logiqa").load_samples("train")
     requests = []
     for i in range(count):
-        prompt = judge_prompt(items[i % len(items)], "Action: Finish[A]", "Your answer is wrong.",
-                              REFLECTIONS[i % len(REFLECTIONS)], REFLECTIONS[(5 * i + 1) % len(REFLECTIONS)])
+        prompt = judge_prompt(
+            items[i % len(items)],
+            "Action: Finish[A]",
+            "Your answer is wrong.",
+            REFLECTIONS[i % len(REFLECTIONS)],
+            REFLECTIONS[(5 * i + 1) % len(REFLECTIONS)],
+        )
         requests.append(GenerationRequest(f"pair-{i}", [{"role": "user", "content": prompt}]))
     return requests
 
@@ -89,8 +100,9 @@ def closed_port() -> int:
 # ---- against the tiny model ------------------------------------------------------------------------
 def test_replies_equal_the_engine_judge_in_request_order(tiny, base_url):
     requests = judge_requests()
-    local = EngineJudge(make_engine(GenerationParams(engine="transformers"), tiny, progress=False),
-                        max_new_tokens=MAX_NEW_TOKENS).complete(requests)
+    local = EngineJudge(
+        make_engine(GenerationParams(engine="transformers"), tiny, progress=False), max_new_tokens=MAX_NEW_TOKENS
+    ).complete(requests)
     judge = OpenAIJudge(base_url, "tiny", max_new_tokens=MAX_NEW_TOKENS, max_workers=4)
     remote = judge.complete(requests)
     assert [reply.key for reply in remote] == [request.key for request in requests]
@@ -98,10 +110,19 @@ def test_replies_equal_the_engine_judge_in_request_order(tiny, base_url):
     # every reply carries the prompt it answers, and the prompts differ, so the order is really checked
     # (whatever the stand-in answers: a build on another machine may give every pair the same verdict)
     assert len({json.dumps(request.messages) for request in requests}) == len(requests)
-    assert [reply.prompt for reply in remote] == [json.dumps(request.messages, ensure_ascii=False) for request in requests]
+    assert [reply.prompt for reply in remote] == [
+        json.dumps(request.messages, ensure_ascii=False) for request in requests
+    ]
     assert remote[0].judge == judge.name == f"openai:tiny@{base_url}"
-    assert judge.describe() == {"judge": judge.name, "url": base_url, "model": "tiny", "max_new_tokens": MAX_NEW_TOKENS,
-                                     "cache_path": None, "from_cache": 0, "from_endpoint": len(requests)}
+    assert judge.describe() == {
+        "judge": judge.name,
+        "url": base_url,
+        "model": "tiny",
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "cache_path": None,
+        "from_cache": 0,
+        "from_endpoint": len(requests),
+    }
     assert judge.complete([]) == []
 
 
@@ -121,12 +142,18 @@ def test_the_cache_answers_a_rerun_without_the_endpoint(server, base_url, tmp_pa
     # a killed writer leaves a torn last line: ignored, and the next answer starts a clean line
     with open(cache, "a", encoding="utf-8") as handle:
         handle.write('{"key": "pair-0", "sha2')
-    changed = [GenerationRequest("pair-0", [{"role": "user", "content": "Which reflection is better? A or B?"}]), *requests[1:]]
+    changed = [
+        GenerationRequest("pair-0", [{"role": "user", "content": "Which reflection is better? A or B?"}]),
+        *requests[1:],
+    ]
     resumed = OpenAIJudge(base_url, "tiny", max_new_tokens=MAX_NEW_TOKENS, cache_path=cache)
     assert resumed.complete(changed)[1:] == replies[1:]
     assert server.completions == before + 1  # only the changed prompt went to the endpoint
     lines = [json.loads(line) for line in cache.read_text().splitlines()]  # answers are appended as they arrive
-    assert sorted(row["key"] for row in lines[:4]) == ["pair-0", "pair-1", "pair-2", "pair-3"] and lines[4]["key"] == "pair-0"
+    assert (
+        sorted(row["key"] for row in lines[:4]) == ["pair-0", "pair-1", "pair-2", "pair-3"]
+        and lines[4]["key"] == "pair-0"
+    )
 
     other_model = OpenAIJudge(base_url, "other", max_new_tokens=MAX_NEW_TOKENS, cache_path=cache)
     other_model.complete(requests[:1])
@@ -142,26 +169,37 @@ def test_make_judge_builds_a_working_openai_judge(base_url, tmp_path):
 
 def test_the_server_speaks_the_openai_shapes(base_url):
     messages = [{"role": "user", "content": judge_requests(1)[0].messages[0]["content"]}]
-    status, reply = post(f"{base_url}/chat/completions",
-                         json.dumps({"model": "x", "messages": messages, "temperature": 0, "max_tokens": 3, "stop": "\n"}).encode())
+    status, reply = post(
+        f"{base_url}/chat/completions",
+        json.dumps({"model": "x", "messages": messages, "temperature": 0, "max_tokens": 3, "stop": "\n"}).encode(),
+    )
     assert status == 200 and reply["object"] == "chat.completion" and reply["model"] == "tiny"
     choice = reply["choices"][0]
-    assert choice["index"] == 0 and choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
+    assert (
+        choice["index"] == 0
+        and choice["message"]["role"] == "assistant"
+        and choice["finish_reason"] in ("stop", "length")
+    )
     usage = reply["usage"]
-    assert usage["completion_tokens"] <= 3 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert (
+        usage["completion_tokens"] <= 3 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    )
 
     with urllib.request.urlopen(f"{base_url}/models", timeout=10) as response:
         assert [model["id"] for model in json.loads(response.read())["data"]] == ["tiny"]
 
 
-@pytest.mark.parametrize("body, complaint", [
-    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n must be 1"),
-    ({"model": "tiny"}, "messages must be"),
-    ({"messages": [{"role": "user", "content": 3}]}, "content must be a string"),
-    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature must be a number"),
-    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_new_tokens must be >= 1"),
-    ({"messages": [{"role": "user", "content": "hi"}], "stop": [1]}, "stop must be"),
-])
+@pytest.mark.parametrize(
+    "body, complaint",
+    [
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n must be 1"),
+        ({"model": "tiny"}, "messages must be"),
+        ({"messages": [{"role": "user", "content": 3}]}, "content must be a string"),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature must be a number"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_new_tokens must be >= 1"),
+        ({"messages": [{"role": "user", "content": "hi"}], "stop": [1]}, "stop must be"),
+    ],
+)
 def test_bad_requests_get_openai_style_400s(base_url, body, complaint):
     status, reply = post(f"{base_url}/chat/completions", json.dumps(body).encode())
     assert status == 400
@@ -181,7 +219,9 @@ def test_malformed_json_and_unknown_paths(base_url):
 
 def test_a_4xx_is_a_judge_error_with_status_and_fix(base_url):
     judge = OpenAIJudge(f"{base_url}/nowhere", "tiny", retries=0)
-    with pytest.raises(JudgeError, match=r"nowhere/chat/completions answered HTTP 404: .*no such endpoint.*reflect\.judge\.url"):
+    with pytest.raises(
+        JudgeError, match=r"nowhere/chat/completions answered HTTP 404: .*no such endpoint.*reflect\.judge\.url"
+    ):
         judge.complete(judge_requests(1))
 
 
@@ -248,11 +288,14 @@ def test_overload_and_server_errors_are_retried(scripted, monkeypatch):
     assert len(server.seen) == 2 and "Authorization" not in server.seen[0]
 
 
-@pytest.mark.parametrize("answer, complaint", [
-    ((200, {"choices": []}), "without choices\\[0\\].message.content"),
-    ((200, {"object": "list"}), "without choices"),
-    ((401, {"error": {"message": "no key"}}), r"HTTP 401: .*no key.*\$OPENAI_API_KEY"),
-])
+@pytest.mark.parametrize(
+    "answer, complaint",
+    [
+        ((200, {"choices": []}), "without choices\\[0\\].message.content"),
+        ((200, {"object": "list"}), "without choices"),
+        ((401, {"error": {"message": "no key"}}), r"HTTP 401: .*no key.*\$OPENAI_API_KEY"),
+    ],
+)
 def test_malformed_answers_and_4xx_are_not_retried(scripted, answer, complaint):
     server, url = scripted
     server.answers = [answer]
@@ -263,14 +306,24 @@ def test_malformed_answers_and_4xx_are_not_retried(scripted, answer, complaint):
 
 def test_an_answer_cut_off_at_max_tokens_keeps_its_finish_reason_through_the_cache(scripted, tmp_path):
     """An endpoint judge that explains before its verdict, cut off at max_tokens: no verdict, finish_reason length."""
-    from reflectevo import curation
     from reflectevo.prompts import parse_verdict
+    from reflectevo.reflection import curation
 
     server, url = scripted
-    explains = ("Reflection A finds the step where the attempt misread the premise, and its plan says to check every "
-                "option against that premise. Reflection B is vaguer: it tells the solver to be careful without")
-    server.answers = [(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": explains},
-                                          "finish_reason": "length"}]})]
+    explains = (
+        "Reflection A finds the step where the attempt misread the premise, and its plan says to check every "
+        "option against that premise. Reflection B is vaguer: it tells the solver to be careful without"
+    )
+    server.answers = [
+        (
+            200,
+            {
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": explains}, "finish_reason": "length"}
+                ]
+            },
+        )
+    ]
     cache = tmp_path / "replies.jsonl"
     requests = judge_requests(2)
     replies = OpenAIJudge(url, "m", max_new_tokens=32, cache_path=cache).complete(requests)
@@ -300,9 +353,12 @@ def test_a_local_judge_loads_its_own_model_and_answers_like_self(tiny, tmp_path)
     requests = judge_requests(4)
     engine = make_engine(GenerationParams(engine="transformers"), tiny, progress=False)
     self_judge = make_judge(JudgeParams(kind="self", max_new_tokens=MAX_NEW_TOKENS), engine=engine)
-    local_judge = make_judge(JudgeParams(kind="local", model="builtin:tiny", max_new_tokens=MAX_NEW_TOKENS),
-                             model_params=ModelParams(device="cpu", dtype="float32", backend="transformers"),
-                             store_dir=tmp_path / "judge", progress=False)
+    local_judge = make_judge(
+        JudgeParams(kind="local", model="builtin:tiny", max_new_tokens=MAX_NEW_TOKENS),
+        model_params=ModelParams(device="cpu", dtype="float32", backend="transformers"),
+        store_dir=tmp_path / "judge",
+        progress=False,
+    )
     assert local_judge.name == "local:builtin:tiny" and self_judge.name == "self"
     assert [r.text for r in local_judge.complete(requests)] == [r.text for r in self_judge.complete(requests)]
     assert list((tmp_path / "judge").glob("batch-*.jsonl")), "the local judge commits its batches like any stage"

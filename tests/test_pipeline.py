@@ -16,9 +16,11 @@ import pytest
 
 from reflectevo.config import load_params
 from reflectevo.errors import CodeExecutionNotAllowed, DataError
-from reflectevo.generation import GenerationOutput, ReplayEngine, make_engine
-from reflectevo.models import load_model
-from reflectevo.pipeline import (
+from reflectevo.generation.engines import ReplayEngine, make_engine
+from reflectevo.generation.requests import GenerationOutput
+from reflectevo.models.loading import load_model
+from reflectevo.prompts import get_instruction, reflection_prompt
+from reflectevo.reflection.pipeline import (
     ReflectionPipeline,
     first_trial_summary,
     format_worked_example,
@@ -26,7 +28,6 @@ from reflectevo.pipeline import (
     pick_worked_example,
     reflection_success,
 )
-from reflectevo.prompts import get_instruction, reflection_prompt
 from reflectevo.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,8 +38,13 @@ def make_params(tmp_path, **reflect):
         "run": {"name": "t", "seed": 0, "output_dir": str(tmp_path / "outputs")},
         "model": {"name": "builtin:tiny", "backend": "transformers", "dtype": "float32", "device": "cpu"},
         "generation": {"batch_size": 8, "max_new_tokens": 64},
-        "reflect": {"fewshots": 0, "instructions": ["1-3-2", "2-5-1"], "samples_per_instruction": 2,
-                    "max_new_tokens": 64, **reflect},
+        "reflect": {
+            "fewshots": 0,
+            "instructions": ["1-3-2", "2-5-1"],
+            "samples_per_instruction": 2,
+            "max_new_tokens": 64,
+            **reflect,
+        },
         "eval": {"fewshots": 0},  # as reflect: the test inputs are asked like the training inputs
     }
     return load_params(None, sections)
@@ -65,7 +71,9 @@ def unanswerable_math_items(count=4):
     build of the stand-in answers (it knows its training items, and another build gets others right)."""
     import dataclasses
 
-    return [dataclasses.replace(item, gold="\\frac{99991}{7}") for item in get_task("math").load_samples("train")[:count]]
+    return [
+        dataclasses.replace(item, gold="\\frac{99991}{7}") for item in get_task("math").load_samples("train")[:count]
+    ]
 
 
 def scripted_rows(items):
@@ -74,14 +82,25 @@ def scripted_rows(items):
     for index, item in enumerate(items):
         gold = item.gold.upper()
         wrong = "A" if gold != "A" else "B"
-        rows.append({"key": f"logiqa/{item.id}/t1", "text": f"Thought: pick.\nAction: Finish[{gold if index == 0 else wrong}]"})
+        rows.append(
+            {"key": f"logiqa/{item.id}/t1", "text": f"Thought: pick.\nAction: Finish[{gold if index == 0 else wrong}]"}
+        )
         for instruction in ("1-3-2", "2-5-1"):
             for sample in (0, 1):
-                rows.append({"key": f"logiqa/{item.id}/{instruction}", "sample": sample,
-                             "text": f"My answer {wrong} was wrong ({instruction} #{sample})."})
+                rows.append(
+                    {
+                        "key": f"logiqa/{item.id}/{instruction}",
+                        "sample": sample,
+                        "text": f"My answer {wrong} was wrong ({instruction} #{sample}).",
+                    }
+                )
                 answer = gold if sample == 0 else wrong
-                rows.append({"key": f"logiqa/{item.id}/{instruction}/{sample}",
-                             "text": f"Thought: again.\nAction: Finish[{answer}]"})
+                rows.append(
+                    {
+                        "key": f"logiqa/{item.id}/{instruction}/{sample}",
+                        "text": f"Thought: again.\nAction: Finish[{answer}]",
+                    }
+                )
     return rows
 
 
@@ -100,9 +119,21 @@ def test_each_step_is_one_batched_call_over_all_questions(tmp_path):
 
 def test_record_schema_is_close_to_the_official_raw_format(tmp_path):
     items = logiqa_items(2)
-    records = ReflectionPipeline(make_params(tmp_path), ReplayEngine(scripted_rows(items))).run({"logiqa": items}).records
+    records = (
+        ReflectionPipeline(make_params(tmp_path), ReplayEngine(scripted_rows(items))).run({"logiqa": items}).records
+    )
     record = records[1]
-    assert {"task", "id", "question", "answer", "output", "protocol", "grader", "attempt_calls", "second_trial_variant"} <= set(record)
+    assert {
+        "task",
+        "id",
+        "question",
+        "answer",
+        "output",
+        "protocol",
+        "grader",
+        "attempt_calls",
+        "second_trial_variant",
+    } <= set(record)
     assert record["protocol"] == "oracle" and record["grader"] == "official" and record["answer"] == items[1].gold
     first, second = record["output"][0], record["output"][1]
     assert first["trial"] == 1 and first["instruction"] is None and first["is_correct"] is False
@@ -118,9 +149,14 @@ def test_record_schema_is_close_to_the_official_raw_format(tmp_path):
 
 def test_second_trial_variants_differ_only_in_the_failed_attempt(tmp_path):
     items = logiqa_items(2)
-    with_attempt = ReflectionPipeline(make_params(tmp_path), ReplayEngine(scripted_rows(items))).run({"logiqa": items}).records
-    alone = ReflectionPipeline(make_params(tmp_path, second_trial="reflection"), ReplayEngine(scripted_rows(items))).run(
-        {"logiqa": items}).records
+    with_attempt = (
+        ReflectionPipeline(make_params(tmp_path), ReplayEngine(scripted_rows(items))).run({"logiqa": items}).records
+    )
+    alone = (
+        ReflectionPipeline(make_params(tmp_path, second_trial="reflection"), ReplayEngine(scripted_rows(items)))
+        .run({"logiqa": items})
+        .records
+    )
     failed = with_attempt[1]["output"][0]["reasoning"]
     assert failed in with_attempt[1]["output"][1]["reason_input"]
     assert failed not in alone[1]["output"][1]["reason_input"]
@@ -154,9 +190,11 @@ def test_mbpp_feedback_carries_the_failing_test_and_needs_the_opt_in(tmp_path):
     params = params.model_copy(update={"run": params.run.model_copy(update={"allow_code_execution": True})})
     sandbox = make_sandbox(params, ["mbpp"])
     signature = next(line for line in item.gold.splitlines() if line.startswith("def "))
-    rows = [{"key": f"mbpp/{item.id}/t1", "text": f"Thought: stub.\nAction: [BEGIN]\n{signature}\n    return None\n[END]"},
-            {"key": f"mbpp/{item.id}/1-1-1", "text": "My code returned nothing."},
-            {"key": f"mbpp/{item.id}/1-1-1/0", "text": f"Thought: real.\nAction: [BEGIN]\n{item.gold}\n[END]"}]
+    rows = [
+        {"key": f"mbpp/{item.id}/t1", "text": f"Thought: stub.\nAction: [BEGIN]\n{signature}\n    return None\n[END]"},
+        {"key": f"mbpp/{item.id}/1-1-1", "text": "My code returned nothing."},
+        {"key": f"mbpp/{item.id}/1-1-1/0", "text": f"Thought: real.\nAction: [BEGIN]\n{item.gold}\n[END]"},
+    ]
     records = ReflectionPipeline(params, ReplayEngine(rows), sandbox=sandbox).run({"mbpp": [item]}).records
     first, second = records[0]["output"]
     assert first["outcome"] == "wrong" and "Answer is INCORRECT" in first["feedback"]
@@ -168,9 +206,11 @@ def test_mbpp_feedback_carries_the_failing_test_and_needs_the_opt_in(tmp_path):
 def test_robust_grader_feedback_on_free_text_bigbench_reports_f1(tmp_path):
     item = next(i for i in get_task("bigbench").load_samples("train") if not i.options)
     params = make_params(tmp_path, grader="robust", instructions=["1-1-1"], samples_per_instruction=1, temperature=0.0)
-    rows = [{"key": f"bigbench/{item.id}/t1", "text": "Thought: hm.\nAction: Finish[something else entirely]"},
-            {"key": f"bigbench/{item.id}/1-1-1", "text": "Wrong."},
-            {"key": f"bigbench/{item.id}/1-1-1/0", "text": "Thought: hm.\nAction: Finish[nothing]"}]
+    rows = [
+        {"key": f"bigbench/{item.id}/t1", "text": "Thought: hm.\nAction: Finish[something else entirely]"},
+        {"key": f"bigbench/{item.id}/1-1-1", "text": "Wrong."},
+        {"key": f"bigbench/{item.id}/1-1-1/0", "text": "Thought: hm.\nAction: Finish[nothing]"},
+    ]
     records = ReflectionPipeline(params, ReplayEngine(rows)).run({"bigbench": [item]}).records
     assert "F1 Score:" in records[0]["output"][0]["feedback"]
     assert "F1 Score:" in records[0]["output"][1]["reflection_input"]
@@ -205,7 +245,9 @@ def test_the_stored_prompts_are_exactly_what_the_model_was_sent(tmp_path, tiny_e
                 assert prompts[1].startswith(prompts[0]) and thought.removeprefix("Thought:").strip() in prompts[1]
             if output["trial"] == 2:
                 reflection_user = [{"role": "user", "content": output["reflection_input"]}]
-                assert output["reflection_prompt"] == template(reflection_user, tokenize=False, add_generation_prompt=True)
+                assert output["reflection_prompt"] == template(
+                    reflection_user, tokenize=False, add_generation_prompt=True
+                )
     assert any(len(record["output"]) > 1 for record in records), "the stand-in got every question right"
     example = pick_worked_example(records)
     text = format_worked_example(example)
@@ -220,9 +262,9 @@ RUN_PIPELINE = """
 import json, sys
 from pathlib import Path
 from reflectevo.config import load_params
-from reflectevo.generation import make_engine
-from reflectevo.models import load_model
-from reflectevo.pipeline import ReflectionPipeline, write_records
+from reflectevo.generation.engines import make_engine
+from reflectevo.models.loading import load_model
+from reflectevo.reflection.pipeline import ReflectionPipeline, write_records
 from reflectevo.tasks import get_task
 
 out = Path(sys.argv[1])
@@ -243,8 +285,14 @@ print(json.dumps(result.stats))
 
 def run_pipeline_process(folder: Path, kill_when=None) -> subprocess.CompletedProcess | None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    process = subprocess.Popen([sys.executable, "-c", RUN_PIPELINE, str(folder)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", RUN_PIPELINE, str(folder)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     if kill_when is None:
         stdout, stderr = process.communicate(timeout=600)
         assert process.returncode == 0, stderr[-3000:]
@@ -266,7 +314,9 @@ def test_a_run_killed_during_generation_resumes_with_every_record_exactly_once(t
     resumed = tmp_path / "resumed"
     reflections = resumed / "generations" / "reflection"
     # kill once some, but not all, reflection batches are committed
-    run_pipeline_process(resumed, kill_when=lambda: reflections.is_dir() and len(list(reflections.glob("batch-*.jsonl"))) >= 2)
+    run_pipeline_process(
+        resumed, kill_when=lambda: reflections.is_dir() and len(list(reflections.glob("batch-*.jsonl"))) >= 2
+    )
     assert not (resumed / "raw.jsonl").exists()
     committed_before = {p.name: p.read_bytes() for p in reflections.glob("batch-*.jsonl")}
     result = run_pipeline_process(resumed)
@@ -285,7 +335,8 @@ def test_out_of_memory_halves_the_batch_the_run_completes_and_the_manifest_recor
     the stage finishes with every record, and the run manifest lists each back-off."""
     import torch
 
-    from reflectevo.runs import open_run, read_manifest
+    from reflectevo.runs.plan import read_manifest
+    from reflectevo.runs.rundir import open_run
 
     params = make_params(tmp_path)  # generation.batch_size 8
     items = {"logiqa": logiqa_items(4), "math": unanswerable_math_items(4)}  # the math ones all fail, so they reflect
@@ -308,8 +359,22 @@ def test_out_of_memory_halves_the_batch_the_run_completes_and_the_manifest_recor
     manifest = read_manifest(params.run_dir)
     backoffs = [event for event in manifest["events"] if event.get("event") == "oom_backoff"]
     assert [{k: v for k, v in event.items() if k != "time"} for event in backoffs] == [
-        {"kind": "generation", "event": "oom_backoff", "stage": "first_trial", "batch": 0, "old_size": 8, "new_size": 4},
-        {"kind": "generation", "event": "oom_backoff", "stage": "first_trial", "batch": 0, "old_size": 4, "new_size": 2},
+        {
+            "kind": "generation",
+            "event": "oom_backoff",
+            "stage": "first_trial",
+            "batch": 0,
+            "old_size": 8,
+            "new_size": 4,
+        },
+        {
+            "kind": "generation",
+            "event": "oom_backoff",
+            "stage": "first_trial",
+            "batch": 0,
+            "old_size": 4,
+            "new_size": 2,
+        },
         # 2 samples per reflection prompt: 2 prompts are 4 rows, too many; 1 prompt (2 rows) fits
         {"kind": "generation", "event": "oom_backoff", "stage": "reflection", "batch": 0, "old_size": 4, "new_size": 2},
     ]

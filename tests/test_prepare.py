@@ -36,7 +36,10 @@ def test_official_files_are_split_by_seeded_fractions(official_dir):
     params = data_params(tasks=["math", "logiqa"], source="official", official_dir=str(official_dir))
     prepared = prepare_data(params, seed=0)
     assert prepared["math"].counts() == {"train": 400, "validation": 50, "test": 50}
-    assert prepared["math"].input_hashes["math_test.jsonl"] == "291551a7ade17d6a4541c386752f7d7742f11258928878f71fe4e88977add68b"
+    assert (
+        prepared["math"].input_hashes["math_test.jsonl"]
+        == "291551a7ade17d6a4541c386752f7d7742f11258928878f71fe4e88977add68b"
+    )
     again = prepare_data(params, seed=0)
     assert [i.id for i in again["math"].splits["test"]] == [i.id for i in prepared["math"].splits["test"]]
     # adding a task does not reshuffle another one
@@ -74,10 +77,17 @@ def test_hub_source_keeps_hub_splits_with_unique_ids(tmp_path):
     folder = tmp_path / "logiqa"
     for split, n in (("train", 3), ("validation", 2), ("test", 2)):
         (folder / "data").mkdir(parents=True, exist_ok=True)
-        Dataset.from_list([{"context": f"c{split}{i}", "query": "q", "options": ["w", "x", "y", "z"], "correct_option": 1}
-                           for i in range(n)]).to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
-    params = data_params(tasks=["logiqa"], source="hub",
-                         hub_options={"logiqa": {"path": str(folder), "cache_dir": str(tmp_path / "cache")}})
+        Dataset.from_list(
+            [
+                {"context": f"c{split}{i}", "query": "q", "options": ["w", "x", "y", "z"], "correct_option": 1}
+                for i in range(n)
+            ]
+        ).to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+    params = data_params(
+        tasks=["logiqa"],
+        source="hub",
+        hub_options={"logiqa": {"path": str(folder), "cache_dir": str(tmp_path / "cache")}},
+    )
     task_data = prepare_data(params, seed=0)["logiqa"]
     assert task_data.counts() == {"train": 3, "validation": 2, "test": 2}
     assert [item.id for item in task_data.splits["train"]] == ["train-1", "train-2", "train-3"]

@@ -49,20 +49,32 @@ def rendered_prompts() -> dict[str, str]:
         prompts[f"attempt-{name}-3shot"] = attempt_prompt(task, item, fewshots=3)
     task = get_task("logiqa")
     item = task.load_samples("train")[0]
-    prompts["reflection-logiqa-1-3-2"] = reflection_prompt(item, ATTEMPT, "Answer is INCORRECT", get_instruction("1-3-2"))
+    prompts["reflection-logiqa-1-3-2"] = reflection_prompt(
+        item, ATTEMPT, "Answer is INCORRECT", get_instruction("1-3-2")
+    )
     reflection = "I picked an option without reading it. Check which option follows from both statements."
     prompts["second-trial-logiqa-reflection"] = second_trial_prompt(task, item, reflection)
     prompts["second-trial-logiqa-reflection-and-attempt"] = second_trial_prompt(
-        task, item, reflection, previous=(ATTEMPT, "Answer is INCORRECT"))
+        task, item, reflection, previous=(ATTEMPT, "Answer is INCORRECT")
+    )
     prompts["reflection-logiqa-generic"] = reflection_prompt(item, ATTEMPT, "Answer is INCORRECT", GENERIC_INSTRUCTION)
-    prompts["one-stage-logiqa-generic"] = one_stage_prompt(task, item, ATTEMPT, "Answer is INCORRECT", GENERIC_INSTRUCTION)
-    prompts["retry-logiqa-without-reflection"] = second_trial_prompt(task, item, None, previous=(ATTEMPT, "Answer is INCORRECT"))
+    prompts["one-stage-logiqa-generic"] = one_stage_prompt(
+        task, item, ATTEMPT, "Answer is INCORRECT", GENERIC_INSTRUCTION
+    )
+    prompts["retry-logiqa-without-reflection"] = second_trial_prompt(
+        task, item, None, previous=(ATTEMPT, "Answer is INCORRECT")
+    )
     prompts["review-logiqa"] = review_prompt(item, ATTEMPT)
     prompts["review-second-trial-logiqa"] = review_second_trial_prompt(task, item, reflection, ATTEMPT)
     prompts["review-retry-logiqa"] = review_second_trial_prompt(task, item, None, ATTEMPT)
     prompts["self-verify-logiqa"] = self_verify_prompt(item, ATTEMPT)
-    prompts["judge-logiqa"] = judge_prompt(item, ATTEMPT, "Answer is INCORRECT", reflection,
-                                           "I should have read the options. Next time, compare each one with the text.")
+    prompts["judge-logiqa"] = judge_prompt(
+        item,
+        ATTEMPT,
+        "Answer is INCORRECT",
+        reflection,
+        "I should have read the options. Next time, compare each one with the text.",
+    )
     return prompts
 
 
@@ -73,7 +85,9 @@ def test_prompt_matches_its_golden_snapshot(name):
     if UPDATE:
         path.write_text(text, encoding="utf-8")
     assert path.is_file(), f"no snapshot {path.name}: run with REFLECTEVO_UPDATE_GOLDEN=1 and review it"
-    assert text == path.read_text(encoding="utf-8"), f"{name} changed: review, bump the prompt version, update the snapshot"
+    assert text == path.read_text(encoding="utf-8"), (
+        f"{name} changed: review, bump the prompt version, update the snapshot"
+    )
 
 
 def test_no_snapshot_is_left_without_a_prompt():
@@ -105,7 +119,9 @@ def test_instruction_assignment_is_seeded_per_question():
 def test_reflection_prompt_never_shows_the_gold_answer():
     task = get_task("math")
     for item in task.load_samples("train"):
-        prompt = reflection_prompt(item, "Thought: x\nAction: Finish<<<0>>>", "Answer is INCORRECT", get_instruction("2-1-1"))
+        prompt = reflection_prompt(
+            item, "Thought: x\nAction: Finish<<<0>>>", "Answer is INCORRECT", get_instruction("2-1-1")
+        )
         assert f"<<<{item.gold}>>>" not in prompt
         assert prompt.endswith(get_instruction("2-1-1").plan)
 
@@ -146,8 +162,11 @@ def test_self_verdicts_are_read_from_the_last_verdict_line():
 def test_oracle_free_prompts_never_say_whether_the_answer_was_right():
     task, item = get_task("mbpp"), get_task("mbpp").load_samples("train")[0]
     attempt = "Thought: I write it.\nAction: [BEGIN]\ndef f(x):\n    return x\n[END]"
-    texts = [review_prompt(item, attempt), review_second_trial_prompt(task, item, "It holds.", attempt),
-             self_verify_prompt(item, attempt)]
+    texts = [
+        review_prompt(item, attempt),
+        review_second_trial_prompt(task, item, "It holds.", attempt),
+        self_verify_prompt(item, attempt),
+    ]
     for text in texts:
         for oracle_word in ("INCORRECT", "CORRECT\n", "was wrong", "Test failed", "Observation"):
             assert oracle_word not in text

@@ -11,16 +11,17 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from reflectevo.errors import ReflectEvoError
-from reflectevo.runner import run_pipeline
-from reflectevo.runs import StageError, read_manifest
+from reflectevo.cli.run import run_pipeline
+from reflectevo.errors import ReflectEvoError, StageError
+from reflectevo.runs.plan import read_manifest
 
 PARAMETERS = "params_file = None\nrun = {}\ndata = {}\nreflect = {}\neval = {}"
 BODY = """
 from reflectevo.notebook import configure, setup
 setup()
 params = configure(params_file, select_model_backend=False, run=run, data=data, reflect=reflect, eval=eval)
-from reflectevo.runs import atomic_write_text, open_run
+from reflectevo.core.files import atomic_write_text
+from reflectevo.runs.rundir import open_run
 rundir = open_run(params, params_file=params_file)
 stage = rundir.begin_stage("{key}")
 """
@@ -77,7 +78,9 @@ def test_runs_in_order_then_skips_by_identity(project):
     assert status == 0, lines
     assert [line.split(":")[0] for line in lines if ": running" in line] == ["[1/2] 01_data", "[2/2] 02_reflect"]
     run_dir = project / "outputs" / "r"
-    assert (run_dir / "notebooks" / "01_data.ipynb").is_file() and (run_dir / "notebooks" / "02_reflect.ipynb").is_file()
+    assert (run_dir / "notebooks" / "01_data.ipynb").is_file() and (
+        run_dir / "notebooks" / "02_reflect.ipynb"
+    ).is_file()
     stages = read_manifest(run_dir)["stages"]
     assert stages["01_data"]["status"] == stages["02_reflect"]["status"] == "done"
 
@@ -138,12 +141,14 @@ def test_a_failing_stage_stops_the_run_and_says_where(project):
 def test_dry_run_loads_no_model(project):
     path = recipe(project, data={"tasks": ["logiqa", "math"]})
     code = (
-        "import sys\nfrom reflectevo.runner import run_pipeline\n"
+        "import sys\nfrom reflectevo.cli.run import run_pipeline\n"
         f"status = run_pipeline({str(path)!r}, dry_run=True, notebooks={str(project / 'notebooks')!r})\n"
         "heavy = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]\n"
         "print('HEAVY', heavy)\nsys.exit(status)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=project, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=project, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "# resolved params" in out and "max_new_tokens: 512" in out  # schema defaults shown
@@ -156,8 +161,14 @@ def test_dry_run_loads_no_model(project):
 def test_cli_reports_bad_params_before_anything_runs(project):
     bad = project / "bad.yaml"
     bad.write_text("data:\n  taks: [logiqa]\n")
-    result = subprocess.run([sys.executable, "-m", "reflectevo", "run", str(bad), "--notebooks", str(project / "notebooks")],
-                            capture_output=True, text=True, check=False, cwd=project, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "reflectevo", "run", str(bad), "--notebooks", str(project / "notebooks")],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=project,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "data.taks: unknown key (did you mean 'tasks'?)" in result.stderr
     assert not (project / "outputs").exists()
@@ -185,8 +196,14 @@ if params.reflect.fewshots == 2:  # the test's signal: hold the stage until the 
 
 def start_run(project: Path, path: Path) -> subprocess.Popen:
     """``reflectevo run`` in its own process group, as a terminal would start it."""
-    return subprocess.Popen([sys.executable, "-m", "reflectevo", "run", str(path), "--notebooks", str(project / "notebooks")],
-                            cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "reflectevo", "run", str(path), "--notebooks", str(project / "notebooks")],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def wait_for(condition, process: subprocess.Popen, what: str, seconds: float = 120) -> None:
@@ -206,9 +223,14 @@ def holding_project(tmp_path, monkeypatch):
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
     write_notebook(notebooks, "01_data", extra=WAIT_FOR_RELEASE)
-    write_notebook(notebooks, "02_reflect", extra=(
-        "import os, signal\nif params.reflect.fewshots == 1:  # as the out-of-memory killer would\n"
-        "    os.kill(os.getpid(), signal.SIGKILL)"))
+    write_notebook(
+        notebooks,
+        "02_reflect",
+        extra=(
+            "import os, signal\nif params.reflect.fewshots == 1:  # as the out-of-memory killer would\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)"
+        ),
+    )
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -236,9 +258,14 @@ def test_a_second_run_is_refused_while_the_first_holds_the_lock_and_a_stale_lock
     first = start_run(holding_project, path)
     try:
         wait_for(lambda: (holding_project / "holding").exists(), first, "stage 01 to start")
-        second = subprocess.run([sys.executable, "-m", "reflectevo", "run", str(path), "--notebooks",
-                                 str(holding_project / "notebooks")], cwd=holding_project, capture_output=True, text=True,
-                                timeout=120, check=False)
+        second = subprocess.run(
+            [sys.executable, "-m", "reflectevo", "run", str(path), "--notebooks", str(holding_project / "notebooks")],
+            cwd=holding_project,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert second.returncode == 2
         assert f"is being written by pid {first.pid}" in second.stderr and "reflectevo run" in second.stderr
         # the machine loses the first run at once (kill -9 of the runner and its kernel): its lock stays behind

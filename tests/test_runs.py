@@ -15,18 +15,11 @@ from pathlib import Path
 import pytest
 
 from reflectevo.config import load_params
-from reflectevo.errors import ReflectEvoError
-from reflectevo.runs import (
-    LOCK_TOKEN_ENV,
-    OutputWriteError,
-    RunLockedError,
-    StageError,
-    atomic_directory,
-    atomic_write_json,
-    atomic_write_text,
-    open_run,
-    read_manifest,
-)
+from reflectevo.core.files import atomic_directory, atomic_write_json, atomic_write_text
+from reflectevo.errors import OutputWriteError, ReflectEvoError, RunLockedError, StageError
+from reflectevo.runs.lock import LOCK_TOKEN_ENV
+from reflectevo.runs.plan import read_manifest
+from reflectevo.runs.rundir import open_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +59,7 @@ HOLD = textwrap.dedent(
     """
     import sys, time
     from reflectevo.config import load_params
-    from reflectevo.runs import open_run
+    from reflectevo.runs.rundir import open_run
     params = load_params(None, {"run": {"name": "t", "output_dir": sys.argv[1]}})
     run = open_run(params, command="holder")
     print("locked", flush=True)
@@ -76,7 +69,9 @@ HOLD = textwrap.dedent(
 
 
 def start_holder(output_dir: Path, seconds: float) -> subprocess.Popen:
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(output_dir), str(seconds)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(output_dir), str(seconds)], stdout=subprocess.PIPE, text=True
+    )
     assert holder.stdout.readline().strip() == "locked"
     return holder
 
@@ -148,7 +143,9 @@ def test_stage_bookkeeping(params):
         atomic_write_text(out, '{"a": 1}\n')
         entry = stage.finish(outputs=[out], counts={"x": 1})
         assert entry["status"] == "done" and entry["counts"] == {"x": 1}
-        assert entry["outputs"] == {"data/items.jsonl": {"sha256": entry["outputs"]["data/items.jsonl"]["sha256"], "bytes": 9}}
+        assert entry["outputs"] == {
+            "data/items.jsonl": {"sha256": entry["outputs"]["data/items.jsonl"]["sha256"], "bytes": 9}
+        }
         assert entry["identity"] == run.stage_identity("01_data")
         reflect = run.begin_stage("02_reflect")  # its upstream has finished now
         reflect.fail("deliberate")
@@ -171,7 +168,8 @@ def test_identity_follows_the_params_a_stage_reads(params, tmp_path):
 def test_identity_follows_the_grader_and_prompt_versions(params, monkeypatch):
     """A run made before a grading or prompt change is recomputed, not skipped with its old verdicts."""
     from reflectevo import prompts
-    from reflectevo.runs import STAGES, identity_of
+    from reflectevo.runs.plan import identity_of
+    from reflectevo.runs.stages import STAGES
     from reflectevo.tasks import get_task
 
     before = {stage.key: identity_of(params, stage, {}) for stage in STAGES}
@@ -188,7 +186,7 @@ CONCURRENT = textwrap.dedent(
     """
     import sys
     from reflectevo.config import load_params
-    from reflectevo.runs import RunDir
+    from reflectevo.runs.rundir import RunDir
     params = load_params(None, {"run": {"name": "t", "output_dir": sys.argv[1]}})
     run = RunDir(params, params.run_dir)
     for i in range(40):
@@ -199,7 +197,9 @@ CONCURRENT = textwrap.dedent(
 
 def test_concurrent_manifest_updates_lose_nothing(params, tmp_path):
     params.run_dir.mkdir(parents=True)
-    writers = [subprocess.Popen([sys.executable, "-c", CONCURRENT, str(tmp_path / "outputs"), str(w)]) for w in range(2)]
+    writers = [
+        subprocess.Popen([sys.executable, "-c", CONCURRENT, str(tmp_path / "outputs"), str(w)]) for w in range(2)
+    ]
     deadline = time.monotonic() + 120
     for writer in writers:
         assert writer.wait(timeout=max(1, deadline - time.monotonic())) == 0
@@ -208,14 +208,13 @@ def test_concurrent_manifest_updates_lose_nothing(params, tmp_path):
 
 
 def test_generation_events_reach_the_manifest(params):
-    from reflectevo.generation import (
-        GenerationRequest,
-        GenerationSettings,
-        ReplayEngine,
-    )
+    from reflectevo.generation.engines import ReplayEngine
+    from reflectevo.generation.requests import GenerationRequest, GenerationSettings
 
     engine = ReplayEngine([{"key": "a", "text": "Thought: x\nAction: Finish[A]"}])
-    engine.generate([GenerationRequest("a", [{"role": "user", "content": "q"}])], GenerationSettings(), stage="first_trial")
+    engine.generate(
+        [GenerationRequest("a", [{"role": "user", "content": "q"}])], GenerationSettings(), stage="first_trial"
+    )
     engine.events.append({"event": "oom_backoff", "batch": 3, "from": 8, "to": 4})
     with open_run(params) as run:
         run.record_engine("02_reflect/first_trial", engine)
@@ -229,8 +228,8 @@ def test_generation_events_reach_the_manifest(params):
 def test_atomic_writes_leave_files_readable_as_a_plain_write_would(tmp_path):
     import os
 
-    from reflectevo.jsonl import write_jsonl_atomic
-    from reflectevo.runs import atomic_directory, atomic_write_text
+    from reflectevo.core.files import atomic_directory, atomic_write_text
+    from reflectevo.core.jsonl import write_jsonl_atomic
 
     previous = os.umask(0o022)
     try:
@@ -257,7 +256,7 @@ def test_a_full_disk_gives_a_clear_error_and_keeps_the_earlier_file(tmp_path, mo
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from reflectevo.jsonl import write_jsonl_atomic
+    from reflectevo.core.jsonl import write_jsonl_atomic
     from reflectevo.plots import save_figure
 
     target = tmp_path / {"json": "a.json", "jsonl": "a.jsonl", "directory": "adapter", "figure": "a.png"}[writer]
@@ -279,7 +278,7 @@ def test_a_full_disk_gives_a_clear_error_and_keeps_the_earlier_file(tmp_path, mo
                 no_space()  # as a library's save would fail on a full disk
         else:
             figure = plt.figure()
-            monkeypatch.setattr(type(figure), "savefig", lambda self, path, **kw: (Path(path).write_text("half"), no_space()))
+            monkeypatch.setattr(type(figure), "savefig", lambda self, out, **kw: (out.write(b"half"), no_space()))
             save_figure(figure, target)
 
     if writer in ("json", "jsonl"):
@@ -309,7 +308,16 @@ def namespace_mount(options: str) -> list[str] | None:
 
     if shutil.which("unshare") is None:
         return None
-    prefix = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", f'mount -t tmpfs -o {options} tmpfs "$1" && shift && exec "$@"', "sh"]
+    prefix = [
+        "unshare",
+        "--user",
+        "--map-root-user",
+        "--mount",
+        "sh",
+        "-c",
+        f'mount -t tmpfs -o {options} tmpfs "$1" && shift && exec "$@"',
+        "sh",
+    ]
     probe = subprocess.run([*prefix, "/tmp", "true"], capture_output=True, check=False)
     return prefix if probe.returncode == 0 else None
 
@@ -319,14 +327,33 @@ def test_stage_01_on_a_small_or_read_only_file_system(tmp_path, options):
     """A real small tmpfs (or a read-only one): stage 01 stops with the clear error and leaves nothing half-written."""
     prefix = namespace_mount(options)
     if prefix is None:
-        pytest.skip("no user and mount namespaces here for a private tmpfs; the injected errors above cover the writers")
+        pytest.skip(
+            "no user and mount namespaces here for a private tmpfs; the injected errors above cover the writers"
+        )
     outputs = tmp_path / "outputs"
     outputs.mkdir()
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text((REPO / "params" / "smoke.yaml").read_text().replace("name: smoke", f"name: smoke\n  output_dir: {outputs}"))
-    result = subprocess.run([*prefix, str(outputs), sys.executable, str(REPO / "tests" / "faults.py"), "cells",
-                             str(REPO / "notebooks" / "01_data.ipynb"), str(recipe), "--check", str(outputs)],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    recipe.write_text(
+        (REPO / "params" / "smoke.yaml").read_text().replace("name: smoke", f"name: smoke\n  output_dir: {outputs}")
+    )
+    result = subprocess.run(
+        [
+            *prefix,
+            str(outputs),
+            sys.executable,
+            str(REPO / "tests" / "faults.py"),
+            "cells",
+            str(REPO / "notebooks" / "01_data.ipynb"),
+            str(recipe),
+            "--check",
+            str(outputs),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-3000:]
     error = json.loads(result.stdout.strip().splitlines()[-1])
     print(error["message"])

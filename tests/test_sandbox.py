@@ -22,7 +22,7 @@ from hostile_corpus import (
 )
 
 from reflectevo.errors import CodeExecutionNotAllowed, SandboxError
-from reflectevo.sandbox import MODES, CodeJob, Sandbox, isolation_report
+from reflectevo.sandbox.host import MODES, CodeJob, Sandbox, isolation_report
 from reflectevo.tasks import get_task
 
 TESTS = ["assert solution(2) == 4"]  # no hostile program defines a working solution()
@@ -96,7 +96,9 @@ def test_files_outside_the_sandbox_are_untouched(hostile_runs):
 def test_no_network(hostile_runs):
     assert hostile_runs["connections"] == 0
     result = hostile_runs["results"]["open a socket"]
-    assert result.status == "error" and ("unreachable" in result.error or "refused" in result.error or "OSError" in result.error)
+    assert result.status == "error" and (
+        "unreachable" in result.error or "refused" in result.error or "OSError" in result.error
+    )
 
 
 def test_faked_passes_are_failures(hostile_runs):
@@ -138,7 +140,9 @@ def test_passing_program(sandbox):
 
 
 def test_first_failing_assert_is_reported(sandbox):
-    result = sandbox.run(job("def solution(x):\n    return x + 1\n", tests=["assert solution(1) == 2", "assert solution(2) == 4"]))
+    result = sandbox.run(
+        job("def solution(x):\n    return x + 1\n", tests=["assert solution(1) == 2", "assert solution(2) == 4"])
+    )
     assert result.status == "failed" and result.tests_passed == 1
     assert result.error == "Test failed: assert solution(2) == 4\nAssertionError"
     assert result.official_error == "Test failed: "  # the paper's harness prints str(exception)
@@ -170,8 +174,12 @@ def test_run_many_keeps_job_order(sandbox):
 def test_mbpp_grading_maps_outcomes(hostile):
     task = get_task("mbpp")
     item = task.load_samples("train")[0]  # square(n)
-    outputs = ["Action: [BEGIN]\ndef square(n):\n    return n * n\n[END]", "Action: [BEGIN]\nwhile True: pass\n[END]",
-               "Action: [BEGIN]\ndef square(n):\n    return n\n[END]", "Action: no code"]
+    outputs = [
+        "Action: [BEGIN]\ndef square(n):\n    return n * n\n[END]",
+        "Action: [BEGIN]\nwhile True: pass\n[END]",
+        "Action: [BEGIN]\ndef square(n):\n    return n\n[END]",
+        "Action: no code",
+    ]
     outcomes = [v.outcome for v in task.grade_many([item] * 4, outputs, "official", hostile)]
     assert outcomes == ["correct", "timeout", "wrong", "parse_failure"]
     verdict = task.grade(item, outputs[2], "robust", hostile)
@@ -226,7 +234,11 @@ def test_each_isolating_mode_contains_writes(mode, tmp_path):
     canary = tmp_path / "canary.txt"
     canary.write_text("keep")
     before = all_pids()
-    result = box.run(job(f"open({str(canary)!r}, 'w').write('owned')\nimport os\nif os.fork() == 0:\n    os.setsid()\n    import time; time.sleep(30)\n"))
+    result = box.run(
+        job(
+            f"open({str(canary)!r}, 'w').write('owned')\nimport os\nif os.fork() == 0:\n    os.setsid()\n    import time; time.sleep(30)\n"
+        )
+    )
     assert not result.passed
     assert canary.read_text() == "keep"
     assert sandbox_processes(before) == []
@@ -238,12 +250,20 @@ def test_interpreter_under_tmp(tmp_path, isolated_sandbox):
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    code = ("from reflectevo.sandbox import Sandbox, CodeJob\n"
-            "box = Sandbox(allow_code_execution=True)\n"
-            "print(box.isolation.mode, box.run(CodeJob('x = 1', ['assert x == 1'])).status)")
+    code = (
+        "from reflectevo.sandbox import Sandbox, CodeJob\n"
+        "box = Sandbox(allow_code_execution=True)\n"
+        "print(box.isolation.mode, box.run(CodeJob('x = 1', ['assert x == 1'])).status)"
+    )
     repo = Path(__file__).resolve().parents[1]
-    done = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, check=False,
-                          env={**os.environ, "PYTHONPATH": str(repo)}, timeout=120)
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        timeout=120,
+    )
     assert done.stdout.split() == [isolated_sandbox.isolation.mode, "passed"], done.stderr
 
 
@@ -256,8 +276,12 @@ def test_separate_uid_mode_with_a_system_python(tmp_path):
     system_python = Path("/usr/bin/python3")
     if os.geteuid() != 0 or not system_python.exists():
         pytest.skip("needs root and a system Python at /usr/bin/python3")
-    version = subprocess.run([str(system_python), "-c", "import sys; print(sys.version_info >= (3, 11))"],
-                             capture_output=True, text=True, check=False).stdout.strip()
+    version = subprocess.run(
+        [str(system_python), "-c", "import sys; print(sys.version_info >= (3, 11))"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
     if version != "True":
         pytest.skip("the system Python is older than 3.11")
     canary = tmp_path / "canary.txt"
@@ -276,8 +300,14 @@ def test_separate_uid_mode_with_a_system_python(tmp_path):
     )
     repo = Path(__file__).resolve().parents[1]
     before = all_pids()
-    done = subprocess.run([str(system_python), "-c", script, json.dumps(list(programs.values()))],
-                          capture_output=True, text=True, check=False, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo)}, timeout=120)
+    done = subprocess.run(
+        [str(system_python), "-c", script, json.dumps(list(programs.values()))],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo)},
+        timeout=120,
+    )
     if done.returncode != 0 and "no sandbox mode could run" in done.stderr:
         pytest.skip(f"uid mode cannot start here: {done.stderr.strip()[-300:]}")
     assert done.returncode == 0, done.stderr

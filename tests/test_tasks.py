@@ -16,13 +16,13 @@ from reflectevo.tasks import (
     register_task,
     task_names,
 )
+from reflectevo.tasks.base import action_part
 from reflectevo.tasks.math import (
     hendrycks_equal,
     hendrycks_normalize,
     last_boxed,
     unbox,
 )
-from reflectevo.tasks.base import action_part
 from reflectevo.tasks.text import (
     options_problem,
     parse_options,
@@ -139,10 +139,16 @@ def test_verdict_feedback_is_the_official_observation():
 def test_an_out_of_range_letter_is_a_wrong_answer_with_the_letter_recorded():
     for verdict in get_task("logiqa").grade_both(logiqa_item("b"), "Thought: none fit.\nAction: Finish[E]").values():
         assert (verdict.outcome, verdict.extracted) == ("wrong", "E")
-    robust = get_task("bigbench").grade(get_task("bigbench").item_from_answer("c", CLAIM), "Action: Finish[D. Maybe]", "robust")
+    robust = get_task("bigbench").grade(
+        get_task("bigbench").item_from_answer("c", CLAIM), "Action: Finish[D. Maybe]", "robust"
+    )
     assert (robust.outcome, robust.extracted, robust.details["method"]) == ("wrong", "D", "letter_not_an_option")
     extraction = read_option_extraction("E", ["w", "x", "y", "z"], 4)
-    assert (extraction.answer, extraction.method, extraction.reason) == ("E", "letter_not_an_option", "letter E is not one of the options A-D")
+    assert (extraction.answer, extraction.method, extraction.reason) == (
+        "E",
+        "letter_not_an_option",
+        "letter E is not one of the options A-D",
+    )
     assert not read_option_extraction("A and B", ["w", "x", "y", "z"], 4).ok  # not one letter: still no answer
 
 
@@ -172,17 +178,25 @@ def test_options_written_out_of_order_go_to_their_own_letters():
     assert parse_options(question, expected=4) == ["F", "G", "J", "N"]
     assert options_problem(question, expected=4) is None
     item = get_task("logiqa").item_from_answer("c", question)
-    assert grade("logiqa", item, "Thought: J follows M.\nAction: Finish[J]") == {"official": "wrong", "robust": "correct"}
+    assert grade("logiqa", item, "Thought: J follows M.\nAction: Finish[J]") == {
+        "official": "wrong",
+        "robust": "correct",
+    }
     assert grade("logiqa", item, "Thought: G follows M.\nAction: Finish[G]") == {"official": "wrong", "robust": "wrong"}
 
 
 def test_options_that_cannot_be_parsed_say_why():
     # the shapes of the four malformed official LogiQA blocks (rows 46, 113, 441, 451)
-    assert options_problem("Which must be false?\nA All athletes agree.\nB.Some do.\nC.One does.\nD.Anyone does.", 4) == (
-        "no option line for A (option lines: B, C, D)")
+    assert options_problem(
+        "Which must be false?\nA All athletes agree.\nB.Some do.\nC.One does.\nD.Anyone does.", 4
+    ) == ("no option line for A (option lines: B, C, D)")
     assert options_problem("Who won?\nA Shannan\nB Jiangnan\nC Shanbei\nD Jiangbei", 4) == (
-        "no option lines of the form 'A. text'")
-    assert options_problem("Q\nA.x\nB.y\nB.z\nD.w", 4) == "option letters A, B, B, D after the last A are not A-D each once"
+        "no option lines of the form 'A. text'"
+    )
+    assert (
+        options_problem("Q\nA.x\nB.y\nB.z\nD.w", 4)
+        == "option letters A, B, B, D after the last A are not A-D each once"
+    )
     assert options_problem("Q\nA.x\nB.y", 4) == "2 options, expected 4"
     assert parse_options("Q\nA.x\nB.y\nB.z\nD.w", 4) == []
 
@@ -280,7 +294,9 @@ def test_math_extraction_rules():
     assert grade("math", item, "Action: Finish<<<$7$>>>") == {"official": "wrong", "robust": "correct"}
     assert grade("math", item, "so the answer is \\boxed{7}.") == {"official": "parse_failure", "robust": "correct"}
     assert grade("math", item, "Thought: so the answer is \\boxed{7}.\nAction: \\boxed{7}") == {
-        "official": "parse_failure", "robust": "correct"}
+        "official": "parse_failure",
+        "robust": "correct",
+    }
     assert grade("math", item, "Action: Finish[7]") == {"official": "parse_failure", "robust": "correct"}
     assert grade("math", item, "Action: Finish<<<>>>") == {"official": "parse_failure", "robust": "parse_failure"}
     assert task.extract("Action: Finish<<<\\boxed{7}>>>", "robust").method == "finish"
@@ -336,7 +352,12 @@ def test_mbpp_extraction_rules():
 
 
 def test_render_answer_round_trips_through_extract():
-    for name, gold in (("logiqa", "c"), ("math", "\\frac{1}{3}"), ("bigbench", "1930"), ("mbpp", "def f():\n    return 1")):
+    for name, gold in (
+        ("logiqa", "c"),
+        ("math", "\\frac{1}{3}"),
+        ("bigbench", "1930"),
+        ("mbpp", "def f():\n    return 1"),
+    ):
         task = get_task(name)
         extraction = task.extract("Thought: t\nAction: " + task.render_answer(gold))
         assert extraction.answer.strip() == gold
@@ -351,21 +372,46 @@ BIGBENCH_STORY = "The girl found the key under the mat.\n\nQuestion: Who found t
 
 # (task, gold, question, output whose thought quotes another answer, the answer its action states)
 THOUGHT_QUOTES = [
-    ("logiqa", "b", LOGIQA_QUESTION,
-     "Thought: Finish[A] looks tempting because the passage praises red, but nothing says red wins; "
-     "the last sentence rules out C and D, so blue wins.\nAction: Finish[B]", "B"),
-    ("logiqa", "b", LOGIQA_QUESTION,
-     "Thought: My previous answer Finish[A] was wrong. Reading the passage again, only blue can win.\n"
-     "Action: Finish[B]", "B"),
-    ("bigbench", "c", CLAIM,
-     "Thought: My previous answer Finish[A] (True) was wrong: the passage never mentions the claim, "
-     "so it is neither true nor false.\nAction: Finish[C]", "C"),
-    ("bigbench", "the girl", BIGBENCH_STORY,
-     "Thought: My previous answer Finish[the boy] was wrong; the story says the girl found it.\n"
-     "Action: Finish[the girl]", "the girl"),
-    ("math", "28", MATH_GOLD_28,
-     "Thought: My previous answer Finish<<<27>>> was wrong because I left out 1. The divisors are 1, 2, 3, "
-     "4, 6 and 12, and their sum is \\boxed{28}.\nAction: Finish<<<28>>>", "28"),
+    (
+        "logiqa",
+        "b",
+        LOGIQA_QUESTION,
+        "Thought: Finish[A] looks tempting because the passage praises red, but nothing says red wins; "
+        "the last sentence rules out C and D, so blue wins.\nAction: Finish[B]",
+        "B",
+    ),
+    (
+        "logiqa",
+        "b",
+        LOGIQA_QUESTION,
+        "Thought: My previous answer Finish[A] was wrong. Reading the passage again, only blue can win.\n"
+        "Action: Finish[B]",
+        "B",
+    ),
+    (
+        "bigbench",
+        "c",
+        CLAIM,
+        "Thought: My previous answer Finish[A] (True) was wrong: the passage never mentions the claim, "
+        "so it is neither true nor false.\nAction: Finish[C]",
+        "C",
+    ),
+    (
+        "bigbench",
+        "the girl",
+        BIGBENCH_STORY,
+        "Thought: My previous answer Finish[the boy] was wrong; the story says the girl found it.\n"
+        "Action: Finish[the girl]",
+        "the girl",
+    ),
+    (
+        "math",
+        "28",
+        MATH_GOLD_28,
+        "Thought: My previous answer Finish<<<27>>> was wrong because I left out 1. The divisors are 1, 2, 3, "
+        "4, 6 and 12, and their sum is \\boxed{28}.\nAction: Finish<<<28>>>",
+        "28",
+    ),
 ]
 
 
@@ -377,7 +423,11 @@ def test_a_thought_that_quotes_another_answer_is_graded_by_its_action(name, gold
         assert verdict.outcome == "correct", (grader, verdict)
         assert verdict.extracted.strip("\n") == stated and "fallback" not in verdict.details
     # the same thought with a wrong action is wrong, whatever the thought quoted
-    wrong = output.rsplit("Action:", 1)[0] + "Action: " + task.render_answer("D" if task.name == "logiqa" else "A" if gold == "c" else "x 1")
+    wrong = (
+        output.rsplit("Action:", 1)[0]
+        + "Action: "
+        + task.render_answer("D" if task.name == "logiqa" else "A" if gold == "c" else "x 1")
+    )
     assert {v.outcome for v in task.grade_both(item, wrong).values()} == {"wrong"}
 
 
@@ -392,8 +442,10 @@ def test_math_robust_reads_a_boxed_answer_from_the_action_not_a_finish_in_the_th
 def test_mbpp_code_in_the_thought_is_not_graded(sandbox):
     task = get_task("mbpp")
     item = task.load_samples("train")[0]  # square(n)
-    output = ("Thought: My previous code\n[BEGIN]\ndef square(n):\n    return n + n\n[END]\nadded instead of "
-              "multiplying, so square(3) gave 6.\nAction: [BEGIN]\ndef square(n):\n    return n * n\n[END]")
+    output = (
+        "Thought: My previous code\n[BEGIN]\ndef square(n):\n    return n + n\n[END]\nadded instead of "
+        "multiplying, so square(3) gave 6.\nAction: [BEGIN]\ndef square(n):\n    return n * n\n[END]"
+    )
     assert "n * n" in task.extract(output).answer and "n + n" not in task.extract(output, "robust").answer
     assert [v.outcome for v in task.grade_both(item, output, sandbox).values()] == ["correct", "correct"]
     wrong = output.replace("return n * n", "return n ** 3")
@@ -431,23 +483,44 @@ def test_an_output_without_an_action_line_is_a_parse_failure_officially_and_a_co
 # One-stage outputs: a reflection, a line "Answer:", the new attempt. Reflections quote the failed
 # attempt and use the word "Answer:" themselves; only the last separator line starts the attempt.
 ONE_STAGE_CASES = [
-    ("logiqa", "b", LOGIQA_QUESTION,
-     "The failed attempt answered Finish[A]. Answer: the passage never says red wins; I should check "
-     "each option against the last sentence.", "Thought: Only blue can win.\nAction: Finish[B]"),
-    ("bigbench", "c", CLAIM,
-     "My attempt was:\nAnswer:\nThought: It is true.\nAction: Finish[A]\nIt assumed a fact the passage "
-     "does not state.", "Thought: The passage says nothing about it.\nAction: Finish[C]"),
-    ("bigbench", "the girl", BIGBENCH_STORY,
-     "Answer: Finish[the boy] was wrong; I mixed up the two children.", "Thought: The girl found it.\nAction: Finish[the girl]"),
-    ("math", "28", MATH_GOLD_28,
-     "The attempt gave Finish<<<27>>> because it skipped the divisor 1.\nAnswer:\nThought: 27 was wrong.\n"
-     "Action: Finish<<<27>>>\nThe plan: list every divisor first.",
-     "Thought: 1+2+3+4+6+12 = 28.\nAction: Finish<<<28>>>"),
+    (
+        "logiqa",
+        "b",
+        LOGIQA_QUESTION,
+        "The failed attempt answered Finish[A]. Answer: the passage never says red wins; I should check "
+        "each option against the last sentence.",
+        "Thought: Only blue can win.\nAction: Finish[B]",
+    ),
+    (
+        "bigbench",
+        "c",
+        CLAIM,
+        "My attempt was:\nAnswer:\nThought: It is true.\nAction: Finish[A]\nIt assumed a fact the passage "
+        "does not state.",
+        "Thought: The passage says nothing about it.\nAction: Finish[C]",
+    ),
+    (
+        "bigbench",
+        "the girl",
+        BIGBENCH_STORY,
+        "Answer: Finish[the boy] was wrong; I mixed up the two children.",
+        "Thought: The girl found it.\nAction: Finish[the girl]",
+    ),
+    (
+        "math",
+        "28",
+        MATH_GOLD_28,
+        "The attempt gave Finish<<<27>>> because it skipped the divisor 1.\nAnswer:\nThought: 27 was wrong.\n"
+        "Action: Finish<<<27>>>\nThe plan: list every divisor first.",
+        "Thought: 1+2+3+4+6+12 = 28.\nAction: Finish<<<28>>>",
+    ),
 ]
 
 
 @pytest.mark.parametrize("name, gold, question, reflection, attempt", ONE_STAGE_CASES)
-def test_one_stage_outputs_split_at_the_last_separator_and_grade_by_the_new_action(name, gold, question, reflection, attempt):
+def test_one_stage_outputs_split_at_the_last_separator_and_grade_by_the_new_action(
+    name, gold, question, reflection, attempt
+):
     task = get_task(name)
     text = one_stage_completion(reflection, attempt)
     assert split_one_stage(text) == (reflection, attempt)
@@ -458,8 +531,10 @@ def test_one_stage_outputs_split_at_the_last_separator_and_grade_by_the_new_acti
 def test_one_stage_mbpp_output_grades_the_new_code(sandbox):
     task = get_task("mbpp")
     item = task.load_samples("train")[0]  # square(n)
-    reflection = ("The code\n[BEGIN]\ndef square(n):\n    return n + n\n[END]\nadded the number to itself. "
-                  "Answer: multiply instead.")
+    reflection = (
+        "The code\n[BEGIN]\ndef square(n):\n    return n + n\n[END]\nadded the number to itself. "
+        "Answer: multiply instead."
+    )
     attempt = "Thought: Multiply n by itself.\nAction: [BEGIN]\ndef square(n):\n    return n * n\n[END]"
     reflection_part, attempt_part = split_one_stage(one_stage_completion(reflection, attempt))
     assert (reflection_part, attempt_part) == (reflection, attempt)
@@ -468,6 +543,8 @@ def test_one_stage_mbpp_output_grades_the_new_code(sandbox):
 
 def test_one_stage_split_needs_the_separator_on_its_own_line():
     assert split_one_stage("I misread it. Answer: Thought: B.\nAction: Finish[B]") == (
-        "I misread it. Answer: Thought: B.\nAction: Finish[B]", None)
+        "I misread it. Answer: Thought: B.\nAction: Finish[B]",
+        None,
+    )
     assert split_one_stage("Answer:\nThought: B.\nAction: Finish[B]") == ("", "Thought: B.\nAction: Finish[B]")
     assert split_one_stage("A reflection that ran out of tokens") == ("A reflection that ran out of tokens", None)

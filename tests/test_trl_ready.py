@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from reflectevo import curation
 from reflectevo.config import load_params
-from reflectevo.generation import ReplayEngine
-from reflectevo.pipeline import ReflectionPipeline
+from reflectevo.generation.engines import ReplayEngine
+from reflectevo.reflection import curation, exports
+from reflectevo.reflection.pipeline import ReflectionPipeline
 from reflectevo.tasks import get_task
-from reflectevo.training import end_of_turn
+from reflectevo.training.datasets import end_of_turn
 
 pytest.importorskip("trl")
 
@@ -27,27 +27,53 @@ def saved(tmp_path_factory, tiny_model_dir):
         gold, wrong = item.gold.upper(), ("A" if item.gold.upper() != "A" else "B")
         rows.append({"key": f"logiqa/{item.id}/t1", "text": f"Thought: first guess.\nAction: Finish[{wrong}]"})
         for sample in (0, 1):
-            rows.append({"key": f"logiqa/{item.id}/1-3-2", "sample": sample,
-                         "text": f"My answer {wrong} was wrong. {'The fix is to compare every option.' if sample == 0 else 'I guessed.'}"})
+            rows.append(
+                {
+                    "key": f"logiqa/{item.id}/1-3-2",
+                    "sample": sample,
+                    "text": f"My answer {wrong} was wrong. {'The fix is to compare every option.' if sample == 0 else 'I guessed.'}",
+                }
+            )
             answer = gold if sample == 0 else wrong
-            rows.append({"key": f"logiqa/{item.id}/1-3-2/{sample}", "text": f"Thought: checked.\nAction: Finish[{answer}]"})
-    params = load_params(None, {"reflect": {"fewshots": 0, "instructions": ["1-3-2"], "samples_per_instruction": 2},
-                                "eval": {"fewshots": 0}})  # trained and tested on the same prompts
+            rows.append(
+                {"key": f"logiqa/{item.id}/1-3-2/{sample}", "text": f"Thought: checked.\nAction: Finish[{answer}]"}
+            )
+    params = load_params(
+        None,
+        {"reflect": {"fewshots": 0, "instructions": ["1-3-2"], "samples_per_instruction": 2}, "eval": {"fewshots": 0}},
+    )  # trained and tested on the same prompts
     records = ReflectionPipeline(params, ReplayEngine(rows)).run({"logiqa": items}).records
     d_plus, d_pm = curation.build_d_plus(records), curation.build_d_pm(records)
     assert len(d_plus) == 4 and len(d_pm) == 4
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     out = tmp_path_factory.mktemp("datasets")
-    sizes = curation.save_training_datasets(out, d_plus, d_pm, [], {"logiqa": items})
-    assert sizes == {"sft_one_stage": 4, "sft_reflection": 4, "sft_correction": 4, "sft_qa_pairs": 4, "dpo_d_pm": 4,
-                     "dpo_d_pref": 0}
+    sizes = exports.save_training_datasets(out, d_plus, d_pm, [], {"logiqa": items})
+    assert sizes == {
+        "sft_one_stage": 4,
+        "sft_reflection": 4,
+        "sft_correction": 4,
+        "sft_qa_pairs": 4,
+        "dpo_d_pm": 4,
+        "dpo_d_pref": 0,
+    }
     return out, tokenizer
 
 
 def common_args(tmp_path):
-    return {"output_dir": str(tmp_path), "max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-3,
-            "logging_steps": 1, "save_strategy": "no", "report_to": "none", "use_cpu": True, "bf16": False,
-            "max_length": 512, "seed": 0, "dataloader_pin_memory": False}
+    return {
+        "output_dir": str(tmp_path),
+        "max_steps": 2,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "bf16": False,
+        "max_length": 512,
+        "seed": 0,
+        "dataloader_pin_memory": False,
+    }
 
 
 def lora():
@@ -64,8 +90,13 @@ def test_sft_trains_on_the_completion_and_the_end_of_turn_only(saved, tiny_model
 
     folder, tokenizer = saved
     dataset = load_from_disk(str(folder / name))
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=SFTConfig(**common_args(tmp_path)),
-                         train_dataset=dataset, processing_class=tokenizer, peft_config=lora())
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=SFTConfig(**common_args(tmp_path)),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora(),
+    )
     processed = trainer.train_dataset[0]
     labelled = [label for label in processed["labels"] if label != -100]
     completion = dataset[0]["completion"][0]
@@ -86,9 +117,14 @@ def test_dpo_trains_on_the_saved_pairs(saved, tiny_model_dir, tmp_path):
     folder, tokenizer = saved
     dataset = load_from_disk(str(folder / "dpo_d_pm"))
     assert set(dataset.column_names) == {"task", "id", "prompt", "chosen", "rejected"}
-    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), ref_model=None,
-                         args=DPOConfig(beta=0.1, **common_args(tmp_path)), train_dataset=dataset,
-                         processing_class=tokenizer, peft_config=lora())
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        ref_model=None,
+        args=DPOConfig(beta=0.1, **common_args(tmp_path)),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora(),
+    )
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "rewards/accuracies" in entry]
     assert len(logged) == 2 and abs(logged[0]["loss"] - 0.6931) < 1e-3  # ln 2 at the first step: policy = reference

@@ -42,10 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reflectevo.config import DataParams, Params, SplitFractions, derive_seed
+from reflectevo.config import DataParams, Params, SplitFractions
+from reflectevo.core.files import atomic_directory, atomic_write_json, file_sha256
+from reflectevo.core.jsonl import read_jsonl
+from reflectevo.core.seeds import derive_seed
 from reflectevo.errors import DataError, DataFileNotFound
-from reflectevo.jsonl import read_jsonl
-from reflectevo.runs import atomic_directory, atomic_write_json, file_sha256
 from reflectevo.tasks import SPLITS, Item, get_task
 from reflectevo.tasks.base import check_unique_ids, write_items
 
@@ -76,7 +77,9 @@ def split_seed(seed: int, task: str, purpose: str) -> int:
     return derive_seed(seed, task, purpose)
 
 
-def load_official_checked(task_name: str, official_dir: str | Path, check_sha256: bool = True) -> tuple[list[Item], str]:
+def load_official_checked(
+    task_name: str, official_dir: str | Path, check_sha256: bool = True
+) -> tuple[list[Item], str]:
     """The official test file of a task, refused when its sha256 is not the paper's."""
     task = get_task(task_name)
     path = Path(official_dir) / task.official_file
@@ -104,15 +107,27 @@ def load_source(task_name: str, source: str, params: DataParams) -> tuple[list[I
     if source == "official":
         assert params.official_dir is not None  # the schema demands it
         items, digest = load_official_checked(task_name, params.official_dir, params.check_sha256)
-        return [_with_split(item, None) for item in items], f"official:{task.official_file}", {task.official_file: digest}
+        return (
+            [_with_split(item, None) for item in items],
+            f"official:{task.official_file}",
+            {task.official_file: digest},
+        )
     if source == "hub":
         options = dict(params.hub_options.get(task_name, {}))
         items = []
         for split in task.hub_splits:
             for item in task.load_hub(split=split, **options):
                 # hub ids count rows per split; prefix the split so ids stay unique within the task
-                items.append(Item(**{**item.to_dict(), "id": f"{split}-{item.id}", "split": split,
-                                     "source_id": item.source_id or item.id}))
+                items.append(
+                    Item(
+                        **{
+                            **item.to_dict(),
+                            "id": f"{split}-{item.id}",
+                            "split": split,
+                            "source_id": item.source_id or item.id,
+                        }
+                    )
+                )
         return items, f"hub:{task.hub_dataset}", {}
     raise ValueError(f"unknown data source {source!r}")
 
@@ -146,8 +161,9 @@ def cap(items: list[Item], limit: int | None, seed: int) -> list[Item]:
     return [items[i] for i in chosen]
 
 
-def cut_hub_test_split(task_name: str, items: list[Item], fractions: SplitFractions, seed: int
-                       ) -> tuple[list[Item], dict[str, Any] | None]:
+def cut_hub_test_split(
+    task_name: str, items: list[Item], fractions: SplitFractions, seed: int
+) -> tuple[list[Item], dict[str, Any] | None]:
     """Give a hub dataset without a test split one: a seeded share of its validation split (of its
     train split when it has no validation split) becomes the test split.
 
@@ -169,8 +185,13 @@ def cut_hub_test_split(task_name: str, items: list[Item], fractions: SplitFracti
     loose = [_with_split(item, None) if item.split == origin else item for item in items]
     cut = assign_splits(loose, cut_fractions, split_seed(seed, task_name, "hub-test-cut"))
     moved = sum(1 for item in cut if item.split == "test")
-    return cut, {"from_split": origin, "test_share": round(share, 6), "moved": moved,
-                 "kept": sum(1 for item in cut if item.split == origin), "seed_purpose": "hub-test-cut"}
+    return cut, {
+        "from_split": origin,
+        "test_share": round(share, 6),
+        "moved": moved,
+        "kept": sum(1 for item in cut if item.split == origin),
+        "seed_purpose": "hub-test-cut",
+    }
 
 
 def prepare_task(task_name: str, params: DataParams, seed: int) -> TaskData:
@@ -194,7 +215,9 @@ def prepare_task(task_name: str, params: DataParams, seed: int) -> TaskData:
             test_items = [item for item in test_items if item.split == "test"]
         clash = {item.id for item in items} & {item.id for item in test_items}
         if clash:
-            raise DataError(f"{task_name}: test items from {test_source} reuse ids of {params.source} items: {sorted(clash)[:5]}")
+            raise DataError(
+                f"{task_name}: test items from {test_source} reuse ids of {params.source} items: {sorted(clash)[:5]}"
+            )
         items = items + test_items
         data.sources["test"] = test_described
     for split in SPLITS:
@@ -254,7 +277,7 @@ def without_options_block(question: str) -> str:
     if not headers:
         return question
     start = headers[-1]
-    after = [line.strip().casefold() for line in lines[start + 1:] if line.strip()]
+    after = [line.strip().casefold() for line in lines[start + 1 :] if line.strip()]
     if not all(_OPTION_LABEL.match(line) for line in after):
         return question  # not an option list: keep the text as it is
     return "\n".join(lines[:start])
@@ -323,9 +346,14 @@ def decontaminate(items: list[Item]) -> tuple[list[Item], dict[str, dict[str, st
 
 def decontamination_table(data: Mapping[str, TaskData]) -> list[dict[str, Any]]:
     """One row per task: whether the guard ran and how many train and validation items it dropped."""
-    return [{"task": name, "guard": "on" if task_data.decontaminated else "off",
-             **{f"dropped_{split}": len(task_data.dropped.get(split, {})) for split in ("train", "validation")}}
-            for name, task_data in data.items()]
+    return [
+        {
+            "task": name,
+            "guard": "on" if task_data.decontaminated else "off",
+            **{f"dropped_{split}": len(task_data.dropped.get(split, {})) for split in ("train", "validation")},
+        }
+        for name, task_data in data.items()
+    ]
 
 
 # ---- the evaluated split ----------------------------------------------------------------------------
@@ -365,14 +393,25 @@ def eval_exclusions(data_dir: str | Path, params: Params) -> list[str]:
 
 def counts_table(data: dict[str, TaskData]) -> list[dict[str, Any]]:
     """One row per task: items per split and the source of each split."""
-    return [{"task": name, **task_data.counts(), "source": task_data.sources["train"],
-             "test_source": task_data.sources["test"]} for name, task_data in data.items()]
+    return [
+        {
+            "task": name,
+            **task_data.counts(),
+            "source": task_data.sources["train"],
+            "test_source": task_data.sources["test"],
+        }
+        for name, task_data in data.items()
+    ]
 
 
 def length_rows(data: dict[str, TaskData]) -> list[dict[str, Any]]:
     """One row per item with the question length in characters and words (for the length plot)."""
-    return [{"task": name, "split": split, "id": item.id, "chars": len(item.question), "words": len(item.question.split())}
-            for name, task_data in data.items() for split, items in task_data.splits.items() for item in items]
+    return [
+        {"task": name, "split": split, "id": item.id, "chars": len(item.question), "words": len(item.question.split())}
+        for name, task_data in data.items()
+        for split, items in task_data.splits.items()
+        for item in items
+    ]
 
 
 def data_summary(data: Mapping[str, TaskData], *, matches: bool = True) -> dict[str, Any]:
@@ -380,8 +419,10 @@ def data_summary(data: Mapping[str, TaskData], *, matches: bool = True) -> dict[
     the ids of every dropped item and of the test item it matched)."""
     decontamination: dict[str, Any] = {
         "enabled": all(task_data.decontaminated for task_data in data.values()),  # data.decontaminate
-        "dropped": {name: {split: len(task_data.dropped.get(split, {})) for split in ("train", "validation")}
-                    for name, task_data in data.items()},
+        "dropped": {
+            name: {split: len(task_data.dropped.get(split, {})) for split in ("train", "validation")}
+            for name, task_data in data.items()
+        },
     }
     if matches:
         decontamination["matches"] = {name: task_data.dropped for name, task_data in data.items()}
@@ -394,9 +435,10 @@ def data_summary(data: Mapping[str, TaskData], *, matches: bool = True) -> dict[
         "test_cuts": {name: task_data.test_cut for name, task_data in data.items() if task_data.test_cut is not None},
         "allow_empty_eval": [name for name, task_data in data.items() if task_data.allow_empty_eval],
         # per split eval.split may name: the allowed tasks without items there, which evaluation leaves out
-        "eval_exclusions": {split: [name for name, task_data in data.items()
-                                    if task_data.allow_empty_eval and not counts[name][split]]
-                            for split in ("validation", "test")},
+        "eval_exclusions": {
+            split: [name for name, task_data in data.items() if task_data.allow_empty_eval and not counts[name][split]]
+            for split in ("validation", "test")
+        },
     }
 
 
@@ -420,17 +462,32 @@ def write_dataset(data: dict[str, TaskData], path: Path) -> Path:
         is_progress_bar_enabled,
     )
 
-    features = Features({
-        "task": Value("string"), "id": Value("string"), "question": Value("string"), "gold": Value("string"),
-        "options": Sequence(Value("string")), "tests": Sequence(Value("string")), "setup_code": Value("string"),
-        "split": Value("string"), "source_id": Value("string"), "metadata": Value("string"),
-    })
+    features = Features(
+        {
+            "task": Value("string"),
+            "id": Value("string"),
+            "question": Value("string"),
+            "gold": Value("string"),
+            "options": Sequence(Value("string")),
+            "tests": Sequence(Value("string")),
+            "setup_code": Value("string"),
+            "split": Value("string"),
+            "source_id": Value("string"),
+            "metadata": Value("string"),
+        }
+    )
     splits = {}
     for split in SPLITS:
-        rows = [{**item.to_dict(), "metadata": json.dumps(item.metadata, sort_keys=True, ensure_ascii=False)}
-                for task_data in data.values() for item in task_data.splits[split]]
-        dataset = Dataset.from_list(rows, features=features) if rows else Dataset.from_dict(
-            {column: [] for column in DATASET_COLUMNS}, features=features)
+        rows = [
+            {**item.to_dict(), "metadata": json.dumps(item.metadata, sort_keys=True, ensure_ascii=False)}
+            for task_data in data.values()
+            for item in task_data.splits[split]
+        ]
+        dataset = (
+            Dataset.from_list(rows, features=features)
+            if rows
+            else Dataset.from_dict({column: [] for column in DATASET_COLUMNS}, features=features)
+        )
         # datasets gives in-memory tables a random fingerprint; derive it from the content instead,
         # so writing the same items twice gives byte-identical files.
         content = json.dumps(rows, sort_keys=True, ensure_ascii=False).encode("utf-8")
@@ -457,8 +514,10 @@ def load_run_items(data_dir: str | Path, task: str, split: str) -> list[Item]:
         item = Item.from_dict(row, where=f"{path}:{line}")
         # the file's place says which task and split it holds; an item that disagrees was edited or moved
         if item.task != task or item.split != split:
-            raise DataError(f"{path}:{line}: item {item.id!r} is task {item.task!r}, split {item.split!r}; "
-                            f"this file holds task {task!r}, split {split!r}")
+            raise DataError(
+                f"{path}:{line}: item {item.id!r} is task {item.task!r}, split {item.split!r}; "
+                f"this file holds task {task!r}, split {split!r}"
+            )
         items.append(item)
         lines.append(line)
     return check_unique_ids(items, source=str(path), lines=lines)

@@ -70,7 +70,12 @@ def mount(source, target, fstype, flags, data=None):
 
 
 def prctl(option, value):
-    _check(libc.prctl(ctypes.c_int(option), ctypes.c_ulong(value), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)), "prctl")
+    _check(
+        libc.prctl(
+            ctypes.c_int(option), ctypes.c_ulong(value), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)
+        ),
+        "prctl",
+    )
 
 
 def die_with_parent(lifeline):
@@ -103,16 +108,28 @@ class Status:
 
 # ---- the read-only file system --------------------------------------------------------------
 
-_LOCKED_FLAGS = ((os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, MS_NOEXEC), (os.ST_NOSUID, MS_NOSUID),
-                 (os.ST_NOATIME, MS_NOATIME), (os.ST_NODIRATIME, MS_NODIRATIME), (os.ST_RELATIME, MS_RELATIME))
+_LOCKED_FLAGS = (
+    (os.ST_NODEV, MS_NODEV),
+    (os.ST_NOEXEC, MS_NOEXEC),
+    (os.ST_NOSUID, MS_NOSUID),
+    (os.ST_NOATIME, MS_NOATIME),
+    (os.ST_NODIRATIME, MS_NODIRATIME),
+    (os.ST_RELATIME, MS_RELATIME),
+)
 
 
 def make_read_only(path, nodev=True):
     """Read-only, nosuid (and nodev) for the mount at ``path`` and every mount below it."""
     flags = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | (MOUNT_ATTR_NODEV if nodev else 0)
     attr = MountAttr(flags, 0, 0, 0)
-    result = libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_long(AT_FDCWD), _bytes(path),
-                          ctypes.c_uint(AT_RECURSIVE), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
+    result = libc.syscall(
+        ctypes.c_long(SYS_MOUNT_SETATTR),
+        ctypes.c_long(AT_FDCWD),
+        _bytes(path),
+        ctypes.c_uint(AT_RECURSIVE),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )
     if result == 0:
         return "mount_setattr"
     # Older kernels: remount the top mount only. In a user namespace the flags the mount already
@@ -137,8 +154,10 @@ def choose_base(binds):
     so a Python living under /tmp needs the new root to be assembled somewhere else.
     """
     for base in BASE_CANDIDATES:
-        if os.path.isdir(base) and not os.path.islink(base) and not any(
-            entry["path"] == base or entry["path"].startswith(base + "/") for entry in binds
+        if (
+            os.path.isdir(base)
+            and not os.path.islink(base)
+            and not any(entry["path"] == base or entry["path"].startswith(base + "/") for entry in binds)
         ):
             return base
     raise RuntimeError(f"every candidate mount point {BASE_CANDIDATES} holds a path the program needs")
@@ -167,16 +186,19 @@ def build_root(config, layers):
     for node in ("null", "zero", "full", "random", "urandom"):
         open(os.path.join(dev, node), "w").close()
         mount("/dev/" + node, os.path.join(dev, node), None, MS_BIND)
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
         os.symlink(target, os.path.join(dev, name))
     # the only writable place: a private, size-limited tmpfs owned by the program's uid
     # (under /.sandbox, a name no host path is expected to use, so no bind mount collides)
     work = _mirror(root, WORKDIR)
     os.makedirs(work)
     uid, gid = config["program_uid"], config["program_gid"]
-    mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV,
-          f"size={config['workdir_mb']}m,mode=700,uid={uid},gid={gid}")
+    mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV, f"size={config['workdir_mb']}m,mode=700,uid={uid},gid={gid}")
     if not os.path.lexists(_mirror(root, "/tmp")):
         os.symlink(WORKDIR, _mirror(root, "/tmp"))
     with open(_mirror(root, RUNNER), "w") as handle:
@@ -197,7 +219,10 @@ def build_root(config, layers):
     old = _mirror(root, "/.oldroot")
     os.makedirs(old)
     try:
-        _check(libc.syscall(ctypes.c_long(SYSCALLS[platform.machine()]["pivot_root"]), _bytes(root), _bytes(old)), "pivot_root")
+        _check(
+            libc.syscall(ctypes.c_long(SYSCALLS[platform.machine()]["pivot_root"]), _bytes(root), _bytes(old)),
+            "pivot_root",
+        )
         os.chdir("/")
         _check(libc.umount2(b"/.oldroot", ctypes.c_int(MNT_DETACH)), "umount /.oldroot")
         os.rmdir("/.oldroot")
@@ -229,16 +254,27 @@ def exec_program(config, workdir, runner_path, job_path, drop_to):
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
         limits = config["limits"]
-        for name, value in (("RLIMIT_CPU", limits["cpu_s"]), ("RLIMIT_AS", limits["address_space_bytes"]),
-                            ("RLIMIT_FSIZE", limits["file_size_bytes"]), ("RLIMIT_NPROC", limits["processes"]),
-                            ("RLIMIT_NOFILE", limits["open_files"]), ("RLIMIT_CORE", 0)):
+        for name, value in (
+            ("RLIMIT_CPU", limits["cpu_s"]),
+            ("RLIMIT_AS", limits["address_space_bytes"]),
+            ("RLIMIT_FSIZE", limits["file_size_bytes"]),
+            ("RLIMIT_NPROC", limits["processes"]),
+            ("RLIMIT_NOFILE", limits["open_files"]),
+            ("RLIMIT_CORE", 0),
+        ):
             # the CPU hard limit one second above the soft one: SIGXCPU first, then SIGKILL
             hard = value + 1 if name == "RLIMIT_CPU" else value
             resource.setrlimit(getattr(resource, name), (value, hard))
         prctl(PR_SET_NO_NEW_PRIVS, 1)  # setuid binaries cannot raise privileges again
         os.chdir(workdir)
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
-               "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": workdir,
+            "TMPDIR": workdir,
+            "LANG": "C.UTF-8",
+            "PYTHONHASHSEED": "0",
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
         os.execve(config["python"], [config["python"], "-s", "-B", runner_path, job_path], env)
     except BaseException as exc:  # noqa: BLE001
         os.write(2, f"sandbox: could not start the program: {exc}\n".encode())
@@ -270,8 +306,12 @@ def _exit_code(status):
 def run_init(config, status, lifeline):
     """pid 1 of the new pid namespace: build the root, start the program, reap until it exits."""
     die_with_parent(lifeline)
-    layers = {"pid_namespace": True, "mount_namespace": True, "network_namespace": True,
-              "user_namespace": config["mode"] == "userns"}
+    layers = {
+        "pid_namespace": True,
+        "mount_namespace": True,
+        "network_namespace": True,
+        "user_namespace": config["mode"] == "userns",
+    }
     try:
         build_root(config, layers)
         layers["unprivileged_uid"] = config["host_program_uid"] != 0
@@ -404,9 +444,16 @@ def run_plain(config, status):
         status.close()
         workdir = config["host_workdir"]
         exec_program(config, workdir, os.path.join(workdir, "runner.py"), os.path.join(workdir, ".job.json"), drop)
-    layers = {"pid_namespace": False, "mount_namespace": False, "network_namespace": False,
-              "user_namespace": False, "private_proc": False, "read_only_root": False,
-              "unprivileged_uid": config["mode"] == "uid", "root_switch": None}
+    layers = {
+        "pid_namespace": False,
+        "mount_namespace": False,
+        "network_namespace": False,
+        "user_namespace": False,
+        "private_proc": False,
+        "read_only_root": False,
+        "unprivileged_uid": config["mode"] == "uid",
+        "root_switch": None,
+    }
     status.send(event="ready", layers=layers, program_pid=program)
     status.close()
     forward_stop_to(-program, signal.SIGKILL)  # the program's whole process group

@@ -49,25 +49,42 @@ def main():
         try:
             exec(compile(source, filename, "exec"), namespace, namespace)  # noqa: S102  (running the program is the point)
         except Exception:  # noqa: BLE001
-            finish(status="error", phase=phase, error=_short_traceback(),
-                   official_error="Code execution error: " + traceback.format_exc())
+            finish(
+                status="error",
+                phase=phase,
+                error=_short_traceback(),
+                official_error="Code execution error: " + traceback.format_exc(),
+            )
         except BaseException as exc:  # noqa: BLE001  SystemExit, KeyboardInterrupt
-            finish(status="failed", phase=phase,
-                   error=f"the {phase} code raised {type(exc).__name__}({exc}) before the tests ran",
-                   official_error="Unknown error occurred during execution.")
+            finish(
+                status="failed",
+                phase=phase,
+                error=f"the {phase} code raised {type(exc).__name__}({exc}) before the tests ran",
+                official_error="Unknown error occurred during execution.",
+            )
     tests = job["tests"]
     for index, test in enumerate(tests):
         try:
             exec(compile(test, f"<test {index}>", "exec"), namespace, namespace)  # noqa: S102
         except Exception as exc:  # noqa: BLE001
             message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            finish(status="failed", phase="tests", failed_test=index, tests_passed=index,
-                   error=f"Test failed: {test.strip()}\n{message}"[-MAX_ERROR_CHARS:],
-                   official_error=f"Test failed: {exc}")
+            finish(
+                status="failed",
+                phase="tests",
+                failed_test=index,
+                tests_passed=index,
+                error=f"Test failed: {test.strip()}\n{message}"[-MAX_ERROR_CHARS:],
+                official_error=f"Test failed: {exc}",
+            )
         except BaseException as exc:  # noqa: BLE001
-            finish(status="failed", phase="tests", failed_test=index, tests_passed=index,
-                   error=f"Test {test.strip()} raised {type(exc).__name__}({exc})",
-                   official_error="Unknown error occurred during execution.")
+            finish(
+                status="failed",
+                phase="tests",
+                failed_test=index,
+                tests_passed=index,
+                error=f"Test {test.strip()} raised {type(exc).__name__}({exc})",
+                official_error="Unknown error occurred during execution.",
+            )
     finish(status="passed", phase="tests", tests_passed=len(tests), error="", official_error="")
 
 

@@ -58,6 +58,17 @@ def check_code_execution(names: Iterable[str], allowed: bool) -> None:
 
 
 __all__ = [
-    "GRADERS", "OUTCOMES", "SPLITS", "TASKS", "Extraction", "FewShot", "Item", "Task", "Verdict",
-    "check_code_execution", "get_task", "register_task", "task_names",
+    "GRADERS",
+    "OUTCOMES",
+    "SPLITS",
+    "TASKS",
+    "Extraction",
+    "FewShot",
+    "Item",
+    "Task",
+    "Verdict",
+    "check_code_execution",
+    "get_task",
+    "register_task",
+    "task_names",
 ]

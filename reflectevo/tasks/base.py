@@ -18,8 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
+from reflectevo.core.jsonl import read_jsonl, write_jsonl_atomic
 from reflectevo.errors import DataError
-from reflectevo.jsonl import read_jsonl, write_jsonl_atomic
 
 GRADERS = ("official", "robust")
 OUTCOMES = ("correct", "wrong", "parse_failure", "timeout")
@@ -80,7 +80,9 @@ class Item:
         }
         unknown = sorted(set(row) - set(required) - set(optional))
         if unknown:
-            raise DataError(f"{where}: unknown field(s) {unknown}; the item schema has {sorted([*required, *optional])}")
+            raise DataError(
+                f"{where}: unknown field(s) {unknown}; the item schema has {sorted([*required, *optional])}"
+            )
         for key, kind in required.items():
             if key not in row:
                 raise DataError(f"{where}: missing required field {key!r}")
@@ -346,8 +348,10 @@ def check_unique_ids(items: list[Item], source: str, lines: Sequence[int] | None
     seen: dict[str, int] = {}
     for position, item in enumerate(items):
         if item.id in seen and lines is not None:
-            raise DataError(f"{source}:{lines[position]}: item id {item.id!r} appears twice (rows {seen[item.id] + 1} and "
-                            f"{position + 1}), first on line {lines[seen[item.id]]}; ids must be unique within a task")
+            raise DataError(
+                f"{source}:{lines[position]}: item id {item.id!r} appears twice (rows {seen[item.id] + 1} and "
+                f"{position + 1}), first on line {lines[seen[item.id]]}; ids must be unique within a task"
+            )
         if item.id in seen:
             raise DataError(
                 f"{source}: item id {item.id!r} appears twice (rows {seen[item.id] + 1} and {position + 1}); "

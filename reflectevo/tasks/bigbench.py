@@ -51,7 +51,9 @@ class BigBench(Task):
     )
     invalid_hint = "Invalid action. Give your answer as Finish[<answer>], for example Finish[B] or Finish[Paris]."
     official_file = "bigbench_test.jsonl"
-    official_sha256 = "d6673ddf3b6a06a362d974bd77678492aa75cd19b79033d473e9643e81cd341e"  # the file at the paper's commit 6634f923
+    official_sha256 = (
+        "d6673ddf3b6a06a362d974bd77678492aa75cd19b79033d473e9643e81cd341e"  # the file at the paper's commit 6634f923
+    )
     hub_splits = ("train", "validation")
     hub_dataset = "tasksource/bigbench"
     fewshots = (
@@ -125,8 +127,10 @@ class BigBench(Task):
             if len(choices) > len(LETTERS):
                 raise DataError(f"{where}: {len(choices)} options is more than the letters A-Z")
             # the official rows list the options as "A. text" lines after "Options:"
-            question = row["inputs"].rstrip() + "\nOptions:\n" + "\n".join(
-                f"{LETTERS[i]}. {choice}" for i, choice in enumerate(choices)
+            question = (
+                row["inputs"].rstrip()
+                + "\nOptions:\n"
+                + "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(choices))
             )
             gold = LETTERS[scores.index(1)].lower()
         else:
@@ -136,7 +140,9 @@ class BigBench(Task):
             question, gold = row["inputs"].rstrip(), targets[0]
         return self._item(question, gold, index, source_id, where, subtask=subtask, all_targets=list(row["targets"]))
 
-    def load_hub(self, split: str = "validation", subtasks: tuple[str, ...] = ("vitaminc_fact_verification",), **options: Any) -> list[Item]:
+    def load_hub(
+        self, split: str = "validation", subtasks: tuple[str, ...] = ("vitaminc_fact_verification",), **options: Any
+    ) -> list[Item]:
         # There is no hub twin of the paper's 500-item mix: name the BIG-bench subtasks to draw from.
         from datasets import load_dataset
 

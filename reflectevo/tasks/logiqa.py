@@ -45,12 +45,13 @@ class LogiQA(Task):
     version = "2"
     description = "LogiQA logical reasoning, 4 options, answer letter"
     answer_format = (
-        "finish with the letter of the correct option inside square brackets after Finish, "
-        "for example Finish[B]"
+        "finish with the letter of the correct option inside square brackets after Finish, for example Finish[B]"
     )
     invalid_hint = "Invalid action. Give your answer as Finish[<option letter>], for example Finish[C]."
     official_file = "logiqa_test.jsonl"
-    official_sha256 = "341727c06cf604d90b2adbcfa39736fc81d1a2fcd25c41d4adc8441c621e7f06"  # the file at the paper's commit 6634f923
+    official_sha256 = (
+        "341727c06cf604d90b2adbcfa39736fc81d1a2fcd25c41d4adc8441c621e7f06"  # the file at the paper's commit 6634f923
+    )
     hub_splits = ("train", "validation", "test")
     hub_dataset = "lucasmccabe/logiqa"
     fewshots = (

@@ -192,12 +192,13 @@ class MATH(Task):
     version = "2"
     description = "MATH competition problems, final answer in LaTeX"
     answer_format = (
-        "finish with the final answer inside triple angle brackets after Finish, for example "
-        "Finish<<<\\frac{3}{4}>>>"
+        "finish with the final answer inside triple angle brackets after Finish, for example Finish<<<\\frac{3}{4}>>>"
     )
     invalid_hint = "Invalid action. Give your final answer as Finish<<<answer>>>, for example Finish<<<12>>>."
     official_file = "math_test.jsonl"
-    official_sha256 = "291551a7ade17d6a4541c386752f7d7742f11258928878f71fe4e88977add68b"  # the file at the paper's commit 6634f923
+    official_sha256 = (
+        "291551a7ade17d6a4541c386752f7d7742f11258928878f71fe4e88977add68b"  # the file at the paper's commit 6634f923
+    )
     hub_splits = ("train", "test")
     hub_dataset = "EleutherAI/hendrycks_math"
     fewshots = (
@@ -269,7 +270,9 @@ class MATH(Task):
                 else:
                     items.append(item)
         if skipped:
-            warnings.warn(f"MATH {split}: skipped {skipped} rows whose solution has no \\boxed{{}} answer", stacklevel=2)
+            warnings.warn(
+                f"MATH {split}: skipped {skipped} rows whose solution has no \\boxed{{}} answer", stacklevel=2
+            )
         return items
 
     def item_from_answer(self, gold: str, question: str = "") -> Item:
@@ -302,4 +305,6 @@ class MATH(Task):
         if grader == "official":
             return self.verdict(official, grader, extraction)
         symbolic = None if official else math_verify_equal(item.gold, answer)
-        return self.verdict(official or bool(symbolic), grader, extraction, hendrycks_equal=official, math_verify_equal=symbolic)
+        return self.verdict(
+            official or bool(symbolic), grader, extraction, hendrycks_equal=official, math_verify_equal=symbolic
+        )

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from reflectevo.errors import CodeExecutionNotAllowed, DataError, ReflectEvoError
+from reflectevo.sandbox.host import CodeJob
 from reflectevo.tasks.base import (
     CORRECT_OBSERVATION,
     INCORRECT_OBSERVATION,
@@ -36,7 +37,9 @@ from reflectevo.tasks.base import (
     require_text,
 )
 
-QUESTION_TEMPLATE = "You are an expert Python programmer, and here is your task: {text}Your code should pass these tests: {tests}"
+QUESTION_TEMPLATE = (
+    "You are an expert Python programmer, and here is your task: {text}Your code should pass these tests: {tests}"
+)
 _FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 
 
@@ -52,7 +55,9 @@ class MBPP(Task):
     answer_format = "write your Python code after Action: between [BEGIN] and [END]"
     invalid_hint = "Invalid action. Put your complete Python code between [BEGIN] and [END] after Action:."
     official_file = "mbpp_test.jsonl"
-    official_sha256 = "d3605136eaa3d19d23496dd93d3623a637336768068f39835c1e6df44e9bfb81"  # the file at the paper's commit 6634f923
+    official_sha256 = (
+        "d3605136eaa3d19d23496dd93d3623a637336768068f39835c1e6df44e9bfb81"  # the file at the paper's commit 6634f923
+    )
     hub_splits = ("train", "validation", "test")
     hub_dataset = "google-research-datasets/mbpp"
     needs_code_execution = True
@@ -128,7 +133,9 @@ class MBPP(Task):
         return [self.from_hub_row(dict(row), index) for index, row in enumerate(rows)]
 
     def item_from_answer(self, gold: str, question: str = "") -> Item:
-        raise ReflectEvoError("mbpp cannot grade a bare answer (it needs the item's tests): give the item with --data FILE --id ID")
+        raise ReflectEvoError(
+            "mbpp cannot grade a bare answer (it needs the item's tests): give the item with --data FILE --id ID"
+        )
 
     # ---- answers -------------------------------------------------------------------------
     def render_answer(self, answer: str) -> str:
@@ -155,7 +162,6 @@ class MBPP(Task):
 
     def job_for(self, item: Item, code: str, grader: str):
         """The sandbox job that checks ``code`` against ``item`` under ``grader``'s rules."""
-        from reflectevo.sandbox import CodeJob
 
         official = grader == "official"
         return CodeJob(

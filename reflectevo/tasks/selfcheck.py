@@ -120,8 +120,13 @@ def check_graders(task: Task, items: list[Item], sandbox: Any = None) -> dict[st
     """Gold, wrong-answer and perturbation sweeps over ``items`` under both graders."""
     gold_outputs = [as_output(task, item.gold) for item in items]
     wrong_outputs = [as_output(task, wrong_answer(task, item, items, i)) for i, item in enumerate(items)]
-    report: dict[str, Any] = {"task": task.name, "items": len(items), "graders": {}, "perturbations": {},
-                              "options_unparsed": options_unparsed(items)}
+    report: dict[str, Any] = {
+        "task": task.name,
+        "items": len(items),
+        "graders": {},
+        "perturbations": {},
+        "options_unparsed": options_unparsed(items),
+    }
     for grader in ("official", "robust"):
         gold = task.grade_many(items, gold_outputs, grader, sandbox)
         wrong = task.grade_many(items, wrong_outputs, grader, sandbox)
@@ -148,8 +153,11 @@ def check_graders(task: Task, items: list[Item], sandbox: Any = None) -> dict[st
 
 def options_unparsed(items: list[Item]) -> list[dict[str, str]]:
     """The multiple-choice items without parsed option texts, each with the reason."""
-    return [{"id": item.id, "reason": options_problem(item.question, expected=n_choices(item)) or "options not parsed"}
-            for item in items if is_choice(item) and not item.options]
+    return [
+        {"id": item.id, "reason": options_problem(item.question, expected=n_choices(item)) or "options not parsed"}
+        for item in items
+        if is_choice(item) and not item.options
+    ]
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -1,0 +1,5 @@
+"""The reflectevo command."""
+
+from reflectevo.cli.main import main
+
+__all__ = ["main"]
