@@ -168,4 +168,3 @@ def clone_run(source_cwd: Path, dest_cwd: Path, name: str, overrides: dict | Non
     }
     sections["run"] = run
     return load_params(REPO / "params" / "smoke.yaml", sections)
-
