@@ -172,7 +172,6 @@ class DataParams(Section):
     @field_validator("tasks")
     @classmethod
     def _known_unique_tasks(cls, value: list[str]) -> list[str]:
-
         known = task_names()
         for name in value:
             if name not in known:

@@ -360,7 +360,6 @@ def decide(orders: Sequence[str], verdicts: Sequence[str | None]) -> tuple[str, 
 
 
 def check_replies(requests: Sequence[GenerationRequest], replies: Sequence[JudgeReply], judge: Judge) -> None:
-
     keys = [request.key for request in requests]
     got = [reply.key for reply in replies]
     if got != keys:

@@ -139,7 +139,6 @@ def stand_in_reflection(task_name: str, answer: str, instruction, rng: random.Ra
 
 
 def _random_instruction(rng: random.Random):
-
     return GENERIC_INSTRUCTION if rng.random() < 0.2 else INSTRUCTIONS[rng.choice(sorted(INSTRUCTIONS))]
 
 
@@ -151,7 +150,6 @@ GENERIC_SECOND_TRIALS = 160  # multiple-choice second trials on random text: nev
 
 
 def _reflection_pairs(task_name: str, rng: random.Random, settings: TinySettings) -> list[Pair]:
-
     pairs = []
     for item in _task(task_name).load_samples("train"):
         for _ in range(REFLECTIONS_PER_ITEM):
@@ -165,7 +163,6 @@ def _reflection_pairs(task_name: str, rng: random.Random, settings: TinySettings
 
 
 def _second_trial_pairs(task_name: str, rng: random.Random, settings: TinySettings) -> list[Pair]:
-
     task = _task(task_name)
     pairs = []
     for item in task.load_samples("train"):
@@ -194,7 +191,6 @@ def _new_attempt(task_name: str, item, rejected: str, rng: random.Random) -> str
 
 
 def _judgement_pairs(task_name: str, rng: random.Random, settings: TinySettings) -> list[Pair]:
-
     pairs = []
     for item in _task(task_name).load_samples("train"):
         for _ in range(JUDGEMENTS_PER_ITEM):
@@ -306,7 +302,6 @@ def stand_in_review(task_name: str, answer: str, holds: bool, rng: random.Random
 
 
 def _retry_pairs(task_name: str, rng: random.Random, settings: TinySettings) -> list[Pair]:
-
     task = _task(task_name)
     pairs = []
     for item in task.load_samples("train"):
@@ -318,7 +313,6 @@ def _retry_pairs(task_name: str, rng: random.Random, settings: TinySettings) -> 
 
 
 def _review_pairs(task_name: str, rng: random.Random, settings: TinySettings) -> list[Pair]:
-
     pairs = []
     for item in _task(task_name).load_samples("train"):
         for _ in range(REVIEWS_PER_ITEM):
@@ -333,7 +327,6 @@ def _review_pairs(task_name: str, rng: random.Random, settings: TinySettings) ->
 
 
 def _review_second_trial_pairs(task_name: str, rng: random.Random, settings: TinySettings) -> list[Pair]:
-
     task = _task(task_name)
     pairs = []
     for item in task.load_samples("train"):
@@ -380,7 +373,6 @@ def _one_stage_pairs(task_name: str, rng: random.Random, settings: TinySettings)
 
 
 def _self_verify_pairs(task_name: str, rng: random.Random, settings: TinySettings) -> list[Pair]:
-
     pairs = []
     for item in _task(task_name).load_samples("train"):
         for _ in range(SELF_VERIFICATIONS_PER_ITEM):

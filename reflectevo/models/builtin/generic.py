@@ -45,7 +45,6 @@ GENERIC_SHARES = {"choice": 0.6, "math": 0.15, "free": 0.15, "code": 0.1}
 
 
 def _task(name: str):
-
     return get_task(name)
 
 
