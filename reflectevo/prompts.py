@@ -13,14 +13,13 @@ manifest and the built-in stand-in model is rebuilt automatically when its corpu
 
 from __future__ import annotations
 
-import difflib
 import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from reflectevo.core.checks import reject_duplicates
+from reflectevo.core.checks import did_you_mean, reject_duplicates
 from reflectevo.core.seeds import derive_seed
 from reflectevo.tasks.base import FewShot, Item, Task
 
@@ -159,10 +158,8 @@ def get_instruction(key: str) -> Instruction:
     try:
         return INSTRUCTIONS[key]
     except KeyError:
-        close = difflib.get_close_matches(key, list(INSTRUCTIONS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(
-            f"unknown reflection instruction {key!r}{hint}; keys are 'V-E-P' with V in 1-2, E in 1-8, P in 1-2, "
+            f"unknown reflection instruction {key!r}{did_you_mean(key, INSTRUCTIONS)}; keys are 'V-E-P' with V in 1-2, E in 1-8, P in 1-2, "
             "or 'generic'"
         ) from None
 
