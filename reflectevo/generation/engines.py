@@ -34,6 +34,29 @@ from reflectevo.generation.store import Batch, batch_seed, load_store
 log = logging.getLogger(__name__)
 
 
+# what a generation stage's manifest entry records about the model that generated (loading.load_model's info)
+MODEL_INFO_KEYS = (
+    "source",
+    "source_kind",
+    "dtype",
+    "adapter",
+    "chat_template_source",
+    "default_system_message",
+    "eos_token",
+    "pad_token",
+)
+
+
+def manifest_model_info(info: dict[str, Any]) -> dict[str, Any]:
+    """The model facts a generation stage records, with a built-in's hashes and weights note."""
+    picked = {key: info[key] for key in MODEL_INFO_KEYS if key in info}
+    builtin = info.get("builtin") or {}
+    picked.update(
+        {key: builtin[key] for key in ("weights", "gguf_sha256", "wheel_sha256", "cache_key") if key in builtin}
+    )
+    return picked
+
+
 class TransformersEngine(BatchedEngine):
     """Batched, left-padded ``model.generate`` with per-sequence stops and CUDA out-of-memory back-off."""
 
@@ -61,7 +84,7 @@ class TransformersEngine(BatchedEngine):
 
     @classmethod
     def from_loaded(cls, loaded: Any, params: GenerationParams, *, progress: bool = True) -> TransformersEngine:
-        return cls(
+        engine = cls(
             loaded.model,
             loaded.tokenizer,
             model_name=loaded.name,
@@ -71,6 +94,8 @@ class TransformersEngine(BatchedEngine):
             progress=progress,
             max_seq_length=(loaded.info or {}).get("max_seq_length"),
         )
+        engine.model_info = manifest_model_info(loaded.info or {})
+        return engine
 
     def auto_batch_size(self) -> int:
         import torch
@@ -492,7 +517,9 @@ def make_engine(params: GenerationParams, loaded_model: Any = None, *, progress:
     if engine == "auto":
         engine = "unsloth" if loaded_model.backend == "unsloth" else "transformers"
     if engine == "unsloth":
-        return UnslothEngine(loaded_model, params, progress=progress)
+        chosen: Engine = UnslothEngine(loaded_model, params, progress=progress)
+        chosen.model_info = manifest_model_info(loaded_model.info or {})
+        return chosen
     if engine == "vllm":
         # vLLM loads the weights itself, from the folder or hub id the model came from
         if getattr(loaded_model, "source", "config") == "config":

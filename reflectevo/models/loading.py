@@ -28,8 +28,9 @@ if TYPE_CHECKING:
     from reflectevo.config import ModelParams
 
 from reflectevo.errors import BackendUnavailable, ModelLoadError, UnknownModelError
-from reflectevo.models.builtin import random_shapes, tiny
+from reflectevo.models.builtin import random_shapes, smollm2, tiny
 from reflectevo.models.builtin import tokenizer as builtin_tokenizer
+from reflectevo.models.chat import default_system_message
 
 BACKENDS = ("auto", "unsloth", "transformers")
 BUILTIN_PREFIX = "builtin:"
@@ -206,6 +207,10 @@ def load_model(params: ModelParams, *, for_training: bool = False) -> LoadedMode
             source, source_kind = str(folder), "builtin"
             builtin_info = tiny.read_standin_json(folder)
             builtin_info["quality"] = builtin_info["quality"]["overall"]  # the manifest needs no sample outputs
+        elif name == smollm2.SMOLLM2:
+            folder = smollm2.smollm2_model_dir()
+            source, source_kind = str(folder), "builtin"
+            builtin_info = smollm2.read_builtin_json(folder)
         else:
             source, source_kind = _resolve_source(name)
         loader = _load_with_unsloth if choice.name == "unsloth" else _load_with_transformers
@@ -237,6 +242,8 @@ def load_model(params: ModelParams, *, for_training: bool = False) -> LoadedMode
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "vocab_size": len(tokenizer),
         "chat_template_source": template_source,
+        # the pipeline sends no system message; this is what the model's template adds instead (None: nothing)
+        "default_system_message": default_system_message(tokenizer),
         "pad_token": pad_note,
         "eos_token": tokenizer.eos_token,
         "max_seq_length": params.max_seq_length,
@@ -266,7 +273,7 @@ def load_tokenizer(params: ModelParams) -> Any:
     else:
         from transformers import AutoTokenizer
 
-        source, kind = (str(tiny.tiny_model_dir()), "builtin") if name == tiny.TINY else _resolve_source(name)
+        source, kind = builtin_folder(name) or _resolve_source(name)
         tokenizer = _from_pretrained(
             AutoTokenizer,
             source,
@@ -278,6 +285,15 @@ def load_tokenizer(params: ModelParams) -> Any:
     ensure_chat_template(tokenizer, params.chat_template, name)
     _ensure_pad_token(tokenizer)
     return tokenizer
+
+
+def builtin_folder(name: str) -> tuple[str, str] | None:
+    """(folder, "builtin") of a built-in with weights on disk, built first if needed; None for other names."""
+    if name == tiny.TINY:
+        return str(tiny.tiny_model_dir()), "builtin"
+    if name == smollm2.SMOLLM2:
+        return str(smollm2.smollm2_model_dir()), "builtin"
+    return None
 
 
 def _resolve_source(name: str) -> tuple[str, str]:

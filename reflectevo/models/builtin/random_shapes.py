@@ -8,6 +8,7 @@ from typing import Any
 from reflectevo.errors import ModelLoadError
 from reflectevo.models.builtin.build import _build_once
 from reflectevo.models.builtin.settings import TINY
+from reflectevo.models.builtin.smollm2 import SMOLLM2
 from reflectevo.models.builtin.tokenizer import LLAMA3_VOCAB_SIZE, llama3_vocab_tokenizer
 from reflectevo.models.cache import cache_dir
 
@@ -47,7 +48,7 @@ RANDOM_SHAPES: dict[str, dict[str, Any]] = {
         "rms_norm_eps": 1e-5,
     },
 }
-BUILTIN_MODELS = (TINY, RANDOM_1B, RANDOM_8B)
+BUILTIN_MODELS = (TINY, SMOLLM2, RANDOM_1B, RANDOM_8B)
 
 
 def random_model_config(name: str, tokenizer=None):
