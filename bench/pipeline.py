@@ -1,7 +1,7 @@
 """The stage-02 pipeline batched over the whole split against the same pipeline one question at a
 time (batch size 1), on the same model, items and seed, in the same run.
 
-    python bench/pipeline.py                                   # params/quickstart.yaml, builtin:tiny on CPU
+    python bench/pipeline.py                                   # params/standin.yaml, builtin:tiny on CPU
     python bench/pipeline.py --params params/smoke.yaml --batch-size 16 --json out.json
 
 Both runs generate exactly the same requests (first trials, reflections, second trials) with the
@@ -49,7 +49,7 @@ def run_once(params, loaded, items, batch_size: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default=str(REPO / "params" / "quickstart.yaml"))
+    parser.add_argument("--params", default=str(REPO / "params" / "standin.yaml"))
     parser.add_argument(
         "--batch-size", type=int, default=None, help="the batched run's batch size (default: the params')"
     )

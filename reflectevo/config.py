@@ -218,6 +218,9 @@ class ReflectParams(Section):
     split: Literal["train", "validation", "test"] = "train"  # the split reflections are generated on
     fewshots: int = Field(3, ge=0, le=3)  # worked examples in the attempt prompt (0 for tiny models)
     attempt_calls: Literal[1, 2] = 1  # 2 reproduces the paper's thought call then action call
+    # call 2 of a two-call attempt pre-filled up to "Action:" (the paper), or through the task's answer syntax
+    # ("answer": "Action: Finish[" ...): a small model that ignores the format then only picks the answer
+    attempt_prefill: Literal["action", "answer"] = "action"
     grader: Literal["official", "robust"] = "official"
     instructions: Literal["all", "random_k"] | list[str] = "random_k"  # or a fixed list of instruction keys
     instructions_k: int = Field(2, ge=1, le=32)
@@ -240,6 +243,8 @@ class ReflectParams(Section):
 
     @model_validator(mode="after")
     def _sampling(self) -> ReflectParams:
+        if self.attempt_prefill == "answer" and self.attempt_calls != 2:
+            raise ValueError("attempt_prefill 'answer' pre-fills call 2 of a two-call attempt: set attempt_calls: 2")
         if self.samples_per_instruction > 1 and self.temperature == 0:
             raise ValueError("samples_per_instruction > 1 needs temperature > 0 (greedy samples are identical)")
         return self
@@ -351,12 +356,15 @@ class EvalParams(Section):
     # 1: one call per attempt, ending at the action line; 2: the paper's two calls (the thought, then the
     # action with the thought given). Null (the default): as reflect.attempt_calls
     attempt_calls: Literal[1, 2] | None = None
+    attempt_prefill: Literal["action", "answer"] | None = None  # as reflect.attempt_prefill; null: take that one
     # Settings that shape a training input and the matching test input must agree: reflect.fewshots and
     # eval.fewshots, reflect.second_trial and eval.second_trial, reflect.attempt_calls and eval.attempt_calls
     # (each eval one, left null, takes the reflect one), and reflect.grader must be one of eval.graders (its
     # feedback text is what the training rows show). List here the ones this recipe means to differ; the
     # evaluation record then states them.
-    allow_mismatch: list[Literal["fewshots", "second_trial", "attempt_calls", "grader"]] = Field(default_factory=list)
+    allow_mismatch: list[Literal["fewshots", "second_trial", "attempt_calls", "attempt_prefill", "grader"]] = Field(
+        default_factory=list
+    )
     # The roles. first_turn: "base" answers every first turn once, shared by all variants, so Acc@t1 is
     # comparable (the paper's table); "variant" lets each variant answer its own. The reflector is always
     # the variant (the untrained model for the baselines). Who answers the second turn after a trained
@@ -489,9 +497,18 @@ class Params(Section):
                 )
         if self.evolve.rounds >= 2:
             self._check_evolve()
-        for key in ("fewshots", "second_trial", "attempt_calls"):  # left null: asked as the training inputs were
+        for key in (
+            "fewshots",
+            "second_trial",
+            "attempt_calls",
+            "attempt_prefill",
+        ):  # left null: asked as the training inputs were
             if getattr(self.eval, key) is None:
                 setattr(self.eval, key, getattr(self.reflect, key))
+        if self.eval.attempt_prefill == "answer" and self.eval.attempt_calls != 2:
+            raise ValueError(
+                "eval.attempt_prefill 'answer' pre-fills call 2 of a two-call attempt: set eval.attempt_calls: 2"
+            )
         mismatched = training_test_mismatches(self)
         if mismatched:
             raise ValueError(
@@ -581,6 +598,10 @@ def training_test_mismatches(params: Params, *, allowed: bool = False) -> dict[s
     if reflect.attempt_calls != ev.attempt_calls:
         found["attempt_calls"] = (
             f"reflect.attempt_calls is {reflect.attempt_calls}, eval.attempt_calls is {ev.attempt_calls}"
+        )
+    if reflect.attempt_prefill != ev.attempt_prefill:
+        found["attempt_prefill"] = (
+            f"reflect.attempt_prefill is {reflect.attempt_prefill!r}, eval.attempt_prefill is {ev.attempt_prefill!r}"
         )
     if reflect.grader not in ev.graders:
         found["grader"] = (

@@ -82,6 +82,15 @@ class TrainingError(ReflectEvoError):
     """Training cannot start as configured (a missing or empty training set, a missing SFT variant)."""
 
 
+class NoTrainingData(TrainingError):
+    """A training set stage 02 left empty, or whose every row is dropped: its variant is skipped, not an error.
+    ``reason`` is what happened, without the advice the message adds."""
+
+    def __init__(self, reason: str, advice: str) -> None:
+        super().__init__(f"{reason}. {advice}")
+        self.reason = reason
+
+
 class JudgeError(ReflectEvoError):
     """A judge cannot be built or did not answer; the message says what to change."""
 

@@ -79,16 +79,30 @@ def thought_messages(user: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": THOUGHT_PREFIX}]
 
 
-def action_messages(user: str, thought: str) -> list[dict[str, Any]]:
-    """Call 2 of a two-call attempt: the thought is given, the assistant turn goes on at ``Action: ``."""
+def action_opening(task: Task, prefill: str = "action") -> str:
+    """What call 2 of a two-call attempt is pre-filled with after ``Action:``: nothing (``prefill``
+    "action", the paper's), or the task's answer syntax up to the answer (``"answer"``: `` Finish[``)."""
+    if prefill == "action":
+        return ""
+    if prefill == "answer":
+        return f" {task.answer_opening()}"
+    raise ValueError(f"unknown attempt prefill {prefill!r}; choose action or answer")
+
+
+def action_messages(user: str, thought: str, opening: str = "") -> list[dict[str, Any]]:
+    """Call 2 of a two-call attempt: the thought is given, the assistant turn goes on at ``Action:``
+    (and ``opening``, see :func:`action_opening`)."""
     return [
         {"role": "user", "content": user},
-        {"role": "assistant", "content": f"{THOUGHT_PREFIX} {thought.strip()}\n{ACTION_PREFIX}"},
+        {"role": "assistant", "content": f"{THOUGHT_PREFIX} {thought.strip()}\n{ACTION_PREFIX}{opening}"},
     ]
 
 
-def join_two_calls(thought: str, action: str) -> str:
-    """The attempt text of a two-call attempt, in the same shape as a one-call attempt."""
+def join_two_calls(thought: str, action: str, opening: str = "") -> str:
+    """The attempt text of a two-call attempt, in the same shape as a one-call attempt (the pre-filled
+    ``opening`` is part of the answer the model gave)."""
+    if opening:
+        return f"{THOUGHT_PREFIX} {thought.strip()}\n{ACTION_PREFIX}{opening}{action.rstrip()}"
     return f"{THOUGHT_PREFIX} {thought.strip()}\n{ACTION_PREFIX} {action.strip()}"
 
 

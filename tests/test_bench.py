@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 import floors
+import formats
 import lengths
 
 
@@ -116,3 +117,23 @@ def test_suite_smoke_runs_every_part_and_reports_same_run_ratios(tmp_path, offic
         report["paper_scale"]["generated_tokens"] / engine / 3600, abs=0.06
     )
     assert "SFT epoch, sft padded" in hours and not any("memory" in key for key in hours)
+
+
+def test_the_answer_format_bench_measures_every_way_of_asking(tmp_path, official_dir, tiny_model_dir):
+    """bench/formats.py on the stand-in (fast; the figures in docs/benchmarks.md are the real model's): one
+    row per way of asking and task, shares between 0 and 1, and the answer pre-fill makes every attempt
+    state its answer in the task's syntax."""
+    out = tmp_path / "formats.json"
+    command = [sys.executable, str(REPO / "bench" / "formats.py"), "--official-dir", str(official_dir)]
+    command += ["--model", "builtin:tiny", "--items", "1", "--max-new-tokens", "48", "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["way"], row["task"]) for row in rows] == [
+        (way, task) for way, _ in formats.WAYS for task in ("logiqa", "math", "mbpp", "bigbench")
+    ]
+    for row in rows:
+        assert row["items"] == 1
+        assert all(0 <= row[key] <= 1 for key in ("parseable", "accuracy official", "accuracy robust", "cut at limit"))
+        assert row["accuracy official"] <= row["parseable"]
+    assert "0-shot, 2 calls (Action: Finish[)" in result.stdout

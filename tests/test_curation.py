@@ -395,6 +395,23 @@ def test_max_pairs_per_question_is_a_seeded_stable_sample():
 
 
 # ---- counts and exports --------------------------------------------------------------------------
+def test_outputs_cut_at_the_token_limit_are_counted_per_step(records):
+    """A two-call attempt is cut when either call stopped at the limit; a reflection by its own call."""
+    failed = next(r for r in records if r["task"] == "logiqa" and len(r["output"]) > 2)
+    first, second, third = failed["output"][:3]
+    first["generation"]["attempt"] = [{"finish_reason": "stop"}, {"finish_reason": "length"}]
+    second["generation"].update(attempt=[{"finish_reason": "eos"}], reflection={"finish_reason": "length"})
+    third["generation"].update(attempt=[{"finish_reason": "length"}], reflection={"finish_reason": "eos"})
+    counts = curation.record_counts(failed)
+    assert (counts["first_cut_at_limit"], counts["reflections_cut_at_limit"], counts["second_cut_at_limit"]) == (
+        1,
+        1,
+        1,
+    )
+    table = curation.counts_table(records, [], [], None)
+    assert table.loc["all", "reflections_cut_at_limit"] == 1 and table.loc["logiqa", "first_cut_at_limit"] == 1
+
+
 def test_counts_table(records):
     d_plus, d_pm = curation.build_d_plus(records), curation.build_d_pm(records)
     d_pref = curation.build_d_pref(records, replay_judge(script(curation.plan_comparisons(records), "A", "A")))
@@ -405,9 +422,12 @@ def test_counts_table(records):
         "first_correct": 1,
         "first_wrong": 4,
         "first_parse_failures": 1,
+        "first_cut_at_limit": 0,
         "reflections": 8,
+        "reflections_cut_at_limit": 0,
         "second_correct": 4,
         "second_parse_failures": 1,
+        "second_cut_at_limit": 0,
         "reflection_success_rate": 0.5,
         "questions_with_success": 3,
         "questions_with_pos_and_neg": 1,

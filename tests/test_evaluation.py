@@ -405,9 +405,11 @@ def test_the_oracle_runs_once_per_grader_gated_and_scored_by_it(tmp_path):
     ]
 
 
-def test_two_call_attempts_in_the_evaluation(tmp_path):
+@pytest.mark.parametrize("prefill", ["action", "answer"])
+def test_two_call_attempts_in_the_evaluation(tmp_path, prefill):
     """eval.attempt_calls: 2 makes each attempt as the paper's agent does: a thought call that stops at the
-    action, then the action call with the thought given; the graded text is the two joined."""
+    action, then the action call with the thought given; the graded text is the two joined. With
+    attempt_prefill: answer the action call starts at "Action: Finish[" and the model writes the rest."""
     from reflectevo.evaluation.evaluator import Evaluator
     from reflectevo.prompts import ACTION_PREFIX, THOUGHT_PREFIX
 
@@ -419,8 +421,9 @@ def test_two_call_attempts_in_the_evaluation(tmp_path):
             for request in requests:
                 last = request.messages[-1]
                 assert last["role"] == "assistant"
-                text = "The sky is blue." if last["content"] == THOUGHT_PREFIX else "Finish[B]"
-                assert last["content"] == THOUGHT_PREFIX or last["content"].endswith(ACTION_PREFIX)
+                opening = {"action": "", "answer": " Finish["}[prefill]
+                text = "The sky is blue." if last["content"] == THOUGHT_PREFIX else ("B]" if opening else "Finish[B]")
+                assert last["content"] == THOUGHT_PREFIX or last["content"].endswith(ACTION_PREFIX + opening)
                 self.asked.append((stage, last["content"]))
                 outputs.append(
                     GenerationOutput(
@@ -441,11 +444,12 @@ def test_two_call_attempts_in_the_evaluation(tmp_path):
 
     params = smoke(
         data={"source": "samples", "tasks": ["logiqa"]},
-        reflect={"fewshots": 0, "attempt_calls": 2},
+        reflect={"fewshots": 0, "attempt_calls": 2, "attempt_prefill": prefill},
         eval={
             "variants": ["retry"],
             "protocols": ["oracle"],
             "attempt_calls": 2,
+            "attempt_prefill": prefill,
             "graders": ["official"],
             "bootstrap_samples": 0,
         },
@@ -475,6 +479,10 @@ def test_training_and_test_settings_must_agree_unless_the_recipe_says_so():
         smoke(eval={"second_trial": "reflection"})
     with pytest.raises(ConfigError, match=r"reflect.attempt_calls is 1, eval.attempt_calls is 2"):
         smoke(eval={"attempt_calls": 2})
+    with pytest.raises(ConfigError, match=r"reflect.attempt_prefill is 'action', eval.attempt_prefill is 'answer'"):
+        smoke(reflect={"fewshots": 0, "attempt_calls": 2}, eval={"attempt_calls": 2, "attempt_prefill": "answer"})
+    with pytest.raises(ConfigError, match=r"attempt_prefill 'answer' pre-fills call 2 .*set attempt_calls: 2"):
+        smoke(reflect={"fewshots": 0, "attempt_prefill": "answer"})
     with pytest.raises(
         ConfigError, match=r"reflect.grader is 'official', which eval.graders \['robust'\] does not include"
     ):

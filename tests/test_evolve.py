@@ -363,7 +363,7 @@ def test_round_params_and_identities():
 
 
 @pytest.mark.parametrize(
-    ("evolving", "base"), [("evolve-smoke.yaml", "smoke.yaml"), ("evolve-quickstart.yaml", "quickstart.yaml")]
+    ("evolving", "base"), [("evolve-smoke.yaml", "smoke.yaml"), ("evolve-standin.yaml", "standin.yaml")]
 )
 def test_evolve_recipes_follow_their_base(evolving, base):
     """The evolve recipes are their base recipe plus the evolve section (so round 1 is the base run)."""

@@ -230,13 +230,18 @@ def assert_reported(run_dir: Path) -> None:
         assert (run_dir / "figures" / f"{stem}.png").stat().st_size > 5_000
         assert f"(figures/{stem}.png)" in report and note_for(stem) in report
     assert "| Prompt, w/ reflection |" in report and "## What produced these numbers" in report
+    # how outputs ended (parse failures, cut at the token limit) is reported, and 2 test items are called too few
+    assert "## How the model's outputs ended" in report and "| reflections_cut_at_limit |" in report
+    assert "Too few test items to compare variants" in report and "Every variant the params name was trained" in report
+    predictions = [json.loads(line) for line in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert {row["t1"]["finish_reason"] for row in predictions} <= {"eos", "stop", "length"}
 
 
-def test_reflectevo_run_quickstart_stages_01_to_04_then_skip(tmp_path):
+def test_reflectevo_run_standin_stages_01_to_04_then_skip(tmp_path):
     command = [
         str(BIN / "reflectevo"),
         "run",
-        str(REPO / "params" / "quickstart.yaml"),
+        str(REPO / "params" / "standin.yaml"),
         "--stages",
         "01,02,03,04",
         "--notebooks",
@@ -247,10 +252,10 @@ def test_reflectevo_run_quickstart_stages_01_to_04_then_skip(tmp_path):
     assert first.returncode == 0, first.stdout + first.stderr[-3000:]
     assert "[1/4] 01_data: running (not run yet)" in first.stdout and "01_data: done" in first.stdout
     assert "02_reflect: done" in first.stdout and "03_sft: done" in first.stdout and "04_dpo: done" in first.stdout
-    run_dir = tmp_path / "outputs" / "quickstart"
+    run_dir = tmp_path / "outputs" / "standin"
     manifest = read_manifest(run_dir)
     assert manifest["stages"]["01_data"]["counts"]["math"] == {"train": 12, "validation": 4, "test": 4}
-    assert manifest["params_file"]["path"].endswith("quickstart.yaml")
+    assert manifest["params_file"]["path"].endswith("standin.yaml")
     assert (run_dir / "notebooks" / "01_data.ipynb").is_file()
     executed = nbformat.read(run_dir / "notebooks" / "03_sft.ipynb", as_version=4)
     assert any(cell.get("outputs") for cell in code_cells(executed))

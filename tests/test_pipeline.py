@@ -223,15 +223,16 @@ def tiny_engine(tiny_model_dir):
     return loaded, make_engine(params.generation, loaded, progress=False)
 
 
-@pytest.mark.parametrize("attempt_calls", [1, 2])
-def test_the_stored_prompts_are_exactly_what_the_model_was_sent(tmp_path, tiny_engine, attempt_calls):
+@pytest.mark.parametrize(("attempt_calls", "prefill"), [(1, "action"), (2, "action"), (2, "answer")])
+def test_the_stored_prompts_are_exactly_what_the_model_was_sent(tmp_path, tiny_engine, attempt_calls, prefill):
     loaded, engine = tiny_engine
     items = get_task("logiqa").load_samples("validation")  # unseen by the stand-in: some answers are wrong
-    params = make_params(tmp_path, attempt_calls=attempt_calls)
+    params = make_params(tmp_path, attempt_calls=attempt_calls, attempt_prefill=prefill)
     records = ReflectionPipeline(params, engine, tmp_path / "gen").run({"logiqa": items}).records
     template = loaded.tokenizer.apply_chat_template
+    opening = "Action: Finish[" if prefill == "answer" else "Action:"
     for record in records:
-        assert record["attempt_calls"] == attempt_calls
+        assert record["attempt_calls"] == attempt_calls and record["attempt_prefill"] == prefill
         for output in record["output"]:
             prompts = output["reason_prompt"]
             assert len(prompts) == attempt_calls
@@ -240,7 +241,9 @@ def test_the_stored_prompts_are_exactly_what_the_model_was_sent(tmp_path, tiny_e
                 assert prompts[0] == template(user, tokenize=False, add_generation_prompt=True)
             else:
                 assert prompts[0].startswith(template(user, tokenize=False, add_generation_prompt=True))
-                assert prompts[0].endswith("Thought:") and prompts[1].endswith("Action:")
+                assert prompts[0].endswith("Thought:") and prompts[1].endswith(opening)
+                # the pre-filled opening is part of the attempt the graders read
+                assert f"\n{opening}" in output["reasoning"]
                 thought = output["reasoning"].split("\nAction:")[0]
                 assert prompts[1].startswith(prompts[0]) and thought.removeprefix("Thought:").strip() in prompts[1]
             if output["trial"] == 2:

@@ -16,6 +16,7 @@ from reflectevo.prompts import (
     GENERIC_INSTRUCTION,
     INSTRUCTIONS,
     action_messages,
+    action_opening,
     assign_instructions,
     attempt_prompt,
     get_instruction,
@@ -145,6 +146,20 @@ def test_two_call_attempts_prefill_the_assistant_turn():
     assert thought_messages("Q")[-1] == {"role": "assistant", "content": "Thought:"}
     assert action_messages("Q", " think ")[-1]["content"] == "Thought: think\nAction:"
     assert join_two_calls(" think", " Finish[B] ") == "Thought: think\nAction: Finish[B]"
+    # attempt_prefill: answer pre-fills through each task's answer syntax, and the opening is part of the attempt
+    openings = {name: action_opening(get_task(name), "answer") for name in ("logiqa", "math", "mbpp", "bigbench")}
+    assert openings == {"logiqa": " Finish[", "math": " Finish<<<", "mbpp": " [BEGIN]\n", "bigbench": " Finish["}
+    assert action_opening(get_task("math"), "action") == ""
+    assert action_messages("Q", "think", " Finish<<<")[-1]["content"] == "Thought: think\nAction: Finish<<<"
+    assert join_two_calls("think", "12>>>\n", " Finish<<<") == "Thought: think\nAction: Finish<<<12>>>"
+    for name, opening in openings.items():  # what the model completes is graded like a one-call attempt
+        task = get_task(name)
+        answer = "def f():\n    return 1" if name == "mbpp" else "B"
+        rest = task.render_answer(answer).removeprefix(opening.strip()) if name != "mbpp" else f"{answer}\n[END]"
+        text = join_two_calls("think", rest, opening)
+        assert text == f"Thought: think\nAction: {task.render_answer(answer)}", name
+    with pytest.raises(ValueError, match="unknown attempt prefill"):
+        action_opening(get_task("logiqa"), "thought")
 
 
 def test_the_generic_instruction_is_outside_the_pool_but_resolvable():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -373,15 +374,21 @@ def test_the_phases_of_a_variant_hold_out_the_same_questions():
     assert training_sets.split_off(reflection, []) == (reflection, None)
 
 
-def test_a_set_whose_every_row_is_dropped_stops_before_any_model_loads(smoke_reflect_run, tmp_path):
+def test_a_variant_whose_every_row_is_dropped_is_skipped_and_recorded(smoke_reflect_run, tmp_path):
     params = clone_run(smoke_reflect_run, tmp_path, "all-dropped", {"sft": {**SFT, "modes": ["two_stage"]}})
     rows = plain_rows(training_sets.load_training_set(training_sets.datasets_dir(params), "sft_correction"))
     replace_set(params, "sft_correction", [{**row, "completion": " \n"} for row in rows])
-    with pytest.raises(
-        errors.TrainingError, match=r"every row of training set sft_correction is dropped: \d+ empty_target"
-    ):
-        training_stage.run_sft(params)
-    assert "03_sft" not in read_manifest(params.run_dir)["stages"]
+    assert training_stage.training_plan(params, "03_sft") == [
+        {"variant": "two_stage", "skipped": training_sets.variants_without_data(params, "03_sft")["two_stage"]}
+    ]
+    summary = training_stage.run_sft(params)
+    assert summary.trained == [] and summary.results == [] and summary.figures == []
+    assert re.match(
+        r"every row of training set sft_correction is dropped: \d+ empty_target", summary.skipped["two_stage"]
+    )
+    entry = read_manifest(params.run_dir)["stages"]["03_sft"]
+    assert entry["status"] == "done" and entry["skipped"] == summary.skipped and entry["training"] == {}
+    assert not (params.run_dir / "sft" / "two_stage").exists()  # nothing half-written where an adapter would be
 
 
 def test_questions_are_held_out_whole(smoke_params):
@@ -633,17 +640,24 @@ def test_dpo_from_an_sft_variant_has_that_model_as_its_reference(smoke_reflect_r
 
 
 # ---- bad set-ups -----------------------------------------------------------------------------------------
-def test_an_empty_training_set_stops_before_any_model_loads(smoke_reflect_run, tmp_path):
+def test_an_empty_training_set_skips_its_variant_and_the_others_train(smoke_reflect_run, tmp_path):
+    from reflectevo.evaluation.variants import finished_variants, skipped_variants
+
     params = clone_run(smoke_reflect_run, tmp_path, "empty", {"sft": {**SFT, "modes": ["one_stage", "qa_pairs"]}})
     folder = training_sets.datasets_dir(params) / "sft_qa_pairs"
     import shutil
 
     shutil.rmtree(folder)
     exports.empty_training_set("qa_pairs").save_to_disk(str(folder), num_shards=1)
-    with pytest.raises(errors.TrainingError, match="training set sft_qa_pairs is empty"):
-        training_stage.run_sft(params)
-    assert "03_sft" not in read_manifest(params.run_dir)["stages"]  # nothing was started
-    assert not (params.run_dir / "sft").exists()
+    summary = training_stage.run_sft(params)
+    assert summary.trained == ["one_stage"] and list(summary.skipped) == ["qa_pairs"]
+    assert summary.skipped["qa_pairs"].startswith("training set sft_qa_pairs is empty")
+    manifest = read_manifest(params.run_dir)
+    assert (params.run_dir / "sft" / "one_stage" / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (params.run_dir / "sft" / "qa_pairs").exists()
+    # stage 05 evaluates what was trained and leaves out what was skipped, saying why
+    assert finished_variants(params, manifest) == ["sft/one_stage"]
+    assert list(skipped_variants(manifest)) == ["sft/qa_pairs"]
     shutil.rmtree(folder)
     with pytest.raises(errors.TrainingError, match="sft_qa_pairs not found.*run stage 02"):
         training_stage.run_sft(params)

@@ -8,10 +8,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from reflectevo.analysis.tables import STABILITY_FIGURE
+from reflectevo.analysis.tables import STABILITY_FIGURE, eval_endings, stage02_endings
 from reflectevo.core.files import atomic_write_text
 from reflectevo.core.markdown import markdown_table
-from reflectevo.evaluation.metrics import paper_reference
+from reflectevo.evaluation.metrics import paper_reference, read_predictions
+from reflectevo.evaluation.variants import skipped_variants
+from reflectevo.models.builtin.smollm2 import SMOLLM2, WEIGHTS_NOTE
 
 REPORT_FILE = "report.md"
 
@@ -64,6 +66,16 @@ figure_notes[STABILITY_FIGURE] = (
 )
 
 
+def prefill_note(prefill: str | None) -> str:
+    """How far the action call was pre-filled, when it went past the paper's ``Action:``."""
+    if prefill != "answer":
+        return ""
+    return (
+        " (the action call pre-filled through the answer syntax, e.g. `Action: Finish[`: every attempt starts an "
+        "answer, so parse failures come only from an answer left unclosed, and accuracy is that of a forced choice)"
+    )
+
+
 def evolution_note(params: Any, manifest: dict[str, Any], rounds: Sequence[int]) -> str:
     """One paragraph on how the rounds were run: the generator rule, the data policy, and why it stopped."""
     evolve = params.evolve
@@ -101,10 +113,52 @@ def provenance(record: dict[str, Any], model_name: str) -> str:
     return (
         f"Split `{record['split']}` ({items} items); protocols {', '.join(record['protocols'])}; graders "
         f"{', '.join(record['graders'])} ({oracle}); second trial `{record['second_trial']}`; "
-        f"{record.get('attempt_calls', 1)} call(s) per attempt; "
+        f"{record.get('attempt_calls', 1)} call(s) per attempt{prefill_note(record.get('attempt_prefill'))}; "
         f"{record['fewshots']} few-shot examples; prompt and grader versions {record['versions']}; seed {record['seed']}; "
         f"{record['bootstrap_samples']} bootstrap samples, {record['confidence']:.0%} intervals; model `{model_name}`"
-        f"{differing}."
+        f"{weights_note(model_name)}{differing}."
+    )
+
+
+ENDINGS_NOTE = (
+    "Stage 02 per task (parse failures: no answer could be read from the action; cut: the output stopped at "
+    "the token limit, the model still writing), then stage 05 per variant and protocol. Under the oracle a "
+    "parse failure counts as wrong and gets a reflection; the accuracy tables do not show how many there were."
+)
+
+
+# Below this many test items per task, a task's accuracy cannot separate variants: the report says so.
+FEW_TEST_ITEMS = 30
+
+
+def size_note(record: dict[str, Any]) -> str | None:
+    """What the test split's size allows, when it is too small for the per-task numbers to mean much."""
+    counts = [count for count in record["items"].values() if count]
+    if not counts or min(counts) >= FEW_TEST_ITEMS:
+        return None
+    smallest = min(counts)
+    return (
+        f"**Too few test items to compare variants.** With {smallest} test item(s) in the smallest task, one "
+        f"answer moves that task's accuracy by {100 / smallest:.0f} points, and the confidence intervals below "
+        "span most of the scale: these tables show the pipeline working on this model, not whether reflection "
+        "helps it. Read the paired tests before any difference."
+    )
+
+
+def weights_note(model_name: str) -> str:
+    """What a built-in real model's weights are, where they are not the hub's."""
+    return f" ({WEIGHTS_NOTE})" if model_name == SMOLLM2 else ""
+
+
+def training_note(manifest: dict[str, Any]) -> str:
+    """Which variants stages 03 and 04 trained, and which they skipped for want of data (and why)."""
+    skipped = skipped_variants(manifest)
+    if not skipped:
+        return "Every variant the params name was trained."
+    lines = "; ".join(f"`{name}`: {why}" for name, why in skipped.items())
+    return (
+        f"Not trained, for want of training data, hence not evaluated: {lines}. The curation counts say "
+        "which of D+, D± and Dpref came out empty."
     )
 
 
@@ -245,7 +299,12 @@ def run_report(
     sections = [
         (
             "What produced these numbers",
-            [provenance(record, analysed.model.name), data_note(run.stage_dir("01_data"), record["split"]), roles],
+            [
+                provenance(record, analysed.model.name),
+                *filter(None, [size_note(record)]),
+                data_note(run.stage_dir("01_data"), record["split"]),
+                roles,
+            ],
         ),
         *[
             (
@@ -263,8 +322,22 @@ def run_report(
             [comparisons[comparisons["task"] == "overall"][COMPARISON_COLUMNS].reset_index(drop=True)],
         ),
         ("Transitions", [figures["transitions"]]),
+        (
+            "How the model's outputs ended",
+            [
+                ENDINGS_NOTE,
+                stage02_endings(json.loads((analysed.run_dir / "reflect" / "counts.json").read_text(encoding="utf-8"))),
+                eval_endings(read_predictions(eval_dir / "predictions.jsonl")),
+            ],
+        ),
         ("The reflection data", [statistics, figures["success"], figures["lengths"], figures["localisation"]]),
-        ("Training", [figures[key] for key in ("composition", "sft_loss", "dpo_loss") if key in figures]),
+        (
+            "Training",
+            [
+                training_note(run.manifest()),
+                *(figures[key] for key in ("composition", "sft_loss", "dpo_loss") if key in figures),
+            ],
+        ),
     ]
     reference = paper_reference(params.model.name)
     if reference is not None:

@@ -376,3 +376,60 @@ def transition_matrices(transitions: Any, grader: str, protocols: Sequence[str] 
         )
         for (variant, protocol), part in rows.groupby(["variant", "protocol"], sort=False)
     }
+
+
+# ---- how outputs ended -----------------------------------------------------------------------------
+STAGE02_ENDINGS = [
+    "questions",
+    "first_parse_failures",
+    "first_cut_at_limit",
+    "reflections",
+    "reflections_cut_at_limit",
+    "second_parse_failures",
+    "second_cut_at_limit",
+    "d_plus",
+    "d_pm",
+    "d_pref",
+    "judge_parse_failures",
+]
+
+
+def stage02_endings(counts: Sequence[dict[str, Any]]) -> Any:
+    """Stage 02 per task (``reflect/counts.json``): parse failures and outputs cut at the token limit at
+    each step, and the curated rows they left. A real small model's rambling shows here first."""
+    import pandas as pd
+
+    return pd.DataFrame(counts).set_index("task").reindex(columns=STAGE02_ENDINGS)
+
+
+def eval_endings(predictions: Iterable[dict[str, Any]]) -> Any:
+    """Stage 05 per variant and protocol: answers and reflections, and the share of each cut at the token
+    limit (finish reason "length": the model was still writing). Oracle rows of a second grader repeat the
+    first grader's turns where they were shared, so each (variant, protocol) counts its rows once per item."""
+    import pandas as pd
+
+    rows: dict[tuple[str, str], dict[str, int]] = {}
+    seen: set[tuple[str, str, str, str]] = set()
+    for row in predictions:
+        key = (row["variant"], row["protocol"], row["task"], row["id"])
+        if key in seen:
+            continue
+        seen.add(key)
+        counts = rows.setdefault((row["variant"], row["protocol"]), dict.fromkeys(ENDING_COUNTS, 0))
+        counts["answers t1"] += 1
+        counts["t1 cut"] += (row["t1"] or {}).get("finish_reason") == "length"
+        if row.get("reflection") is not None:
+            counts["reflections"] += 1
+            counts["reflection cut"] += row.get("reflection_finish_reason") == "length"
+        if row.get("t2") is not None:
+            counts["answers t2"] += 1
+            counts["t2 cut"] += row["t2"].get("finish_reason") == "length"
+    table = pd.DataFrame(
+        [{"variant": variant, "protocol": protocol, **counts} for (variant, protocol), counts in rows.items()]
+    )
+    if table.empty:
+        return pd.DataFrame(columns=["variant", "protocol", *ENDING_COUNTS])
+    return table
+
+
+ENDING_COUNTS = ["answers t1", "t1 cut", "reflections", "reflection cut", "answers t2", "t2 cut"]

@@ -25,6 +25,7 @@ from reflectevo.prompts import (
     REVIEW_VERSION,
     THOUGHT_STOP,
     action_messages,
+    action_opening,
     attempt_prompt,
     join_two_calls,
     parse_self_verdict,
@@ -71,9 +72,14 @@ class Turn:
     text: str
     verdicts: dict[str, Verdict]
     prompt: str = ""
+    finish_reason: str = ""  # "length" when any call of the answer stopped at the token limit
 
     def to_dict(self, graders: Sequence[str]) -> dict[str, Any]:
-        return {"text": self.text, **{g: graded(self.verdicts[g]) for g in graders}}
+        return {
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            **{g: graded(self.verdicts[g]) for g in graders},
+        }
 
 
 def graded(verdict: Verdict) -> dict[str, Any]:
@@ -189,20 +195,32 @@ class Evaluator:
         if self.params.eval.attempt_calls == 1:
             outputs = self.generate(ref, users, "attempt", store, reuse)
             texts = {key: output.text.strip() for key, output in outputs.items()}
+            finish = {key: output.finish_reason for key, output in outputs.items()}
         else:
             thoughts = self.generate(
                 ref, {key: thought_messages(user) for key, user in users.items()}, "thought", f"{store}/thought", reuse
             )
+            opening = {
+                key: action_opening(get_task(items[key].task), self.params.eval.attempt_prefill) for key in users
+            }
             outputs = self.generate(
                 ref,
-                {key: action_messages(user, thoughts[key].text) for key, user in users.items()},
+                {key: action_messages(user, thoughts[key].text, opening[key]) for key, user in users.items()},
                 "attempt",
                 f"{store}/action",
                 reuse,
             )
-            texts = {key: join_two_calls(thoughts[key].text, output.text) for key, output in outputs.items()}
+            texts = {
+                key: join_two_calls(thoughts[key].text, output.text, opening[key]) for key, output in outputs.items()
+            }
+            finish = {
+                key: "length"
+                if "length" in (thoughts[key].finish_reason, output.finish_reason)
+                else output.finish_reason
+                for key, output in outputs.items()
+            }
         verdicts = self.grade(items, texts)
-        return {key: Turn(texts[key], verdicts[key], outputs[key].prompt) for key in texts}
+        return {key: Turn(texts[key], verdicts[key], outputs[key].prompt, finish[key]) for key in texts}
 
     def first_turn(self, ref: ModelRef, items: dict[str, Item]) -> dict[str, Turn]:
         """The first turns of ``ref`` on every item, generated once per first-turn model."""
@@ -278,6 +296,7 @@ class Evaluator:
         feedback = {key: first[key].verdicts[gate_grader].feedback for key in chosen} if oracle else {}
 
         reflections: dict[str, str | None] = {key: None for key in chosen}
+        reflection_finish: dict[str, str] = {}
         second: dict[str, Turn] = {}
         if variant.reflector is not None and chosen:
             users = {}
@@ -296,12 +315,16 @@ class Evaluator:
                 f"{where}/reflection",
                 reuse,
             )
+            reflection_finish = {key: output.finish_reason for key, output in outputs.items()}
             if variant.one_stage:
                 split = {key: split_one_stage(output.text) for key, output in outputs.items()}
                 reflections = {key: parts[0] for key, parts in split.items()}
                 texts = {key: (parts[1] or "") for key, parts in split.items()}  # no "Answer:": a parse failure
                 verdicts = self.grade(items, texts)
-                second = {key: Turn(texts[key], verdicts[key], outputs[key].prompt) for key in texts}
+                second = {
+                    key: Turn(texts[key], verdicts[key], outputs[key].prompt, outputs[key].finish_reason)
+                    for key in texts
+                }
             else:
                 reflections = {key: output.text.strip() for key, output in outputs.items()}
         if variant.second_turn is not None and chosen:
@@ -326,6 +349,7 @@ class Evaluator:
                 reflections.get(key),
                 second.get(key),
                 gate_grader,
+                reflection_finish.get(key),
             )
             for key in items
         ]
@@ -342,6 +366,7 @@ class Evaluator:
         reflection: str | None,
         second: Turn | None,
         gate_grader: str | None = None,
+        reflection_finish: str | None = None,
     ) -> dict[str, Any]:
         graders = self.params.eval.graders
         standing = second if second is not None else first
@@ -362,6 +387,7 @@ class Evaluator:
                 "self_verdict": self_check[1] if self_check else None,
             },
             "reflection": reflection,
+            "reflection_finish_reason": reflection_finish,  # "length": cut at eval.reflection_max_new_tokens
             "t2": second.to_dict(graders) if second is not None else None,
             "final": {g: standing.verdicts[g].outcome for g in graders} if variant.has_second_turn else None,
             # under the oracle, the grader that gated this row: its tables score the row under that grader only

@@ -152,6 +152,7 @@ def eval_record(
         # the oracle ran once per grader, gated by it; its tables score each run by its own grader only
         "oracle_graders": oracle_graders(params),
         "attempt_calls": ev.attempt_calls,
+        "attempt_prefill": ev.attempt_prefill,
         # settings where training and test inputs differ because the recipe says so (eval.allow_mismatch)
         "allowed_mismatches": training_test_mismatches(params, allowed=True),
         "roles": {variant.name: variant.roles() for variant in variants},

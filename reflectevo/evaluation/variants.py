@@ -100,7 +100,26 @@ def finished_variants(params: Params, manifest: dict[str, Any]) -> list[str]:
     """The trained variants whose stage finished in this run (``eval.variants: trained``)."""
     stages = manifest.get("stages", {})
     done = {kind for kind, key in (("sft", "03_sft"), ("dpo", "04_dpo")) if stages.get(key, {}).get("status") == "done"}
-    return [name for name in trained_variants(params) if name.split("/")[0] in done]
+    return [
+        name
+        for name in trained_variants(params)
+        if name.split("/")[0] in done and variant_folder_name(name) not in skipped_variants(manifest)
+    ]
+
+
+def skipped_variants(manifest: dict[str, Any]) -> dict[str, str]:
+    """``{"sft/one_stage": why, ...}``: the variants stages 03 and 04 skipped for want of training data."""
+    stages = manifest.get("stages", {})
+    return {
+        f"{kind}/{variant}": why
+        for kind, key in (("sft", "03_sft"), ("dpo", "04_dpo"))
+        for variant, why in (stages.get(key, {}).get("skipped") or {}).items()
+    }
+
+
+def variant_folder_name(name: str) -> str:
+    """``sft/two_stage`` for ``sft/two_stage:reflection_phase``: the trained variant a variant comes from."""
+    return name.split(":")[0]
 
 
 def plan_variants(

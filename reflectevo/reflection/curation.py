@@ -443,9 +443,12 @@ COUNT_COLUMNS = (
     "first_correct",
     "first_wrong",
     "first_parse_failures",
+    "first_cut_at_limit",
     "reflections",
+    "reflections_cut_at_limit",
     "second_correct",
     "second_parse_failures",
+    "second_cut_at_limit",
     "reflection_success_rate",
     "questions_with_success",
     "questions_with_pos_and_neg",
@@ -478,6 +481,14 @@ def unparsed_column(finish_reason: str | None) -> str:
     return UNPARSED_COLUMNS.get(finish_reason or "", "judge_unparsed_other")
 
 
+def cut_at_limit(output: dict[str, Any], call: str = "attempt") -> bool:
+    """Whether an output's attempt (any of its calls) or its reflection stopped at the token limit
+    (finish reason "length") rather than ending by itself: a real model's rambling, counted per task."""
+    calls = (output.get("generation") or {}).get(call)
+    calls = calls if isinstance(calls, list) else [calls]
+    return any((info or {}).get("finish_reason") == "length" for info in calls)
+
+
 def record_counts(record: dict[str, Any]) -> Counter:
     first = first_trial(record)
     outputs = second_trials(record)
@@ -488,9 +499,12 @@ def record_counts(record: dict[str, Any]) -> Counter:
             "first_correct": int(first["is_correct"]),
             "first_wrong": int(not first["is_correct"]),
             "first_parse_failures": int(first["outcome"] == "parse_failure"),
+            "first_cut_at_limit": int(cut_at_limit(first)),
             "reflections": len(outputs),
+            "reflections_cut_at_limit": sum(cut_at_limit(output, "reflection") for output in outputs),
             "second_correct": correct,
             "second_parse_failures": sum(output["outcome"] == "parse_failure" for output in outputs),
+            "second_cut_at_limit": sum(cut_at_limit(output) for output in outputs),
             "questions_with_success": int(correct > 0),
             "questions_with_pos_and_neg": int(0 < correct < len(outputs)),
         }

@@ -41,6 +41,7 @@ from reflectevo.prompts import (
     REFLECTION_VERSION,
     THOUGHT_STOP,
     action_messages,
+    action_opening,
     assign_instructions,
     attempt_prompt,
     failed_trial,
@@ -164,9 +165,11 @@ class ReflectionPipeline:
         self.counts[stage] = self.counts.get(stage, 0) + len(outputs)
         return outputs
 
-    def attempts(self, users: dict[str, str], stage: str) -> dict[str, Attempt]:
-        """Attempts for ``{key: user message}``: one call that ends at the action line, or the paper's
-        two calls (``reflect.attempt_calls: 2``: the thought, then the action with the thought given)."""
+    def attempts(self, users: dict[str, str], tasks: dict[str, str], stage: str) -> dict[str, Attempt]:
+        """Attempts for ``{key: user message}`` (``tasks``: the task of each key): one call that ends at the
+        action line, or the paper's two calls (``reflect.attempt_calls: 2``: the thought, then the action
+        with the thought given and ``Action:`` pre-filled, through the answer syntax with
+        ``reflect.attempt_prefill: answer``)."""
         keys = list(users)
         if not keys:
             return {}
@@ -180,8 +183,9 @@ class ReflectionPipeline:
             f"{stage}_thought",
         )
         thought = {o.key: o for o in thoughts}
+        opening = {key: action_opening(get_task(tasks[key]), self.reflect.attempt_prefill) for key in keys}
         actions = self._generate(
-            [GenerationRequest(key, action_messages(users[key], thought[key].text)) for key in keys],
+            [GenerationRequest(key, action_messages(users[key], thought[key].text, opening[key])) for key in keys],
             self._attempt_settings(ATTEMPT_STOP),
             f"{stage}_action",
         )
@@ -189,7 +193,7 @@ class ReflectionPipeline:
             o.key: Attempt(
                 o.key,
                 users[o.key],
-                join_two_calls(thought[o.key].text, o.text),
+                join_two_calls(thought[o.key].text, o.text, opening[o.key]),
                 [thought[o.key].prompt, o.prompt],
                 [call_info(thought[o.key]), call_info(o)],
             )
@@ -224,7 +228,7 @@ class ReflectionPipeline:
                 f"reflect.split {self.reflect.split!r}; check data.max_items and data.tasks"
             )
         users = {key: attempt_prompt(get_task(item.task), item, self.reflect.fewshots) for key, item in items.items()}
-        attempts = self.attempts(users, "first_trial")
+        attempts = self.attempts(users, {key: item.task for key, item in items.items()}, "first_trial")
         pairs = [(items[key], attempts[key]) for key in items]
         verdicts = self.verify(pairs, "first_trial")
         return {
@@ -291,7 +295,7 @@ class ReflectionPipeline:
                 self.reflect.fewshots,
                 previous=previous,
             )
-        attempts = self.attempts(users, "second_trial")
+        attempts = self.attempts(users, {r.key: r.item.task for r in reflections}, "second_trial")
         pairs = [(reflection.item, attempts[reflection.key]) for reflection in reflections]
         verdicts = self.verify(pairs, "second_trial")
         return {
@@ -316,6 +320,7 @@ class ReflectionPipeline:
                     "protocol": PROTOCOL,
                     "grader": self.reflect.grader,
                     "attempt_calls": self.reflect.attempt_calls,
+                    "attempt_prefill": self.reflect.attempt_prefill,
                     "second_trial_variant": self.reflect.second_trial,
                     "fewshots": self.reflect.fewshots,
                     "versions": {

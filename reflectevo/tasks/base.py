@@ -264,6 +264,11 @@ class Task:
         """The action text that states ``answer`` in this task's answer syntax."""
         raise NotImplementedError
 
+    def answer_opening(self) -> str:
+        """The action text before the answer itself (``Finish[``): what ``attempt_prefill: answer`` pre-fills."""
+        marker = "\u2063answer\u2063"
+        return self.render_answer(marker).split(marker, 1)[0]
+
     def extract(self, text: str, grader: str = "official", item: Item | None = None) -> Extraction:
         """Read the answer out of a model's attempt (``Thought: ... Action: ...``) under ``grader``'s rules.
 

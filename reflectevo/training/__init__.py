@@ -11,6 +11,8 @@ from reflectevo.training.datasets import (
     end_of_turn,
     phase_examples,
     screened_set,
+    screened_sets,
+    variants_without_data,
 )
 from reflectevo.training.stage import run_dpo, run_sft, run_training_stage, training_plan
 
@@ -24,5 +26,7 @@ __all__ = [
     "run_sft",
     "run_training_stage",
     "screened_set",
+    "screened_sets",
     "training_plan",
+    "variants_without_data",
 ]

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import datasets
 
 
-from reflectevo.errors import TrainingError
+from reflectevo.errors import NoTrainingData, TrainingError
 
 # variant -> its phases, in order: (phase name, training set saved by stage 02)
 SFT_PHASES: dict[str, tuple[tuple[str, str], ...]] = {
@@ -55,10 +55,10 @@ def load_training_set(folder: Path, name: str, in_memory: bool = False) -> datas
         source = {"sft_qa_pairs": "the questions of reflect.split"}.get(
             name, "D+ (reflections whose second trial was correct)" if name.startswith("sft_") else "D± / Dpref pairs"
         )
-        raise TrainingError(
-            f"training set {name} is empty: stage 02 found no rows for it ({source}); see reflect/counts.json. "
+        raise NoTrainingData(
+            f"training set {name} is empty: stage 02 found no rows for it ({source}); see reflect/counts.json",
             "More questions (data.max_items), more reflections (reflect.instructions_k, samples_per_instruction) "
-            "or another judge (reflect.judge, for d_pref) give it rows; or remove this variant from the params"
+            "or another judge (reflect.judge, for d_pref) give it rows; or remove this variant from the params",
         )
     return dataset
 
@@ -251,9 +251,10 @@ def screened_set(params: Params, name: str, in_memory: bool = False) -> tuple[da
         reasons = "; ".join(
             f"{count} {reason} ({DROP_REASONS[reason]})" for reason, count in screening.counts().items() if count
         )
-        raise TrainingError(
-            f"every row of training set {name} is dropped: {reasons}. Look at its rows in "
-            f"{datasets_dir(params) / name} and stage 02's curated/ files, or remove this variant from the params"
+        raise NoTrainingData(
+            f"every row of training set {name} is dropped: {reasons}",
+            f"Look at its rows in {datasets_dir(params) / name} and stage 02's curated/ files, or remove this "
+            "variant from the params",
         )
     return dataset.select(screening.kept), screening
 
@@ -300,11 +301,41 @@ def trained_text(tokenizer: Any, prompt: list[dict[str, str]], completion: list[
     return context, full[len(context) :]
 
 
+def variants_without_data(params: Params, stage: str) -> dict[str, str]:
+    """The variants of a stage that have nothing to train on, each with why: a phase's training set is
+    empty (stage 02 curated no D+, D± or Dpref rows for it) or every row of it is dropped. A small
+    model's run can yield no such data; the stage trains the other variants and records these as skipped."""
+    skipped = {}
+    for variant, phases in stage_variants(params, stage).items():
+        for _, name in phases:
+            try:
+                screened_set(params, name)
+            except NoTrainingData as exc:
+                skipped[variant] = exc.reason
+                break
+    return skipped
+
+
+def screened_sets(params: Params, stage: str) -> dict[str, tuple[datasets.Dataset, RowScreening]]:
+    """The screened training sets of the variants that train (those with data), by name."""
+    skipped = variants_without_data(params, stage)
+    return {
+        name: screened_set(params, name)
+        for variant, phases in stage_variants(params, stage).items()
+        if variant not in skipped
+        for _, name in phases
+    }
+
+
 def phase_examples(params: Params, stage: str, tokenizer: Any) -> list[dict[str, str]]:
     """The first row of each phase's training set as the model will see it: the end of the rendered
-    context, and each trained part (completion, or chosen and rejected, with the end-of-turn tokens)."""
+    context, and each trained part (completion, or chosen and rejected, with the end-of-turn tokens).
+    Variants without data (:func:`variants_without_data`) have no rows to show."""
     examples = []
+    skipped = variants_without_data(params, stage)
     for variant, phases in stage_variants(params, stage).items():
+        if variant in skipped:
+            continue
         for phase, name in phases:
             row = screened_set(params, name)[0][0]  # the first row that trains
             example = {"variant": variant, "phase": phase, "task": row["task"], "id": row["id"]}

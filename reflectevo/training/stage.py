@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,16 +28,21 @@ from reflectevo.training.datasets import (
     stage_kind,
     stage_section,
     stage_variants,
+    variants_without_data,
 )
 from reflectevo.training.trainer import PhaseResult, train_phase
 
 
 def training_plan(params: Params, stage: str) -> list[dict[str, Any]]:
     """One row per phase the stage will train (variant, phase, training set, rows, questions, the rows
-    kept and those dropped by reason). Every set is opened and screened, so a missing or empty one, or
-    one whose every row is dropped, stops here, before any model loads."""
+    kept and those dropped by reason), and one per variant it skips for want of data (``skipped``: why).
+    Every set is opened and screened before any model loads: a missing one stops here."""
     plan = []
+    skipped = variants_without_data(params, stage)
     for variant, phases in stage_variants(params, stage).items():
+        if variant in skipped:
+            plan.append({"variant": variant, "skipped": skipped[variant]})
+            continue
         for phase, name in phases:
             kept, screening = screened_set(params, name)
             plan.append(
@@ -205,6 +210,12 @@ class StageSummary:
     results: list[PhaseResult]
     outputs: list[Path]
     figures: list[Path]
+    skipped: dict[str, str] = field(default_factory=dict)  # variant -> why it had nothing to train on
+
+    @property
+    def trained(self) -> list[str]:
+        """The variants this stage trained, in order."""
+        return list(dict.fromkeys(result.variant for result in self.results))
 
     def table(self):
         import pandas as pd
@@ -276,10 +287,12 @@ def run_training_stage(
     """
 
     kind = stage_kind(stage)
-    variants = list(stage_variants(params, stage))
     main = process_rank()[0] == 0
     _check_loggers(stage_section(params, stage))
-    training_plan(params, stage)  # every training set must be there and non-empty before any model loads
+    training_plan(params, stage)  # every training set must be there before any model loads
+    # a variant with nothing to train on is skipped and recorded (a small model may curate no D+ at all)
+    skipped = variants_without_data(params, stage)
+    variants = [variant for variant in stage_variants(params, stage) if variant not in skipped]
 
     opened_here = rundir is None and main
     if opened_here:
@@ -289,7 +302,9 @@ def run_training_stage(
         stage_run = run.begin_stage(stage) if main else None
         identity = stage_run.identity if stage_run else run.stage_identity(stage)
         stage_dir = params.run_dir / get_stage(stage).folder
-        model_params, base = (params.model, params.model.name) if kind == "sft" else dpo_start(params, run, main)
+        model_params, base = (
+            (params.model, params.model.name) if kind == "sft" or not variants else dpo_start(params, run, main)
+        )
         results = []
         for variant in variants:
             results += train_variant(
@@ -309,16 +324,19 @@ def run_training_stage(
             for name in (*adapter_folders(stage_variants(params, stage)[variant]).values(), "metrics.json")
         ]
         if main:
-            history = plots.training_history([r.to_dict() for r in results])
-            fmt, dpi = params.analysis.figure_format, params.analysis.dpi
-            drawers = [("loss", plots.training_loss)] + ([("rewards", plots.dpo_rewards)] if kind == "dpo" else [])
-            for name, draw in drawers:
-                path = run.figures / f"{stage}_{name}.{fmt}"
-                plots.close(draw(history, path, dpi=dpi))
-                figures.append(path)
-            summary = StageSummary(stage, results, outputs, figures)
-            stage_run.finish(outputs=[*outputs, *figures], training=summary.manifest_entry(), base_model=base)
-        return StageSummary(stage, results, outputs, figures)
+            if results:
+                history = plots.training_history([r.to_dict() for r in results])
+                fmt, dpi = params.analysis.figure_format, params.analysis.dpi
+                drawers = [("loss", plots.training_loss)] + ([("rewards", plots.dpo_rewards)] if kind == "dpo" else [])
+                for name, draw in drawers:
+                    path = run.figures / f"{stage}_{name}.{fmt}"
+                    plots.close(draw(history, path, dpi=dpi))
+                    figures.append(path)
+            summary = StageSummary(stage, results, outputs, figures, skipped)
+            stage_run.finish(
+                outputs=[*outputs, *figures], training=summary.manifest_entry(), base_model=base, skipped=skipped
+            )
+        return StageSummary(stage, results, outputs, figures, skipped)
     except BaseException as exc:
         if main and rundir is not None and not isinstance(exc, KeyboardInterrupt):
             run.mark_stage_failed(stage, f"{type(exc).__name__}: {exc}")
