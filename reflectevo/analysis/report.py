@@ -14,6 +14,7 @@ from reflectevo.core.markdown import markdown_table
 from reflectevo.evaluation.metrics import paper_reference, read_predictions
 from reflectevo.evaluation.variants import skipped_variants
 from reflectevo.models.builtin.smollm2 import SMOLLM2, WEIGHTS_NOTE
+from reflectevo.runs.plan import read_manifest
 
 REPORT_FILE = "report.md"
 
@@ -334,7 +335,7 @@ def run_report(
         (
             "Training",
             [
-                training_note(run.manifest()),
+                training_note(read_manifest(analysed.run_dir)),  # the analysed round's stages 03-04
                 *(figures[key] for key in ("composition", "sft_loss", "dpo_loss") if key in figures),
             ],
         ),
