@@ -408,3 +408,64 @@ def test_provenance_names_everything_that_produced_the_numbers():
     older = {**record, "gate_grader": "official"}
     del older["oracle_graders"], older["allowed_mismatches"]
     assert "the oracle gated by official only" in provenance(older, "m")
+
+
+def test_the_report_names_skipped_variants_small_splits_and_how_outputs_ended():
+    manifest = {
+        "stages": {
+            "03_sft": {"status": "done", "skipped": {"two_stage": "training set sft_reflection is empty: ..."}},
+            "04_dpo": {"status": "done", "skipped": {}},
+        }
+    }
+    note = report.training_note(manifest)
+    assert "`sft/two_stage`: training set sft_reflection is empty" in note and "not evaluated" in note
+    assert report.training_note({"stages": {"03_sft": {"status": "done"}}}) == (
+        "Every variant the params name was trained."
+    )
+    assert "Too few test items" in report.size_note({"items": {"logiqa": 3, "math": 40}})
+    assert report.size_note({"items": {"logiqa": 30, "math": 40}}) is None
+    rows = [
+        {
+            "variant": "base",
+            "protocol": "oracle",
+            "task": "logiqa",
+            "id": "1",
+            "reflection": "r",
+            "reflection_finish_reason": "length",
+            "t1": {"finish_reason": "eos"},
+            "t2": {"finish_reason": "length"},
+        },
+        # the same item under a second grader's oracle run is counted once
+        {
+            "variant": "base",
+            "protocol": "oracle",
+            "task": "logiqa",
+            "id": "1",
+            "reflection": "r",
+            "reflection_finish_reason": "length",
+            "t1": {"finish_reason": "eos"},
+            "t2": {"finish_reason": "length"},
+        },
+        {
+            "variant": "base",
+            "protocol": "oracle",
+            "task": "logiqa",
+            "id": "2",
+            "reflection": None,
+            "t1": {"finish_reason": "length"},
+            "t2": None,
+        },
+    ]
+    table = analysis_tables.eval_endings(rows)
+    assert table.to_dict("records") == [
+        {
+            "variant": "base",
+            "protocol": "oracle",
+            "answers t1": 2,
+            "t1 cut": 1,
+            "reflections": 1,
+            "reflection cut": 1,
+            "answers t2": 1,
+            "t2 cut": 1,
+        }
+    ]
