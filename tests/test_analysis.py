@@ -424,38 +424,19 @@ def test_the_report_names_skipped_variants_small_splits_and_how_outputs_ended():
     )
     assert "Too few test items" in report.size_note({"items": {"logiqa": 3, "math": 40}})
     assert report.size_note({"items": {"logiqa": 30, "math": 40}}) is None
-    rows = [
-        {
-            "variant": "base",
-            "protocol": "oracle",
-            "task": "logiqa",
-            "id": "1",
-            "reflection": "r",
-            "reflection_finish_reason": "length",
-            "t1": {"finish_reason": "eos"},
-            "t2": {"finish_reason": "length"},
-        },
-        # the same item under a second grader's oracle run is counted once
-        {
-            "variant": "base",
-            "protocol": "oracle",
-            "task": "logiqa",
-            "id": "1",
-            "reflection": "r",
-            "reflection_finish_reason": "length",
-            "t1": {"finish_reason": "eos"},
-            "t2": {"finish_reason": "length"},
-        },
-        {
-            "variant": "base",
-            "protocol": "oracle",
-            "task": "logiqa",
-            "id": "2",
-            "reflection": None,
-            "t1": {"finish_reason": "length"},
-            "t2": None,
-        },
-    ]
+    cut = {
+        "variant": "base",
+        "protocol": "oracle",
+        "task": "logiqa",
+        "id": "1",
+        "reflection": "r",
+        "reflection_finish_reason": "length",
+        "t1": {"finish_reason": "eos"},
+        "t2": {"finish_reason": "length"},
+    }
+    unreflected = {**cut, "id": "2", "reflection": None, "t1": {"finish_reason": "length"}, "t2": None}
+    del unreflected["reflection_finish_reason"]
+    rows = [cut, dict(cut), unreflected]  # the same item under a second grader's oracle run is counted once
     table = analysis_tables.eval_endings(rows)
     assert table.to_dict("records") == [
         {

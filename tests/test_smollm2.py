@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from reflectevo.core.files import file_sha256
 from reflectevo.errors import ModelLoadError
 from reflectevo.models.builtin import smollm2
 
@@ -143,6 +144,6 @@ def test_the_wheel_can_come_from_a_folder_and_is_recorded(smollm2_model_dir, tmp
     monkeypatch.setenv(smollm2.WHEEL_ENV, str(folder))
     gguf, origin = smollm2.locate_gguf(tmp_path)
     assert origin["origin"] == f"${smollm2.WHEEL_ENV}" and origin["gguf_sha256"] == smollm2.GGUF_SHA256
-    assert smollm2.sha256_file(gguf) == smollm2.GGUF_SHA256
+    assert file_sha256(gguf) == smollm2.GGUF_SHA256
     if source.suffix == ".whl":
         assert origin["wheel_sha256"] == smollm2.WHEEL_SHA256 and gguf.parent == tmp_path

@@ -402,6 +402,9 @@ def stage02_endings(counts: Sequence[dict[str, Any]]) -> Any:
     return pd.DataFrame(counts).set_index("task").reindex(columns=STAGE02_ENDINGS)
 
 
+ENDING_COUNTS = ["answers t1", "t1 cut", "reflections", "reflection cut", "answers t2", "t2 cut"]
+
+
 def eval_endings(predictions: Iterable[dict[str, Any]]) -> Any:
     """Stage 05 per variant and protocol: answers and reflections, and the share of each cut at the token
     limit (finish reason "length": the model was still writing). Oracle rows of a second grader repeat the
@@ -430,6 +433,3 @@ def eval_endings(predictions: Iterable[dict[str, Any]]) -> Any:
     if table.empty:
         return pd.DataFrame(columns=["variant", "protocol", *ENDING_COUNTS])
     return table
-
-
-ENDING_COUNTS = ["answers t1", "t1 cut", "reflections", "reflection cut", "answers t2", "t2 cut"]

@@ -100,10 +100,11 @@ def finished_variants(params: Params, manifest: dict[str, Any]) -> list[str]:
     """The trained variants whose stage finished in this run (``eval.variants: trained``)."""
     stages = manifest.get("stages", {})
     done = {kind for kind, key in (("sft", "03_sft"), ("dpo", "04_dpo")) if stages.get(key, {}).get("status") == "done"}
+    skipped = skipped_variants(manifest)
     return [
         name
         for name in trained_variants(params)
-        if name.split("/")[0] in done and variant_folder_name(name) not in skipped_variants(manifest)
+        if name.split("/")[0] in done and variant_folder_name(name) not in skipped
     ]
 
 

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from reflectevo.config import ModelParams
 
 from reflectevo import __version__, plots
-from reflectevo.errors import TrainingError
+from reflectevo.errors import NoTrainingData, TrainingError
 from reflectevo.training.adapters import adapter_folders, dpo_start, merge_adapter, process_rank
 from reflectevo.training.datasets import (
     heldout_questions,
@@ -28,7 +28,6 @@ from reflectevo.training.datasets import (
     stage_kind,
     stage_section,
     stage_variants,
-    variants_without_data,
 )
 from reflectevo.training.trainer import PhaseResult, train_phase
 
@@ -38,24 +37,25 @@ def training_plan(params: Params, stage: str) -> list[dict[str, Any]]:
     kept and those dropped by reason), and one per variant it skips for want of data (``skipped``: why).
     Every set is opened and screened before any model loads: a missing one stops here."""
     plan = []
-    skipped = variants_without_data(params, stage)
     for variant, phases in stage_variants(params, stage).items():
-        if variant in skipped:
-            plan.append({"variant": variant, "skipped": skipped[variant]})
-            continue
-        for phase, name in phases:
-            kept, screening = screened_set(params, name)
-            plan.append(
-                {
-                    "variant": variant,
-                    "phase": phase,
-                    "training set": name,
-                    "rows": screening.rows,
-                    "rows kept": len(kept),
-                    **{f"dropped: {reason}": n for reason, n in screening.counts().items()},
-                    "questions": len(question_keys(kept)),
-                }
-            )
+        rows = []
+        try:
+            for phase, name in phases:
+                kept, screening = screened_set(params, name)
+                rows.append(
+                    {
+                        "variant": variant,
+                        "phase": phase,
+                        "training set": name,
+                        "rows": screening.rows,
+                        "rows kept": len(kept),
+                        **{f"dropped: {reason}": n for reason, n in screening.counts().items()},
+                        "questions": len(question_keys(kept)),
+                    }
+                )
+        except NoTrainingData as exc:  # the variant is skipped whole (as datasets.variants_without_data says)
+            rows = [{"variant": variant, "skipped": exc.reason}]
+        plan += rows
     return plan
 
 
@@ -289,9 +289,9 @@ def run_training_stage(
     kind = stage_kind(stage)
     main = process_rank()[0] == 0
     _check_loggers(stage_section(params, stage))
-    training_plan(params, stage)  # every training set must be there before any model loads
+    plan = training_plan(params, stage)  # every training set must be there before any model loads
     # a variant with nothing to train on is skipped and recorded (a small model may curate no D+ at all)
-    skipped = variants_without_data(params, stage)
+    skipped = {row["variant"]: row["skipped"] for row in plan if "skipped" in row}
     variants = [variant for variant in stage_variants(params, stage) if variant not in skipped]
 
     opened_here = rundir is None and main

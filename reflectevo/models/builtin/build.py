@@ -63,3 +63,11 @@ def _announce(message: str) -> None:
     log.info(message)
     if not log.hasHandlers():
         print(f"reflectevo: {message}", file=sys.stderr, flush=True)
+
+
+def build_versions() -> dict[str, str]:
+    """The Python, torch and transformers versions a built-in model was built with, for its record."""
+    import torch
+    import transformers
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}

@@ -30,8 +30,9 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from reflectevo.core.files import file_sha256
 from reflectevo.errors import ModelLoadError
-from reflectevo.models.builtin.build import _announce, _build_once
+from reflectevo.models.builtin.build import _announce, _build_once, build_versions
 from reflectevo.models.cache import cache_dir
 from reflectevo.models.chat import default_system_message
 
@@ -78,14 +79,6 @@ def read_builtin_json(folder: Path) -> dict[str, Any]:
 
 
 # ---- fetching ------------------------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def locate_gguf(scratch: Path) -> tuple[Path, dict[str, Any]]:
     """The checked GGUF file (extracted into ``scratch`` when it comes in a wheel) and where it came from."""
     configured = os.environ.get(WHEEL_ENV, "").strip()
@@ -170,7 +163,7 @@ def _what_to_do() -> str:
 
 
 def _check_hash(path: Path, expected: str, what: str) -> None:
-    found = sha256_file(path)
+    found = file_sha256(path)
     if found != expected:
         raise ModelLoadError(
             f"{what} has sha256 {found}, not the expected {expected}: it is not the file {SMOLLM2} is built from "
@@ -208,7 +201,6 @@ def gguf_metadata(path: Path) -> dict[str, Any]:
 def convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
     """Write the GGUF model as a normal Hugging Face folder into ``out_dir``; return what the build records."""
     import torch
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     started = time.perf_counter()
@@ -263,9 +255,5 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
         "default_system_message": default_system_message(tokenizer),
         "convert_seconds": round(time.perf_counter() - started, 1),
         "converter": CONVERTER_VERSION,
-        "versions": {
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
+        "versions": build_versions(),
     }

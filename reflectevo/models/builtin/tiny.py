@@ -6,14 +6,13 @@ import hashlib
 import json
 import math
 import random
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from reflectevo.errors import ModelLoadError
-from reflectevo.models.builtin.build import _announce, _build_once
+from reflectevo.models.builtin.build import _announce, _build_once, build_versions
 from reflectevo.models.builtin.checks import validation_quality
 from reflectevo.models.builtin.corpus import build_corpus
 from reflectevo.models.builtin.generic import stdlib_docstrings
@@ -84,7 +83,6 @@ def build_tiny(
     ``on_step(step, model, loss)`` is called after every optimiser step (for watching a build).
     """
     import torch
-    import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
 
     started = time.perf_counter()
@@ -147,11 +145,7 @@ def build_tiny(
         "train_seconds": round(train_seconds, 1),
         "build_seconds": round(time.perf_counter() - started, 1),
         "quality": quality,
-        "versions": {
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
+        "versions": build_versions(),
     }
     (out_dir / "standin.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return info
