@@ -17,6 +17,55 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 REQUIRE_FULL = os.environ.get("REFLECTEVO_REQUIRE_FULL_TESTS") == "1"
 
+# Under pytest-xdist (`pytest -n 2`, as .ci/run runs it) each worker gets its share of the cores. Two
+# workers whose torch threads each claim every core wait on each other in every parallel region (a
+# batch of generation took five times as long on 2 cores); one thread each keeps both cores busy. Set
+# before torch is imported, so that the processes the tests launch (kernels, accelerate) inherit it.
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+if XDIST_WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // XDIST_WORKERS))
+
+# Under `--dist loadgroup` a group of tests runs on one worker. Every module is a group (its module
+# fixtures are made once); modules that share an expensive session fixture share a group (the fixture
+# is made once too). These groups go first, largest first, so that the workers finish together.
+SHARED_GROUPS = {
+    "test_notebooks": "smoke-papermill",  # smoke_papermill_run
+    "test_evolve": "smoke-papermill",
+    "test_faults": "smoke-papermill",
+    "test_distributed": "smoke-reflect",  # smoke_reflect_run
+    "test_training": "smoke-reflect",
+}
+FIRST_GROUPS = ("smoke-papermill", "smoke-reflect")
+
+
+def test_group(item: pytest.Item) -> str:
+    return SHARED_GROUPS.get(item.path.stem, item.path.stem)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(test_group(item)))
+    first = {name: rank for rank, name in enumerate(FIRST_GROUPS)}
+    items.sort(key=lambda item: first.get(test_group(item), len(first)))  # stable: the rest keep their order
+
+
+def pytest_sessionstart(session):
+    """Under xdist, the controlling process makes the built-in models before the workers start, with every
+    core: a worker would build with its one thread while the other worker waited for the model."""
+    config = session.config
+    if hasattr(config, "workerinput") or config.getoption("dist", "no") == "no":
+        return
+    from reflectevo.errors import ModelLoadError
+    from reflectevo.models.builtin.smollm2 import smollm2_model_dir as fetch_or_find
+    from reflectevo.models.builtin.tiny import tiny_model_dir as build_or_find
+
+    build_or_find()
+    try:
+        fetch_or_find()
+    except ModelLoadError:
+        pass  # the smollm2_model_dir fixture skips or fails with the reason
+
 
 def skip_or_fail(reason: str) -> None:
     if REQUIRE_FULL:
