@@ -28,6 +28,9 @@ if XDIST_WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
 # Under `--dist loadgroup` a group of tests runs on one worker. Every module is a group (its module
 # fixtures are made once); modules that share an expensive session fixture share a group (the fixture
 # is made once too). These groups go first, largest first, so that the workers finish together.
+# The groups are given to xdist by the scheduler below, not by `xdist_group` marks: pytest-xdist 3.8
+# reads those marks through a node-id rewrite that pytest 9.2 no longer honours (pytest-xdist#1386),
+# so the marks would be ignored without a word.
 SHARED_GROUPS = {
     "test_notebooks": "smoke-papermill",  # smoke_papermill_run
     "test_evolve": "smoke-papermill",
@@ -38,16 +41,31 @@ SHARED_GROUPS = {
 FIRST_GROUPS = ("smoke-papermill", "smoke-reflect")
 
 
-def test_group(item: pytest.Item) -> str:
-    return SHARED_GROUPS.get(item.path.stem, item.path.stem)
+def group_of(path: str) -> str:
+    """The group of the tests in the module at ``path``."""
+    stem = Path(path).stem
+    return SHARED_GROUPS.get(stem, stem)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(test_group(item)))
     first = {name: rank for rank, name in enumerate(FIRST_GROUPS)}
-    items.sort(key=lambda item: first.get(test_group(item), len(first)))  # stable: the rest keep their order
+    # stable: the other modules keep their order
+    items.sort(key=lambda item: first.get(group_of(str(item.path)), len(first)))
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: without xdist nothing calls it
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleGroupScheduling(LoadScopeScheduling):
+        """xdist's per-scope scheduling, with :func:`group_of` as the scope of a test."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid.split("::", 1)[0])
+
+    return ModuleGroupScheduling(config, log)
 
 
 def pytest_sessionstart(session):

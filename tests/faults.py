@@ -32,6 +32,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hostile_corpus import lasting
+
 REPO = Path(__file__).resolve().parents[1]
 # mkstemp/mkdtemp names (".raw.jsonl.k2j4_x9a.tmp"), the uuid of a directory moved aside, a pid
 _RANDOM_PARTS = (
@@ -328,8 +330,13 @@ def leftovers(outputs: Path) -> list[str]:
 
 
 def sandbox_strays() -> list[str]:
-    """Processes of the code sandbox still alive (none may outlive the stage that started them)."""
-    found = []
+    """Processes of the code sandbox still alive (none may outlive the stage that started them), once
+    the runs of another test still under way (``pytest -n 2``) had the time to end."""
+    return lasting(_sandbox_launchers)
+
+
+def _sandbox_launchers() -> dict[int, str]:
+    found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
@@ -337,7 +344,7 @@ def sandbox_strays() -> list[str]:
             except OSError:
                 continue
             if "reflectevo/sandbox/" in command:
-                found.append(f"{entry.name}: {command[:120]}")
+                found[int(entry.name)] = f"{entry.name}: {command[:120]}"
     return found
 
 

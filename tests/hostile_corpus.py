@@ -14,6 +14,8 @@ import socket
 import sys
 import textwrap
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from reflectevo.sandbox.host import UID_BASE
@@ -104,9 +106,32 @@ def own_pid_namespace() -> str:
     return os.readlink("/proc/self/ns/pid")
 
 
+# A sandbox run ends within its time limit (5 s by default) plus the stop's 5 s grace. A process that
+# is still there after this long is a stray; one that goes away sooner belonged to a run still under
+# way, e.g. of a test in the other worker of `pytest -n 2`.
+SETTLE_S = 20.0
+
+
+def lasting(scan: Callable[[], dict[int, str]], settle_s: float = SETTLE_S) -> list[str]:
+    """What ``scan`` finds (pid -> description) that is still there ``settle_s`` later; returns at once
+    when it finds nothing."""
+    found = scan()
+    deadline = time.monotonic() + settle_s
+    while found and time.monotonic() < deadline:
+        time.sleep(0.5)
+        again = scan()
+        found = {pid: text for pid, text in found.items() if pid in again}
+    return list(found.values())
+
+
 def sandbox_processes(before: set[int]) -> list[str]:
-    """Processes that appeared since ``before`` and belong to a sandbox, plus our zombie children."""
-    found = []
+    """Processes that appeared since ``before`` and belong to a sandbox, plus our zombie children, if
+    they last (:func:`lasting`)."""
+    return lasting(lambda: _sandbox_processes(before))
+
+
+def _sandbox_processes(before: set[int]) -> dict[int, str]:
+    found = {}
     ours = own_pid_namespace()
     sandbox_uids = range(UID_BASE, UID_BASE + 64) if os.geteuid() == 0 else ()
     for entry in Path("/proc").iterdir():
@@ -122,9 +147,9 @@ def sandbox_processes(before: set[int]) -> list[str]:
         uid = int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
         state, ppid = stat.rsplit(")", 1)[1].split()[:2]
         if state == "Z" and int(ppid) == os.getpid():
-            found.append(f"zombie child {pid}")
+            found[pid] = f"zombie child {pid}"
         elif pid not in before and (namespace != ours or uid in sandbox_uids):
-            found.append(f"stray process {pid} (uid {uid}, {namespace}): {stat[:80]}")
+            found[pid] = f"stray process {pid} (uid {uid}, {namespace}): {stat[:80]}"
     return found
 
 

@@ -34,8 +34,11 @@ def job(source: str, tests=TESTS) -> CodeJob:
 
 @pytest.fixture(scope="module")
 def hostile(isolated_sandbox):
-    """A sandbox like the session one with a 2 s budget, so time-out cases stay cheap."""
-    return Sandbox(allow_code_execution=True, timeout_s=2.0, workers=isolated_sandbox.workers)
+    """A sandbox like the session one with a 2 s budget, so time-out cases stay cheap. Its CPU limit
+    leaves room above the wall clock (by default it is 1 s above it): on a machine busy with other work
+    (the other worker of `pytest -n 2`) the host may notice the deadline late, and a program that ran out
+    of time must be reported as such, not as killed by the CPU limit."""
+    return Sandbox(allow_code_execution=True, timeout_s=2.0, cpu_s=6, workers=isolated_sandbox.workers)
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +221,7 @@ def test_no_isolation_can_be_required():
 
 
 def test_limits_only_mode_still_times_out_and_detects_early_exits():
-    weak = Sandbox(allow_code_execution=True, isolation="none", timeout_s=1.0)
+    weak = Sandbox(allow_code_execution=True, isolation="none", timeout_s=1.0, cpu_s=5)  # CPU headroom: see `hostile`
     assert not weak.isolation.isolated
     assert weak.run(job("def solution(x):\n    return 4\n")).passed
     assert weak.run(job("while True:\n    pass\n")).status == "timeout"
