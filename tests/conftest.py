@@ -19,7 +19,7 @@ REQUIRE_FULL = os.environ.get("REFLECTEVO_REQUIRE_FULL_TESTS") == "1"
 
 # Under pytest-xdist (`pytest -n 2`, as .ci/run runs it) each worker gets its share of the cores. Two
 # workers whose torch threads each claim every core wait on each other in every parallel region (a
-# batch of generation took five times as long on 2 cores); one thread each keeps both cores busy. Set
+# batch of 16 reflections took about 7 min instead of 48 s on 2 cores); one thread each keeps both busy. Set
 # before torch is imported, so that the processes the tests launch (kernels, accelerate) inherit it.
 XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
 if XDIST_WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
