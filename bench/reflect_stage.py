@@ -12,12 +12,24 @@ mix, three ways on the same model in the same run:
     python bench/reflect_stage.py --model builtin:random-8b --questions 512 --batch-size auto --json out.json
     python bench/reflect_stage.py --engine unsloth --model builtin:random-8b ...   # in its own process
 
-Every record's output length is imposed from bench/lengths.py (a logits processor suppresses the
-end token until the record's length, then forces it), for every way alike, so all three generate the
-same number of tokens and the ratios compare equal work. Every first trial counts as wrong (a
-random-weight model is never right), so every question gets k reflections: the upper end of the
-stage's work. ``--length-scale`` shrinks the imposed lengths for CPU smoke runs. Reflections are
-sampled (temperature 0.7), attempts greedy, as in the package's reflect stage.
+``--lengths imposed`` (the default): every record's output length is imposed from bench/lengths.py
+(a logits processor suppresses the end token until the record's length, then forces it), for every
+way alike, so all three generate the same number of tokens and the ratios compare equal work.
+``--length-scale`` shrinks the imposed lengths for CPU smoke runs. ``--lengths natural``: a
+pretrained model writes what it writes, up to ``--max-new-tokens``, attempts stopping at the
+package's stop strings; the ways then compare generated tokens per second, and the greedy first
+trials, which every way generates from the same prompts, are compared text for text (``same text``:
+the share equal to the naive way's). ``--fewshots 3`` gives the attempts the worked examples of the
+package's prompts (most of a first-trial prompt, shared by every question of a task).
+
+Every first trial counts as wrong (a random-weight model is never right), so every question gets k
+reflections: the upper end of the stage's work. Reflections are sampled (temperature 0.7), attempts
+greedy, as in the package's reflect stage. A second table says where the time went: prefill and
+decoding (the engine times them; decode tok/s against the compute ceiling measured by a matmul),
+rows idle (row-steps spent on rows that had already ended) and prompt padding.
+
+    python bench/reflect_stage.py --model builtin:smollm2-135m --lengths natural --fewshots 3 \
+        --questions 8 --k 2 --batch-size 64 --max-new-tokens 128
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ from generation import (
 
 from reflectevo.generation.requests import GenerationRequest, GenerationSettings, render_chat
 from reflectevo.prompts import (
+    ATTEMPT_STOP,
     INSTRUCTIONS,
     attempt_messages,
     reflection_prompt,
@@ -54,6 +67,9 @@ DEFAULTS = {
     "plain_batch": 64,
     "seed": 0,
     "length_scale": 0.1,
+    "lengths": "imposed",
+    "fewshots": 0,
+    "max_new_tokens": 128,  # --lengths natural only
 }
 REFLECTION_TEMPERATURE = 0.7
 FEEDBACK = "Your answer is incorrect."
@@ -70,10 +86,18 @@ class ImposedLengths:
         self.width, self.eos = prompt_width, eos_id
 
     def __call__(self, input_ids, scores):
+        """model.generate: every row has generated as many tokens as the input is wider than the prompts."""
         import torch
 
-        made = input_ids.shape[1] - self.width  # tokens generated before this step
-        targets = self.targets.to(scores.device)
+        rows = torch.arange(len(self.targets))
+        return self.score_rows(rows, torch.full_like(rows, input_ids.shape[1] - self.width), scores)
+
+    def score_rows(self, rows, made, scores):
+        """The engine's decoding loop: ``rows`` are row numbers in the call, ``made`` their tokens so far."""
+        import torch
+
+        targets = self.targets[rows].to(scores.device)
+        made = made.to(scores.device)
         scores[:, self.eos] = torch.where(made < targets - 1, torch.finfo(scores.dtype).min, scores[:, self.eos])
         finish = made >= targets - 1
         if finish.any():
@@ -88,7 +112,7 @@ class Step:
 
     name: str
     requests: list[GenerationRequest]
-    targets: dict[str, list[int]]
+    targets: dict[str, list[int]] | None  # None: natural lengths
     settings: GenerationSettings
 
 
@@ -119,15 +143,28 @@ def scaled(n: int, scale: float) -> int:
     return max(2, round(n * scale))
 
 
-def first_trials(mix: list[lengths.MixItem], scale: float, max_new: int) -> Step:
-    requests = [GenerationRequest(m.key, attempt_messages(get_task(m.task), m.item)) for m in mix]
-    targets = {m.key: [scaled(m.first_trial, scale)] for m in mix}
-    return Step("first_trial", requests, targets, GenerationSettings(max_new_tokens=max_new))
+@dataclass(frozen=True)
+class Shape:
+    """What every step of one run shares: lengths imposed or natural, prompts, limits."""
+
+    natural: bool
+    scale: float
+    max_new: int
+    fewshots: int
+    seed: int
+
+    def attempt_settings(self) -> GenerationSettings:
+        return GenerationSettings(max_new_tokens=self.max_new, stop=ATTEMPT_STOP if self.natural else ())
 
 
-def reflections(
-    mix: list[lengths.MixItem], attempts: dict[str, str], k: int, scale: float, seed: int, max_new: int
-) -> Step:
+def first_trials(mix: list[lengths.MixItem], shape: Shape) -> Step:
+    requests = [GenerationRequest(m.key, attempt_messages(get_task(m.task), m.item, shape.fewshots)) for m in mix]
+    targets = None if shape.natural else {m.key: [scaled(m.first_trial, shape.scale)] for m in mix}
+    return Step("first_trial", requests, targets, shape.attempt_settings())
+
+
+def reflections(mix: list[lengths.MixItem], attempts: dict[str, str], k: int, shape: Shape) -> Step:
+    scale, seed = shape.scale, shape.seed
     keys = sorted(INSTRUCTIONS)
     requests, targets = [], {}
     for m in mix:
@@ -142,12 +179,12 @@ def reflections(
     return Step(
         "reflection",
         requests,
-        targets,
-        GenerationSettings(max_new_tokens=max_new, n=k, temperature=REFLECTION_TEMPERATURE, seed=seed),
+        None if shape.natural else targets,
+        GenerationSettings(max_new_tokens=shape.max_new, n=k, temperature=REFLECTION_TEMPERATURE, seed=seed),
     )
 
 
-def second_trials(mix: list[lengths.MixItem], texts: dict[str, list[str]], scale: float, max_new: int) -> Step:
+def second_trials(mix: list[lengths.MixItem], texts: dict[str, list[str]], shape: Shape) -> Step:
     requests, targets = [], {}
     for m in mix:
         rng = random.Random(f"second:{m.key}")
@@ -155,11 +192,14 @@ def second_trials(mix: list[lengths.MixItem], texts: dict[str, list[str]], scale
         for j, reflection in enumerate(texts[m.key]):
             key = f"{m.key}/{j}"
             requests.append(
-                GenerationRequest(key, [{"role": "user", "content": second_trial_prompt(task, m.item, reflection)}])
+                GenerationRequest(
+                    key,
+                    [{"role": "user", "content": second_trial_prompt(task, m.item, reflection, shape.fewshots)}],
+                )
             )
             length = m.second_trial if j == 0 else lengths.output_length(m.task, "second_trial", rng)
-            targets[key] = [scaled(length, scale)]
-    return Step("second_trial", requests, targets, GenerationSettings(max_new_tokens=max_new))
+            targets[key] = [scaled(length, shape.scale)]
+    return Step("second_trial", requests, None if shape.natural else targets, shape.attempt_settings())
 
 
 # ---- the three ways ------------------------------------------------------------------------------
@@ -169,18 +209,29 @@ def generate_rows(
     pad_id: int,
     eos_id: int,
     prompts: list[str],
-    targets: list[list[int]],
+    targets: list[list[int]] | None,
     settings: GenerationSettings,
+    load: dict[str, int],
 ) -> list[tuple[str, int]]:
-    """One plain ``model.generate`` call over these prompts (left-padded), (text, new tokens) per sample."""
+    """One plain ``model.generate`` call over these prompts (left-padded), (text, new tokens) per sample.
+    ``targets``: imposed lengths per prompt and sample (None: natural). Adds the call's row-steps, the
+    row-steps of rows that had already ended, and the prompt padding to ``load``."""
     import torch
 
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     width = max(len(ids) for ids in encoded)
     input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded], device=model.device)
     attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=model.device)
-    flat = [t for row in targets for t in row]
     from transformers import LogitsProcessorList
+
+    if targets is None:
+        limit, extra = settings.max_new_tokens, {}
+        if settings.stop:
+            extra = {"stop_strings": list(settings.stop), "tokenizer": tokenizer}
+    else:
+        flat = [t for row in targets for t in row]
+        limit = max(flat)
+        extra = {"logits_processor": LogitsProcessorList([ImposedLengths(flat, width, eos_id)])}
 
     sampling = (
         {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
@@ -191,17 +242,30 @@ def generate_rows(
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention,
-            max_new_tokens=max(flat),
+            max_new_tokens=limit,
             num_return_sequences=settings.n,
             pad_token_id=pad_id,
             eos_token_id=eos_id,
-            logits_processor=LogitsProcessorList([ImposedLengths(flat, width, eos_id)]),
+            **extra,
             **sampling,
         )
     rows = []
+    steps = out.shape[1] - width  # generate() ran every row for this many steps
     for row in out[:, width:].tolist():
-        end = row.index(eos_id) + 1 if eos_id in row else len(row)
-        rows.append((tokenizer.decode(row[: end - 1] if eos_id in row else row, skip_special_tokens=True), end))
+        if eos_id in row:
+            end = row.index(eos_id) + 1
+            text = tokenizer.decode(row[: end - 1], skip_special_tokens=True)
+        else:
+            end = len(row)
+            while end and row[end - 1] == pad_id:  # a stop string ended the row; padding after it
+                end -= 1
+            text = tokenizer.decode(row[:end], skip_special_tokens=True)
+        cut = min((at for at in (text.find(stop) for stop in settings.stop) if at >= 0), default=None)
+        rows.append((text if cut is None else text[:cut], end))
+    load["row_steps"] += steps * len(rows)
+    load["idle_row_steps"] += sum(steps - n for _text, n in rows)
+    load["prefill_tokens"] += width * len(encoded)
+    load["prefill_padding"] += sum(width - len(ids) for ids in encoded)
     return rows
 
 
@@ -213,6 +277,7 @@ class PlainWay:
         eos = model.generation_config.eos_token_id
         self.eos = eos[0] if isinstance(eos, list) else eos
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        self.load = dict.fromkeys(LOAD_KEYS, 0)
 
     def prepare(self, step: Step) -> None:
         """Nothing to set up: the imposed lengths travel with each call's prompts."""
@@ -232,8 +297,9 @@ class PlainWay:
                 self.pad,
                 self.eos,
                 prompts,
-                [step.targets[r.key] for r in chunk],
+                None if step.targets is None else [step.targets[r.key] for r in chunk],
                 step.settings,
+                self.load,
             )
             for i, request in enumerate(chunk):
                 results[request.key] = rows[i * step.settings.n : (i + 1) * step.settings.n]
@@ -248,9 +314,14 @@ class EngineWay:
         eos = engine.model.generation_config.eos_token_id
         self.eos = eos[0] if isinstance(eos, list) else eos
 
+    @property
+    def load(self) -> dict[str, float]:
+        return {key: self.engine.decode_stats.get(key, 0) for key in (*LOAD_KEYS, "prefill_seconds", "decode_seconds")}
+
     def prepare(self, step: Step) -> None:
         """Untimed: the imposed lengths by prompt (tokenizing every prompt is the benchmark's work, not the engine's)."""
-        self.engine.processor_factories = [imposed_factory(step, self.engine.tokenizer, self.eos)]
+        imposed = step.targets is not None
+        self.engine.processor_factories = [imposed_factory(step, self.engine.tokenizer, self.eos)] if imposed else []
 
     def run_step(self, step: Step) -> dict[str, list[tuple[str, int]]]:
         outputs = self.engine.generate(step.requests, step.settings, stage=f"bench-{step.name}")
@@ -260,9 +331,12 @@ class EngineWay:
         return results
 
 
-def run_stage(way, mix: list[lengths.MixItem], k: int, scale: float, seed: int, naive: bool) -> dict[str, Any]:
+LOAD_KEYS = ("row_steps", "idle_row_steps", "prefill_tokens", "prefill_padding")
+
+
+def run_stage(way, mix: list[lengths.MixItem], k: int, shape: Shape, naive: bool) -> dict[str, Any]:
     """The three steps for every question; ``naive`` runs all three for one question before the next."""
-    max_new = scaled(max(max(v.values()) for v in lengths.OUTPUT_MEANS.values()) * lengths.SPREAD_CAP, scale)
+    load_before = dict(way.load)
     groups = [[m] for m in mix] if naive else [mix]
     steps: dict[str, dict[str, float]] = {name: {"seconds": 0.0, "records": 0, "tokens": 0} for name in lengths.STEPS}
     done: list[tuple[Step, dict[str, list[tuple[str, int]]]]] = []
@@ -276,10 +350,12 @@ def run_stage(way, mix: list[lengths.MixItem], k: int, scale: float, seed: int, 
         done.append((step, results))
         return results
 
+    first_texts: dict[str, str] = {}
     for group in groups:
-        attempts = {key: rows[0][0] for key, rows in run(first_trials(group, scale, max_new)).items()}
-        reflected = run(reflections(group, attempts, k, scale, seed, max_new))
-        run(second_trials(group, {key: [text for text, _n in rows] for key, rows in reflected.items()}, scale, max_new))
+        attempts = {key: rows[0][0] for key, rows in run(first_trials(group, shape)).items()}
+        first_texts.update(attempts)
+        reflected = run(reflections(group, attempts, k, shape))
+        run(second_trials(group, {key: [text for text, _n in rows] for key, rows in reflected.items()}, shape))
     # the stage's time is the generation steps' time; building prompts in between is the benchmark's own
     seconds = sum(s["seconds"] for s in steps.values())
     records = sum(s["records"] for s in steps.values())
@@ -299,6 +375,8 @@ def run_stage(way, mix: list[lengths.MixItem], k: int, scale: float, seed: int, 
         "mean_context": round(context / records, 1),
         "records_per_s": round(records / seconds, 2),
         "tokens_per_s": round(tokens / seconds, 1),
+        "load": {key: way.load[key] - load_before[key] for key in way.load},
+        "first_trial_texts": first_texts,
         "steps": {
             name: {
                 **s,
@@ -311,6 +389,10 @@ def run_stage(way, mix: list[lengths.MixItem], k: int, scale: float, seed: int, 
 
 
 # ---- entry -----------------------------------------------------------------------------------------
+def imposed_max_new(scale: float) -> int:
+    return scaled(max(max(v.values()) for v in lengths.OUTPUT_MEANS.values()) * lengths.SPREAD_CAP, scale)
+
+
 def load(model_name: str, engine: str, device: str):
     from reflectevo.config import ModelParams
     from reflectevo.models.loading import load_model
@@ -351,18 +433,30 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             PlainWay(loaded.model, loaded.tokenizer, 1, "naive"),
             PlainWay(loaded.model, loaded.tokenizer, args.plain_batch, f"plain-{args.plain_batch}"),
         ] + ways
+    natural = args.lengths == "natural"
+    shape = Shape(
+        natural,
+        args.length_scale,
+        args.max_new_tokens if natural else imposed_max_new(args.length_scale),
+        args.fewshots,
+        args.seed,
+    )
     warm = mix[:2]
     rows = []
+    gflops = matmul_gflops()
     for way in ways:
-        run_stage(way, warm, args.k, args.length_scale, args.seed, naive=way.name == "naive")  # one-off costs
+        run_stage(way, warm, args.k, shape, naive=way.name == "naive")  # one-off costs
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        row = run_stage(way, mix, args.k, args.length_scale, args.seed, naive=way.name == "naive")
+        row = run_stage(way, mix, args.k, shape, naive=way.name == "naive")
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
         row["batch_size"] = (
             1 if way.name == "naive" else (args.plain_batch if way.name.startswith("plain") else engine.batch_size)
         )
         rows.append(row)
+    flops_per_token = 2 * loaded.info["parameters"]  # one multiply-add per weight, the tied head included
+    ceiling = gflops * 1e9 / flops_per_token
+    add_load_columns(rows, ceiling)
     info = loaded.info
     return {
         "model": args.model,
@@ -374,7 +468,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "questions": len(mix),
         "k": args.k,
         "length_scale": args.length_scale,
+        "lengths": args.lengths,
+        "fewshots": args.fewshots,
+        "max_new_tokens": shape.max_new,
         "seed": args.seed,
+        "matmul_gflops": round(gflops, 1),
+        "ceiling_tokens_per_s": round(ceiling, 1),
         "rows": rows,
         "task_counts": {t: sum(m.task == t for m in mix) for t in lengths.OUTPUT_MEANS},
         "config": model_shape(loaded.model),
@@ -396,6 +495,46 @@ def model_shape(model) -> dict[str, Any]:
     }
 
 
+def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
+    """What the processor does on one dense float32 matmul: the compute ceiling's numerator."""
+    import time
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    a @ b  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def add_load_columns(rows: list[dict[str, Any]], ceiling: float) -> None:
+    """Where the time went, per way: idle rows, padding, and (the engine, which times them) prefill
+    and decoding, decode tok/s and its share of the compute ceiling; the first trials' same-text
+    share against the naive way's texts."""
+    texts_of = {row["way"]: row.pop("first_trial_texts") for row in rows}
+    reference = texts_of.get("naive")
+    for row in rows:
+        load = row.pop("load")
+        texts = texts_of[row["way"]]
+        row["idle_rows"] = round(load["idle_row_steps"] / max(load["row_steps"], 1), 3)
+        row["padding"] = round(load["prefill_padding"] / max(load["prefill_tokens"], 1), 3)
+        row["prefill_tokens"] = load["prefill_tokens"]
+        if load.get("decode_seconds"):
+            row["prefill_s"] = round(load["prefill_seconds"], 2)
+            row["decode_s"] = round(load["decode_seconds"], 2)
+            row["decode_tok_s"] = round(row["generated_tokens"] / load["decode_seconds"], 1)
+            row["of_ceiling"] = round(row["decode_tok_s"] / ceiling, 3)
+        if reference is not None:
+            row["same_text"] = round(sum(texts[key] == reference[key] for key in texts) / len(texts), 3)
+
+
 def add_ratios(rows: list[dict[str, Any]], baseline: str) -> None:
     base = next((r for r in rows if r["way"] == baseline), None)
     for row in rows:
@@ -413,8 +552,22 @@ COLUMNS = [
 ]
 
 
-def print_table(rows: list[dict[str, Any]], extra: list[tuple[str, str]] = ()) -> None:
-    columns = COLUMNS + list(extra)
+LOAD_COLUMNS = [
+    ("prefill_tokens", "prefill tok"),
+    ("padding", "padding"),
+    ("idle_rows", "rows idle"),
+    ("prefill_s", "prefill s"),
+    ("decode_s", "decode s"),
+    ("decode_tok_s", "decode tok/s"),
+    ("of_ceiling", "of ceiling"),
+    ("same_text", "same text"),
+]
+
+
+def print_table(
+    rows: list[dict[str, Any]], extra: list[tuple[str, str]] = (), base: list[tuple[str, str]] = COLUMNS
+) -> None:
+    columns = list(base) + list(extra)
     cells = [[label for _key, label in columns]] + [[str(row.get(key)) for key, _label in columns] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     for n, line in enumerate(cells):
@@ -439,6 +592,11 @@ def parser() -> argparse.ArgumentParser:
         default=DEFAULTS["length_scale"],
         help="multiply the imposed lengths (1 = the paper's; the CPU default keeps a smoke run short)",
     )
+    p.add_argument("--lengths", choices=["imposed", "natural"], default=DEFAULTS["lengths"])
+    p.add_argument("--fewshots", type=int, choices=[0, 1, 2, 3], default=DEFAULTS["fewshots"])
+    p.add_argument(
+        "--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"], help="per call, with --lengths natural"
+    )
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--official-dir", type=Path, default=lengths.DEFAULT_OFFICIAL_DIR)
     p.add_argument("--json", type=Path)
@@ -451,11 +609,17 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--questions must be 2 or more, --k 1 or more and --length-scale positive")
     report = measure(args)
     add_ratios(report["rows"], f"plain-{args.plain_batch}")
+    add_ratios(report["rows"], "naive")
     print(
         f"reflect stage, {report['model']} ({report['parameters'] / 1e6:.1f} M parameters, {report['dtype']}, "
         f"{report['device']}), {report['questions']} questions x k={args.k}, lengths x{args.length_scale}"
     )
-    print_table(report["rows"], [("x_" + f"plain-{args.plain_batch}", "x plain")])
+    print_table(report["rows"], [("x_" + f"plain-{args.plain_batch}", "x plain"), ("x_naive", "x naive")])
+    print(
+        f"\nwhere the time went (compute ceiling {report['ceiling_tokens_per_s']:.0f} tok/s: "
+        f"{report['matmul_gflops']:.0f} GFLOP/s on a 1024x1024 matmul / 2 x parameters per token)"
+    )
+    print_table(report["rows"], LOAD_COLUMNS, base=[("way", "way")])
     report["python"] = platform.python_version()
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -24,6 +24,7 @@ import torch
 
 from reflectevo.config import GenerationParams
 from reflectevo.errors import DuplicateKeyError, GenerationError, ReplayMissingError, SettingsError, StoreMismatchError
+from reflectevo.generation.decoding import shared_groups
 from reflectevo.generation.engines import ReplayEngine, TransformersEngine, make_engine
 from reflectevo.generation.requests import GenerationOutput, GenerationRequest, GenerationSettings
 from reflectevo.generation.store import batch_seed, load_store, merge_shards, plan_batches, read_outputs, write_outputs
@@ -103,6 +104,22 @@ def engine(tiny, **options) -> TransformersEngine:
     return TransformersEngine(model, tokenizer, progress=False, **options)
 
 
+def generate_decoder(tiny, **options) -> TransformersEngine:
+    """An engine that decodes with model.generate on the padded batch (the decoder before the loop)."""
+    made = engine(tiny, **options)
+    made.decoder = "generate"
+    return made
+
+
+def forward_shapes(model):
+    """Record the input_ids shape of every forward call of ``model``; returns (shapes, hook)."""
+    shapes: list[tuple[int, ...]] = []
+    hook = model.register_forward_pre_hook(
+        lambda _m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    return shapes, hook
+
+
 def as_bytes(outputs: list[GenerationOutput], path: Path) -> bytes:
     return write_outputs(path, outputs).read_bytes()
 
@@ -149,6 +166,17 @@ def test_plan_is_length_sorted_with_ties_by_key_and_seeds_depend_on_first_key():
     assert [batch.keys for batch in plan] == [("e", "c"), ("a", "b"), ("d",)]
     assert batch_seed(0, "s", "a") != batch_seed(0, "s", "b") != batch_seed(1, "s", "b")
     assert batch_seed(0, "s", "a") == batch_seed(0, "s", "a") < 2**64
+
+
+def test_plan_keeps_prompts_with_the_same_opening_together():
+    """Two tasks' prompts (openings 7 and 8) of interleaved lengths: each task's prompts form their own
+    batches, the task with the longest prompt first, longest first within a task; no groups without."""
+    keys = [f"k{i}" for i in range(6)]
+    ids = [[7, 7, 7, 1], [8, 8, 8, 1, 2, 3], [7, 7, 7, 1, 2], [8, 8, 8, 1], [7, 7, 7, 1, 2, 3, 4], [8, 8, 8, 1, 2]]
+    grouped = plan_batches(keys, keys, ids, 3, group_tokens=3)
+    assert [batch.keys for batch in grouped] == [("k4", "k2", "k0"), ("k1", "k5", "k3")]
+    plain = plan_batches(keys, keys, ids, 3, group_tokens=0)
+    assert [batch.keys for batch in plain] == [("k4", "k1", "k2"), ("k5", "k0", "k3")]
 
 
 # ---- what an output says -----------------------------------------------------------------------
@@ -220,7 +248,7 @@ def test_samples_differ_and_are_reproducible(tiny):
 
 
 def test_shared_prefill_samples_equal_separate_prefills_and_encode_each_prompt_once(tiny):
-    """n samples of a prompt reuse one prefill: the same samples, and the model sees each prompt once."""
+    """Decoder "generate": n samples of a prompt reuse one prefill, the same samples, each prompt seen once."""
     model = tiny[0]
     rows_seen = []
     hook = model.register_forward_pre_hook(
@@ -229,12 +257,12 @@ def test_shared_prefill_samples_equal_separate_prefills_and_encode_each_prompt_o
     settings = dataclasses.replace(SAMPLING, n=4)
     requests = make_requests(5)
     try:
-        separate = engine(tiny, batch_size=20)
+        separate = generate_decoder(tiny, batch_size=20)
         separate.shared_prefill = False
         expected = separate.generate(requests, settings, stage="s")
         separate_prefill = rows_seen[0]
         rows_seen.clear()
-        shared = engine(tiny, batch_size=20).generate(requests, settings, stage="s")
+        shared = generate_decoder(tiny, batch_size=20).generate(requests, settings, stage="s")
     finally:
         hook.remove()
     assert [(o.key, o.sample, o.text) for o in shared] == [(o.key, o.sample, o.text) for o in expected]
@@ -242,6 +270,155 @@ def test_shared_prefill_samples_equal_separate_prefills_and_encode_each_prompt_o
     assert separate_prefill == (20, width)  # generate() alone encodes every prompt 4 times
     assert rows_seen[0] == (5, width - 1)  # the shared prefill: each prompt once, all but its last token
     assert rows_seen[1] == (20, 1)  # generate() then feeds the last prompt token of every sample
+
+
+# ---- the decoding loop ---------------------------------------------------------------------------
+def ending_early(tiny) -> tuple:
+    """A copy of the tiny model whose end token is one it writes often, so rows end at different steps."""
+    model, tokenizer = tiny
+    probe = engine(tiny)
+    counts: dict[int, int] = {}
+    for ids in probe.tokenize([probe.render(r.messages) for r in make_requests(16)]):
+        written = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids) :]
+        for token in written.tolist()[1:]:  # not the first: some rows should run a while
+            counts[token] = counts.get(token, 0) + 1
+    ending = copy.deepcopy(model)
+    ending.generation_config.eos_token_id = max(counts, key=counts.get)
+    return ending, tokenizer
+
+
+def test_loop_decoder_gives_the_greedy_texts_of_generate_while_ended_rows_leave_the_batch(tiny):
+    ending = ending_early(tiny)
+    requests = make_requests(16)
+    expected = generate_decoder(ending, batch_size=16).generate(requests, GREEDY, stage="s")
+    loop = engine(ending, batch_size=16)
+    shapes, hook = forward_shapes(ending[0])
+    try:
+        outputs = loop.generate(requests, GREEDY, stage="s")
+    finally:
+        hook.remove()
+    reasons = {o.finish_reason for o in expected}
+    assert reasons == {"eos", "length"} and len({o.new_tokens for o in expected}) > 3  # rows end apart
+    assert [(o.text, o.finish_reason, o.new_tokens) for o in outputs] == [
+        (o.text, o.finish_reason, o.new_tokens) for o in expected
+    ]
+    decode_rows = [rows for rows, width in shapes if width == 1]
+    assert decode_rows[0] == 16 and min(decode_rows) < 16  # ended rows were dropped from the cache
+    assert decode_rows == sorted(decode_rows, reverse=True)
+    assert len(decode_rows) == max(o.new_tokens for o in expected) - 1  # no step after the last row ended
+    stats = loop.describe()["decode_stats"]
+    assert stats["rows_dropped"] > 0 and stats["rows"] == 16
+    # dropping nothing gives the same texts: pruning changes cost, not results
+    keep_all = engine(ending, batch_size=16)
+    keep_all.decode_options = dataclasses.replace(keep_all.decode_options, prune_share=2.0)
+    assert keep_all.generate(requests, GREEDY, stage="s") == outputs
+
+
+def test_rows_join_the_batch_as_others_end_with_the_same_outputs(tiny):
+    """max_rows below the call's rows: waiting prompts are prefilled and joined as rows end; greedy
+    texts and samples are those of decoding every row at once."""
+    ending = ending_early(tiny)
+    requests = make_requests(16)
+    everything = engine(ending, batch_size=16).generate(requests, GREEDY, stage="s")
+    windowed = engine(ending, batch_size=16)
+    windowed.decode_options = dataclasses.replace(windowed.decode_options, max_rows=5)
+    shapes, hook = forward_shapes(ending[0])
+    try:
+        outputs = windowed.generate(requests, GREEDY, stage="s")
+    finally:
+        hook.remove()
+    assert outputs == everything
+    assert max(rows for rows, width in shapes if width == 1) <= 5
+    stats = windowed.describe()["decode_stats"]
+    assert stats["rows_joined"] > 0 and stats["rows_dropped"] == 16
+    sampled = engine(ending, batch_size=16)
+    sampled.decode_options = dataclasses.replace(sampled.decode_options, max_rows=4)
+    assert sampled.generate(requests, SAMPLING, stage="s") == engine(ending, batch_size=16).generate(
+        requests, SAMPLING, stage="s"
+    )
+
+
+def test_shared_groups_pick_the_prefixes_that_save_most():
+    a, b, c = [5] * 20, [6] * 30, [9] * 10
+    ids = [a + [1], b + [1, 2], a + [2, 3], [7, 1], b + [3], a + [4]]
+    assert shared_groups(ids, min_shared=16) == [(20, [0, 2, 5]), (30, [1, 4])]
+    assert shared_groups(ids, min_shared=25) == [(30, [1, 4])]
+    # all six share 10 tokens, each half 50: two groups of 50 save 200 tokens, one of 10 saves 50
+    nested = [c + [1] * 40 + [k] for k in range(3)] + [c + [2] * 40 + [k] for k in range(3)]
+    assert shared_groups(nested, min_shared=4) == [(50, [0, 1, 2]), (50, [3, 4, 5])]
+    assert shared_groups([[1, 2], [1, 2]], 1) == [(1, [0, 1])]  # the last token is never in the prefix
+    assert shared_groups([[1], [1]], 1) == [] and shared_groups([[1, 2]], 1) == []
+
+
+def test_shared_prefix_is_prefilled_once_and_gives_the_same_texts(tiny):
+    model, _tokenizer = tiny
+    preamble = "Worked example: the answer is found step by step. " * 6
+    requests = [
+        GenerationRequest(r.key, [{"role": "system", "content": preamble}, *r.messages]) for r in make_requests(9)
+    ]
+    shapes, hook = forward_shapes(model)
+    try:
+        shared = engine(tiny, batch_size=9).generate(requests, GREEDY, stage="s")
+        prefills_shared = [shape for shape in shapes if shape[1] > 1]
+        shapes.clear()
+        whole = engine(tiny, batch_size=9)
+        whole.decode_options = dataclasses.replace(whole.decode_options, min_shared_prefix=10**9)
+        separate = whole.generate(requests, GREEDY, stage="s")
+        prefills_whole = [shape for shape in shapes if shape[1] > 1]
+    finally:
+        hook.remove()
+    prompt_tokens = sorted(o.prompt_tokens for o in shared)
+    (one_row, rest), (all_rows,) = prefills_shared, prefills_whole
+    assert one_row[0] == 1 and one_row[1] > 60  # the preamble and the template's opening, once
+    assert rest == (9, prompt_tokens[-1] - one_row[1]) and all_rows == (9, prompt_tokens[-1])
+    assert [o.text for o in shared] == [o.text for o in separate]
+    plain = generate_decoder(tiny, batch_size=9).generate(requests, GREEDY, stage="s")
+    assert [o.text for o in shared] == [o.text for o in plain]
+
+
+def test_prompts_of_two_preambles_in_one_call_share_their_own_prefixes(tiny):
+    """Two tasks' preambles of different lengths, and a prompt with neither, in one call: one prefill
+    row per preamble (left-padded), then every prompt's rest; the texts of prefilling each whole."""
+    model, _tokenizer = tiny
+    preambles = ["Worked example: add the numbers. " * 3, "Read the passage, then choose an option. " * 6]
+    requests = [
+        GenerationRequest(
+            r.key, [{"role": "system", "content": preambles[i % 2]}, *r.messages] if i < 8 else r.messages
+        )
+        for i, r in enumerate(make_requests(9))
+    ]
+    shapes, hook = forward_shapes(model)
+    try:
+        shared = engine(tiny, batch_size=9)
+        outputs = shared.generate(requests, GREEDY, stage="s")
+    finally:
+        hook.remove()
+    whole = engine(tiny, batch_size=9)
+    whole.decode_options = dataclasses.replace(whole.decode_options, min_shared_prefix=10**9)
+    assert [o.text for o in outputs] == [o.text for o in whole.generate(requests, GREEDY, stage="s")]
+    prefixes, rest = (shape for shape in shapes if shape[1] > 1)
+    assert prefixes[0] == 2 and rest[0] == 9
+    stats = shared.describe()["decode_stats"]
+    assert stats["shared_groups"] == 2 and stats["prefix_tokens_saved"] > 3 * prefixes[1]
+
+
+def test_a_sample_does_not_depend_on_the_rows_beside_it(tiny):
+    """Each row samples from its own generator, seeded by (seed, stage, key, sample): batch size,
+    the other prompts and when their rows end change nothing."""
+    requests = make_requests(7)
+    together = engine(tiny, batch_size=14).generate(requests, SAMPLING, stage="s")
+    alone = [o for r in requests for o in engine(tiny, batch_size=2).generate([r], SAMPLING, stage="s")]
+    assert [(o.key, o.sample, o.text) for o in together] == [(o.key, o.sample, o.text) for o in alone]
+    other_stage = engine(tiny, batch_size=14).generate(requests, SAMPLING, stage="t")
+    assert [o.text for o in other_stage] != [o.text for o in together]
+
+
+def test_a_store_is_not_resumed_by_another_decoder(tiny, tmp_path):
+    requests = make_requests(4)
+    generate_decoder(tiny, batch_size=2).generate(requests, GREEDY, stage="s", store_dir=tmp_path)
+    with pytest.raises(StoreMismatchError, match="decoder"):
+        engine(tiny, batch_size=2).generate(requests, GREEDY, stage="s", store_dir=tmp_path)
+    assert json.loads((tmp_path / "plan.json").read_text())["decoder"] == "generate"
 
 
 def test_memory_budget_cuts_calls_by_the_batch_lengths(tiny):

@@ -41,6 +41,33 @@ def run_python(code: str, timeout: float = 1200) -> dict:
 
 
 @needs_gpu
+def test_loop_decoder_on_gpu_gives_generates_greedy_texts_and_samples_independent_of_rows():
+    import dataclasses
+
+    from reflectevo.config import ModelParams
+    from reflectevo.generation.engines import TransformersEngine
+    from reflectevo.generation.requests import GenerationRequest, GenerationSettings
+    from reflectevo.models.loading import load_model
+
+    loaded = load_model(ModelParams(name="builtin:tiny", device="cuda", dtype="float32"))
+    requests = [
+        GenerationRequest(f"q{i}", [{"role": "user", "content": "word " * i + "What is 2 + 3?"}]) for i in range(12)
+    ]
+    greedy = GenerationSettings(max_new_tokens=24)
+    engines = {}
+    for decoder in ("generate", "loop"):
+        engines[decoder] = TransformersEngine(loaded.model, loaded.tokenizer, batch_size=12, progress=False)
+        engines[decoder].decoder = decoder
+    texts = {name: [o.text for o in made.generate(requests, greedy, stage="s")] for name, made in engines.items()}
+    assert texts["loop"] == texts["generate"]
+    sampling = GenerationSettings(max_new_tokens=24, n=3, temperature=0.7, seed=1)
+    windowed = TransformersEngine(loaded.model, loaded.tokenizer, batch_size=36, progress=False)
+    windowed.decode_options = dataclasses.replace(windowed.decode_options, max_rows=7)
+    whole = TransformersEngine(loaded.model, loaded.tokenizer, batch_size=36, progress=False)
+    assert windowed.generate(requests, sampling, stage="s") == whole.generate(requests, sampling, stage="s")
+
+
+@needs_gpu
 def test_shared_prefill_on_gpu_gives_the_same_greedy_text_as_separate_prefills():
     from reflectevo.config import ModelParams
     from reflectevo.generation.engines import TransformersEngine
@@ -55,7 +82,7 @@ def test_shared_prefill_on_gpu_gives_the_same_greedy_text_as_separate_prefills()
     texts = {}
     for shared in (False, True):
         engine = TransformersEngine(loaded.model, loaded.tokenizer, batch_size=18, progress=False)
-        engine.shared_prefill = shared
+        engine.decoder, engine.shared_prefill = "generate", shared
         texts[shared] = [o.text for o in engine.generate(requests, settings, stage="s")]
     assert texts[True] == texts[False]
 

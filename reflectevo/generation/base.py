@@ -124,9 +124,14 @@ class BatchedEngine:
         """(text, finish_reason, new_tokens) per prompt and sample, prompt-major."""
         raise NotImplementedError
 
+    def decoder_name(self) -> str:
+        """Which decoding produced the outputs: a store holds the outputs of one decoder only."""
+        return self.name
+
     def describe(self) -> dict[str, Any]:
         return {
             "engine": self.name,
+            "decoder": self.decoder_name(),
             "model": self.model_name,
             "batch_size": self.batch_size,
             "batch_size_requested": self.requested_batch_size,
@@ -198,6 +203,7 @@ class BatchedEngine:
         return {
             "stage": stage,
             "engine": self.name,
+            "decoder": self.decoder_name(),
             "model": self.model_name,
             "settings": settings.to_dict(),
             "prompts_per_batch": prompts_per_batch,

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from reflectevo.config import GenerationParams
 from reflectevo.core.jsonl import read_jsonl
@@ -20,6 +20,7 @@ from reflectevo.generation.base import (
     Engine,
     MemoryBudget,
 )
+from reflectevo.generation.decoding import DECODER_VERSION, DecodeOptions
 from reflectevo.generation.requests import (
     _PARAMS,
     FinishReason,
@@ -29,7 +30,7 @@ from reflectevo.generation.requests import (
     check_requests,
     render_chat,
 )
-from reflectevo.generation.store import Batch, batch_seed, load_store
+from reflectevo.generation.store import Batch, batch_seed, load_store, sample_seed
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,23 @@ MODEL_INFO_KEYS = (
     "default_system_message",
     "eos_token",
     "pad_token",
+)
+
+
+DECODE_STAT_KEYS = (
+    "calls",
+    "rows",
+    "steps",
+    "rows_dropped",
+    "rows_joined",
+    "row_steps",
+    "idle_row_steps",
+    "shared_groups",
+    "prefix_tokens_saved",
+    "prefill_tokens",
+    "prefill_padding",
+    "prefill_seconds",
+    "decode_seconds",
 )
 
 
@@ -74,9 +92,15 @@ class TransformersEngine(BatchedEngine):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.chunk_size: int | None = None  # sequences per generate call once an OOM forced it down
         self.memory_budget: MemoryBudget | None = None  # set by batch_size "auto" on a GPU
-        # n samples of one prompt share one prefill: the prompt is encoded once and its KV cache
-        # copied n times, instead of generate() encoding n copies of the prompt
+        # "loop": reflectevo.generation.decoding (shared prefixes prefilled once, ended rows leave the
+        # batch, per-row samplers); "generate": model.generate on the padded batch, as before
+        self.decoder: Literal["loop", "generate"] = "loop"
+        self.decode_options = DecodeOptions()
+        # with decoder "generate": n samples of one prompt share one prefill (the prompt is encoded
+        # once and its KV cache copied n times, instead of generate() encoding n copies of the prompt)
         self.shared_prefill = True
+        # summed over the loop decoder's calls: reflectevo.generation.decoding.Decoder.last
+        self.decode_stats: dict[str, float] = dict.fromkeys(DECODE_STAT_KEYS, 0)
         # callables (token_ids of a chunk, settings) -> a transformers LogitsProcessor, added to
         # every generate call (the benchmarks impose output lengths on random-weight models this way)
         self.processor_factories: list[Callable[[Sequence[Sequence[int]], GenerationSettings], Any]] = []
@@ -96,6 +120,15 @@ class TransformersEngine(BatchedEngine):
         )
         engine.model_info = manifest_model_info(loaded.info or {})
         return engine
+
+    def decoder_name(self) -> str:
+        return DECODER_VERSION if self.decoder == "loop" else "generate"
+
+    def describe(self) -> dict[str, Any]:
+        stats = {
+            name: round(value, 3) if isinstance(value, float) else value for name, value in self.decode_stats.items()
+        }
+        return {**super().describe(), "decode_stats": stats}
 
     def auto_batch_size(self) -> int:
         import torch
@@ -167,9 +200,13 @@ class TransformersEngine(BatchedEngine):
             try:
                 samples = []
                 for start in range(0, len(batch.keys), size):
-                    # every chunk reseeds, so a batch's samples do not depend on what ran before it
-                    torch.manual_seed(batch_seed(settings.seed, stage, batch.keys[start]))
-                    samples.extend(self.generate_chunk(batch.token_ids[start : start + size], settings))
+                    keys = batch.keys[start : start + size]
+                    if self.decoder == "generate":
+                        # every chunk reseeds, so a batch's samples do not depend on what ran before it
+                        torch.manual_seed(batch_seed(settings.seed, stage, keys[0]))
+                    samples.extend(
+                        self.generate_chunk(batch.token_ids[start : start + size], settings, keys=keys, stage=stage)
+                    )
                 return samples
             except torch.cuda.OutOfMemoryError:
                 if size == 1:
@@ -196,6 +233,45 @@ class TransformersEngine(BatchedEngine):
                     torch.cuda.empty_cache()
 
     def generate_chunk(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        settings: GenerationSettings,
+        *,
+        keys: Sequence[str] = (),
+        stage: str = "",
+    ) -> list[tuple[str, FinishReason, int]]:
+        """(text, finish reason, new tokens) of every prompt's ``settings.n`` samples, prompt-major.
+        ``keys`` (the prompts' record keys) and ``stage`` seed the loop decoder's per-row samplers."""
+        if self.decoder == "loop":
+            return self.decode_chunk(token_ids, settings, keys, stage)
+        return self.generate_call(token_ids, settings)
+
+    def decode_chunk(
+        self, token_ids: Sequence[Sequence[int]], settings: GenerationSettings, keys: Sequence[str], stage: str
+    ) -> list[tuple[str, FinishReason, int]]:
+        import torch
+
+        # imported here, as torch is everywhere in this class: the package imports without it
+        from reflectevo.generation.decoding import Decoder
+
+        if len(keys) != len(token_ids):
+            raise GenerationError(f"{len(token_ids)} prompts need as many record keys, got {len(keys)}")
+        seeds = [sample_seed(settings.seed, stage, key, sample) for key in keys for sample in range(settings.n)]
+        processors = [make(token_ids, settings) for make in self.processor_factories]
+        decoder = Decoder(self.model, self.tokenizer, self.eos_ids, self.pad_id, self.decode_options)
+        was_training = self.model.training
+        self.model.eval()  # dropout off: a model fresh from training is still in train mode
+        try:
+            with torch.inference_mode():
+                rows = decoder.run(token_ids, settings, seeds, processors)
+        finally:
+            self.model.train(was_training)
+        self.decode_stats["calls"] += 1
+        for name in DECODE_STAT_KEYS[1:]:
+            self.decode_stats[name] += decoder.last.get(name, 0)
+        return [self.finish(row.new_ids, settings.stop) for row in rows]
+
+    def generate_call(
         self, token_ids: Sequence[Sequence[int]], settings: GenerationSettings
     ) -> list[tuple[str, FinishReason, int]]:
         import torch
@@ -308,7 +384,9 @@ class UnslothEngine(TransformersEngine):
             progress=progress,
             max_seq_length=(loaded.info or {}).get("max_seq_length"),
         )
-        self.shared_prefill = False  # Unsloth's patched forward keeps its own cache; let it prefill
+        # Unsloth's patched forward keeps its own cache: let its generate() prefill and decode
+        self.decoder = "generate"
+        self.shared_prefill = False
 
 
 class VLLMEngine(BatchedEngine):

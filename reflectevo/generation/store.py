@@ -24,6 +24,7 @@ PLAN_FIELDS = {
     "plan_sha256": "set of record keys or prompts",
     "num_batches": "number of batches",
     "prompts_per_batch": "batch size",
+    "decoder": "decoder (engine.decoder_name(): outputs of two decoders are not mixed in one store)",
 }  # plan.json fields, as the mismatch error names them
 BATCH_FILE = re.compile(r"batch-(\d{5})-([0-9a-f]{12})\.jsonl")
 BATCH_TEMP_FILE = re.compile(r"\.batch-(\d{5})-[0-9a-f]{12}\.jsonl\..*\.tmp")  # write_jsonl_atomic's temp name
@@ -51,11 +52,41 @@ def batch_seed(seed: int, stage: str, first_key: str) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
+def sample_seed(seed: int, stage: str, key: str, sample: int) -> int:
+    """The 64-bit sampler seed of one sample of one record: a function of the run seed, the stage, the
+    record key and the sample index, so a sample does not depend on the batch it runs in."""
+    digest = hashlib.sha256(f"{seed}\x1f{stage}\x1f{key}\x1f{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+# Prompts whose first GROUP_TOKENS tokens agree are planned side by side, so a batch's prompts share
+# their opening and the decoder prefills it once. 64 tokens hold any chat template's opening and
+# system message of the models we know, and a task's few-shot preamble diverges from another's
+# within them; a longer shared system message puts every prompt in one group, which is the plain
+# length sort.
+GROUP_TOKENS = 64
+
+
 def plan_batches(
-    keys: Sequence[str], prompts: Sequence[str], token_ids: Sequence[Sequence[int]], prompts_per_batch: int
+    keys: Sequence[str],
+    prompts: Sequence[str],
+    token_ids: Sequence[Sequence[int]],
+    prompts_per_batch: int,
+    group_tokens: int = GROUP_TOKENS,
 ) -> list[Batch]:
-    """Longest prompts first (an out-of-memory error shows at once), ties by key; then fixed-size chunks."""
-    order = sorted(range(len(keys)), key=lambda i: (-len(token_ids[i]), keys[i]))
+    """Prompts grouped by their first ``group_tokens`` tokens (0: no groups), the group holding the
+    longest prompt first (an out-of-memory error shows at once); within a group, longest first, ties
+    by key; then fixed-size chunks."""
+    longest: dict[tuple[int, ...], int] = {}
+    for ids in token_ids:
+        opening = tuple(ids[:group_tokens])
+        longest[opening] = max(longest.get(opening, 0), len(ids))
+
+    def place(i: int) -> tuple:
+        opening = tuple(token_ids[i][:group_tokens])
+        return (-longest[opening], opening, -len(token_ids[i]), keys[i])
+
+    order = sorted(range(len(keys)), key=place)
     batches = []
     for start in range(0, len(order), prompts_per_batch):
         chunk = order[start : start + prompts_per_batch]
