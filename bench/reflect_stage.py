@@ -35,6 +35,7 @@ rows idle (row-steps spent on rows that had already ended) and prompt padding.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import random
@@ -418,16 +419,22 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         from reflectevo.config import GenerationParams
 
         engine = UnslothEngine(loaded, GenerationParams(batch_size=args.batch_size), progress=False)
+        ways = [EngineWay(engine, "engine:unsloth")]
     else:
-        engine = TransformersEngine(
-            loaded.model,
-            loaded.tokenizer,
-            batch_size=args.batch_size,
-            progress=False,
-            model_name=args.model,
-            max_seq_length=4096,
-        )
-    ways = [EngineWay(engine, f"engine:{args.engine}")]
+        ways = []
+        for decoder in args.decoders.split(","):
+            engine = TransformersEngine(
+                loaded.model,
+                loaded.tokenizer,
+                batch_size=args.batch_size,
+                progress=False,
+                model_name=args.model,
+                max_seq_length=4096,
+            )
+            engine.decoder = decoder
+            engine.decode_options = dataclasses.replace(engine.decode_options, max_rows=args.max_rows)
+            # the default decoder keeps the suite's name for the engine's row
+            ways.append(EngineWay(engine, "engine:transformers" + ("" if decoder == "loop" else f"/{decoder}")))
     if args.engine == "transformers" and not args.engine_only:
         ways = [
             PlainWay(loaded.model, loaded.tokenizer, 1, "naive"),
@@ -451,7 +458,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         row = run_stage(way, mix, args.k, shape, naive=way.name == "naive")
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
         row["batch_size"] = (
-            1 if way.name == "naive" else (args.plain_batch if way.name.startswith("plain") else engine.batch_size)
+            1 if way.name == "naive" else (args.plain_batch if way.name.startswith("plain") else way.engine.batch_size)
         )
         rows.append(row)
     flops_per_token = 2 * loaded.info["parameters"]  # one multiply-add per weight, the tied head included
@@ -464,7 +471,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": info["dtype"],
         "device": info["device"],
         "engine": args.engine,
-        "batch_size_how": engine.batch_size_how,
+        "batch_size_how": ways[-1].engine.batch_size_how,
         "questions": len(mix),
         "k": args.k,
         "length_scale": args.length_scale,
@@ -523,9 +530,11 @@ def add_load_columns(rows: list[dict[str, Any]], ceiling: float) -> None:
     for row in rows:
         load = row.pop("load")
         texts = texts_of[row["way"]]
-        row["idle_rows"] = round(load["idle_row_steps"] / max(load["row_steps"], 1), 3)
-        row["padding"] = round(load["prefill_padding"] / max(load["prefill_tokens"], 1), 3)
-        row["prefill_tokens"] = load["prefill_tokens"]
+        # the generate decoder does not say which rows had ended: unknown, not zero
+        row["idle_rows"] = round(load["idle_row_steps"] / load["row_steps"], 3) if load["row_steps"] else None
+        counted = load["prefill_tokens"] > 0
+        row["padding"] = round(load["prefill_padding"] / load["prefill_tokens"], 3) if counted else None
+        row["prefill_tokens"] = load["prefill_tokens"] if counted else None
         if load.get("decode_seconds"):
             row["prefill_s"] = round(load["prefill_seconds"], 2)
             row["decode_s"] = round(load["decode_seconds"], 2)
@@ -581,6 +590,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULTS["model"])
     p.add_argument("--engine", choices=["transformers", "unsloth"], default="transformers")
     p.add_argument("--engine-only", action="store_true", help="skip the naive and plain ways")
+    p.add_argument(
+        "--decoders",
+        default="loop",
+        help="the transformers engine's decoders to measure, comma-separated: loop (the default), generate",
+    )
+    p.add_argument("--max-rows", type=int, help="the loop decoder's rows at once (default: the whole batch)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--questions", type=int, default=DEFAULTS["questions"])
     p.add_argument("--k", type=int, default=DEFAULTS["k"], help="reflections per question")
@@ -607,6 +622,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.questions < 2 or args.k < 1 or args.length_scale <= 0:
         raise SystemExit("--questions must be 2 or more, --k 1 or more and --length-scale positive")
+    if not set(args.decoders.split(",")) <= {"loop", "generate"}:
+        raise SystemExit(f"--decoders takes loop and/or generate, got {args.decoders!r}")
     report = measure(args)
     add_ratios(report["rows"], f"plain-{args.plain_batch}")
     add_ratios(report["rows"], "naive")
