@@ -413,6 +413,17 @@ def test_a_sample_does_not_depend_on_the_rows_beside_it(tiny):
     assert [o.text for o in other_stage] != [o.text for o in together]
 
 
+def test_a_generation_config_only_generate_applies_keeps_generate_and_says_so(tiny):
+    model, tokenizer = tiny
+    penalised = copy.deepcopy(model)
+    penalised.generation_config.repetition_penalty = 1.3
+    made = TransformersEngine(penalised, tokenizer, progress=False)
+    assert made.decoder == "generate" and made.decoder_name() == "generate"
+    assert made.describe()["events"] == [{"event": "decoder_generate", "because": ["repetition_penalty=1.3"]}]
+    penalised.generation_config.repetition_penalty = 1.0  # neutral: nothing for the loop to miss
+    assert TransformersEngine(penalised, tokenizer, progress=False).decoder == "loop"
+
+
 def test_a_store_is_not_resumed_by_another_decoder(tiny, tmp_path):
     requests = make_requests(4)
     generate_decoder(tiny, batch_size=2).generate(requests, GREEDY, stage="s", store_dir=tmp_path)

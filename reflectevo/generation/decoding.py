@@ -50,6 +50,39 @@ class DecodeOptions:
     refill_share: float = 0.25
 
 
+# generation-config settings model.generate would apply and this loop does not, with their neutral
+# values: a model whose generation config sets one is decoded by generate (the engine records it)
+GENERATE_ONLY_SETTINGS = {
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None, []),
+    "suppress_tokens": (None, []),
+    "begin_suppress_tokens": (None, []),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "sequence_bias": (None,),
+    "exponential_decay_length_penalty": (None,),
+    "typical_p": (None, 1.0),
+    "epsilon_cutoff": (None, 0.0),
+    "eta_cutoff": (None, 0.0),
+    "min_p": (None, 0.0),
+    "top_h": (None,),
+    "num_beams": (None, 1),
+    "guidance_scale": (None, 1.0),
+    "watermarking_config": (None,),
+}
+
+
+def generate_only_settings(generation_config: Any) -> list[str]:
+    """The settings of ``generation_config`` that only model.generate applies (see above)."""
+    return [
+        f"{name}={getattr(generation_config, name)!r}"
+        for name, neutral in GENERATE_ONLY_SETTINGS.items()
+        if getattr(generation_config, name, None) not in neutral
+    ]
+
+
 @dataclass
 class DecodedRow:
     new_ids: list[int]  # generated tokens, the end token included when one ended the row

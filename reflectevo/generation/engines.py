@@ -20,7 +20,7 @@ from reflectevo.generation.base import (
     Engine,
     MemoryBudget,
 )
-from reflectevo.generation.decoding import DECODER_VERSION, DecodeOptions
+from reflectevo.generation.decoding import DECODER_VERSION, DecodeOptions, generate_only_settings
 from reflectevo.generation.requests import (
     _PARAMS,
     FinishReason,
@@ -96,6 +96,7 @@ class TransformersEngine(BatchedEngine):
         # batch, per-row samplers); "generate": model.generate on the padded batch, as before
         self.decoder: Literal["loop", "generate"] = "loop"
         self.decode_options = DecodeOptions()
+        unsupported = generate_only_settings(model.generation_config)
         # with decoder "generate": n samples of one prompt share one prefill (the prompt is encoded
         # once and its KV cache copied n times, instead of generate() encoding n copies of the prompt)
         self.shared_prefill = True
@@ -105,6 +106,10 @@ class TransformersEngine(BatchedEngine):
         # every generate call (the benchmarks impose output lengths on random-weight models this way)
         self.processor_factories: list[Callable[[Sequence[Sequence[int]], GenerationSettings], Any]] = []
         super().__init__(**options)
+        if unsupported:  # what the model's generation config asks for, only generate() does
+            self.decoder = "generate"
+            self.events.append({"event": "decoder_generate", "because": unsupported})
+            log.info("decoding with model.generate: the generation config sets %s", ", ".join(unsupported))
 
     @classmethod
     def from_loaded(cls, loaded: Any, params: GenerationParams, *, progress: bool = True) -> TransformersEngine:
