@@ -326,7 +326,9 @@ class Decoder:
                     dtype=torch.float64,
                 )
                 cumulative = warp(scores, settings).softmax(dim=-1).double().cumsum(dim=-1)
-                picked = torch.searchsorted(cumulative, (draws.to(device) * cumulative[:, -1])[:, None])
+                # right=True: the first token whose cumulative share exceeds the draw, never one of
+                # probability 0 (a draw of exactly 0 would otherwise pick the first token of the vocabulary)
+                picked = torch.searchsorted(cumulative, (draws.to(device) * cumulative[:, -1])[:, None], right=True)
                 chosen = picked[:, 0].clamp(max=cumulative.shape[-1] - 1).tolist()
             else:
                 chosen = scores.argmax(dim=-1).tolist()
