@@ -20,7 +20,7 @@ from reflectevo.generation.base import (
     Engine,
     MemoryBudget,
 )
-from reflectevo.generation.decoding import DECODER_VERSION, DecodeOptions, generate_only_settings
+from reflectevo.generation.decoding import DECODER_VERSION, DecodeOptions, Decoder, generate_only_settings
 from reflectevo.generation.requests import (
     _PARAMS,
     FinishReason,
@@ -255,9 +255,6 @@ class TransformersEngine(BatchedEngine):
         self, token_ids: Sequence[Sequence[int]], settings: GenerationSettings, keys: Sequence[str], stage: str
     ) -> list[tuple[str, FinishReason, int]]:
         import torch
-
-        # imported here, as torch is everywhere in this class: the package imports without it
-        from reflectevo.generation.decoding import Decoder
 
         if len(keys) != len(token_ids):
             raise GenerationError(f"{len(token_ids)} prompts need as many record keys, got {len(keys)}")

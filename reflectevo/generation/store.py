@@ -48,14 +48,18 @@ class Batch:
 
 def batch_seed(seed: int, stage: str, first_key: str) -> int:
     """The 64-bit sampler seed of a batch: a function of the run seed, the stage and the batch's first key."""
-    digest = hashlib.sha256(f"{seed}\x1f{stage}\x1f{first_key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big")
+    return hashed_seed(seed, stage, first_key)
 
 
 def sample_seed(seed: int, stage: str, key: str, sample: int) -> int:
     """The 64-bit sampler seed of one sample of one record: a function of the run seed, the stage, the
     record key and the sample index, so a sample does not depend on the batch it runs in."""
-    digest = hashlib.sha256(f"{seed}\x1f{stage}\x1f{key}\x1f{sample}".encode()).digest()
+    return hashed_seed(seed, stage, key, sample)
+
+
+def hashed_seed(*parts: object) -> int:
+    """64 bits of the sha256 of ``parts`` joined by the unit separator."""
+    digest = hashlib.sha256("\x1f".join(str(part) for part in parts).encode()).digest()
     return int.from_bytes(digest[:8], "big")
 
 
