@@ -35,6 +35,7 @@ SHARED_GROUPS = {
     "test_notebooks": "smoke-papermill",  # smoke_papermill_run
     "test_evolve": "smoke-papermill",
     "test_faults": "smoke-papermill",
+    "test_compare": "smoke-papermill",
     "test_distributed": "smoke-reflect",  # smoke_reflect_run
     "test_training": "smoke-reflect",
 }

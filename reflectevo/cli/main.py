@@ -8,6 +8,7 @@ reflectevo sandbox
 reflectevo run params/quickstart.yaml [--stages 01,02 | --from 03] [--force] [--dry-run]
 reflectevo run params/evolve-smoke.yaml --from round_2:03      (a run of several rounds: evolve.rounds)
 reflectevo serve MODEL [--host 127.0.0.1] [--port 8000]
+reflectevo compare outputs/quickstart outputs/quickstart-3shot [--tasks] [--out compare/]
 reflectevo train sft|dpo params/quickstart.yaml      (also under accelerate launch -m reflectevo ...)
 accelerate launch --multi_gpu --num_processes 8 -m reflectevo generate params/quickstart.yaml --stage reflect|eval
 """
@@ -260,6 +261,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from reflectevo.analysis.compare import compare_runs
+
+    labels = [name.strip() for name in args.labels.split(",")] if args.labels else None
+    comparison = compare_runs(
+        args.runs, labels=labels, allow_different_items=args.allow_different_items, tasks=args.tasks
+    )
+    print(comparison.to_markdown())
+    if args.out:
+        print(f"written: {comparison.write(args.out)} (with headline.csv, params.csv, paired.csv)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reflectevo", description="ReflectEvo: learning from self-reflection.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -371,6 +385,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, help="results folder (default outputs/<run>/eval-standalone/<model>[-<adapter>])"
     )
     evaluate.set_defaults(run=cmd_eval)
+
+    compare = commands.add_parser(
+        "compare",
+        help="headline tables of several runs side by side, the params that differ, paired tests",
+        description="Put the Acc@t1 / Acc@t2 / delta tables of two or more evaluated runs side by side, with "
+        "the params that differ between them and a paired test of each later run against the first on "
+        "the test items they share. Runs evaluated on different items are refused unless "
+        "--allow-different-items.",
+    )
+    compare.add_argument("runs", nargs="+", help="run folders (outputs/<run>, or outputs/<run>/round_<k>)")
+    compare.add_argument("--labels", help="comma-separated names for the runs (default: their run names)")
+    compare.add_argument("--tasks", action="store_true", help="also one headline table per task")
+    compare.add_argument(
+        "--allow-different-items",
+        action="store_true",
+        help="compare runs evaluated on different test items (every table says so; paired tests use the shared ones)",
+    )
+    compare.add_argument("--out", type=Path, help="also write compare.md and its tables as CSV into this folder")
+    compare.set_defaults(run=cmd_compare)
 
     serve = commands.add_parser("serve", help="serve a model on an OpenAI-compatible endpoint (e.g. as a judge)")
     serve.add_argument("model", help="a hub id, a local folder or a built-in (builtin:tiny), as model.name")
