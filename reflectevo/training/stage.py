@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 from reflectevo import __version__, plots
 from reflectevo.errors import NoTrainingData, TrainingError
+from reflectevo.models.cards import base_model_info, model_card_metadata
 from reflectevo.training.adapters import adapter_folders, dpo_start, merge_adapter, process_rank
 from reflectevo.training.datasets import (
     heldout_questions,
@@ -77,8 +78,15 @@ def model_card(
     section = stage_kind(stage)
     train = stage_section(params, stage)
     last = results[-1].metrics
+    info = base_model_info(params.model.name)
+    if base_name != params.model.name:  # DPO from a merged SFT model: a local folder under the original's licence
+        info = replace(base_model_info(base_name), license=info.license)
     title = f"# reflectevo {section.upper()} adapter: {variant}"
-    lines = [f"{title}, after phase {results[-1].phase}" if later_phases else title, ""]
+    lines = [
+        model_card_metadata(info, tags=[section, "trl"]),
+        f"{title}, after phase {results[-1].phase}" if later_phases else title,
+        "",
+    ]
     if later_phases:
         lines += [
             f"The adapter of {variant} after its {results[-1].phase} phase; the variant's final adapter, in "
@@ -86,7 +94,8 @@ def model_card(
             "",
         ]
     lines += [
-        f"- base model: `{base}` (backend {last['backend']}, {last['dtype']})",
+        f"- base model: `{base}` (backend {last['backend']}, {last['dtype']})"
+        + ("" if info.hub_id else f"; {info.description}"),
         (
             f"- LoRA: r {train.lora.r}, alpha {train.lora.alpha}, dropout {train.lora.dropout}, "
             f"targets {', '.join(train.lora.target_modules)}"
@@ -116,7 +125,13 @@ def model_card(
         f"model: {{name: {base_name}, adapter: path/to/this/folder}}",
         "```",
         "",
-        "or with PEFT: `PeftModel.from_pretrained(base_model, 'path/to/this/folder')`.",
+        "or with PEFT: `PeftModel.from_pretrained(base_model, 'path/to/this/folder')`"
+        + (
+            f" (and `AutoPeftModelForCausalLM.from_pretrained('path/to/this/folder')`, which fetches `{info.hub_id}`)."
+            if info.hub_id
+            else "; `adapter_config.json` names the base by its folder on the machine that trained it, so "
+            "`AutoPeftModelForCausalLM` finds it only there."
+        ),
         "",
     ]
     return "\n".join(lines)
