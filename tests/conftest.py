@@ -36,6 +36,8 @@ SHARED_GROUPS = {
     "test_evolve": "smoke-papermill",
     "test_faults": "smoke-papermill",
     "test_compare": "smoke-papermill",
+    "test_hub": "smoke-papermill",
+    "test_live": "smoke-papermill",
     "test_distributed": "smoke-reflect",  # smoke_reflect_run
     "test_training": "smoke-reflect",
 }

@@ -9,6 +9,7 @@ reflectevo run params/quickstart.yaml [--stages 01,02 | --from 03] [--force] [--
 reflectevo run params/evolve-smoke.yaml --from round_2:03      (a run of several rounds: evolve.rounds)
 reflectevo serve MODEL [--host 127.0.0.1] [--port 8000]
 reflectevo compare outputs/quickstart outputs/quickstart-3shot [--tasks] [--out compare/]
+reflectevo push outputs/quickstart --repo ORG/NAME [--what adapters|datasets|all] [--private] [--dry-run]
 reflectevo train sft|dpo params/quickstart.yaml      (also under accelerate launch -m reflectevo ...)
 accelerate launch --multi_gpu --num_processes 8 -m reflectevo generate params/quickstart.yaml --stage reflect|eval
 """
@@ -198,7 +199,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     stages = [name.strip() for name in args.stages.split(",") if name.strip()] if args.stages else None
     return run_pipeline(
-        args.params, stages=stages, start=args.start, force=args.force, dry_run=args.dry_run, notebooks=args.notebooks
+        args.params,
+        stages=stages,
+        start=args.start,
+        force=args.force,
+        dry_run=args.dry_run,
+        notebooks=args.notebooks,
+        quiet=args.quiet,
     )
 
 
@@ -274,6 +281,28 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from reflectevo.cli.push import push_plan, stage_uploads, upload
+
+    uploads = push_plan(args.run_dir, args.repo, args.what)
+    print(f"{'would upload' if args.dry_run else 'uploading'} ({'private' if args.private else 'public'} repos):")
+    for item in uploads:
+        print(f"  {item.describe()}" + (" (card only)" if not item.files else ""))
+        for key, value in item.rewrites.items():
+            print(f"    adapter_config.json {key} -> {value!r} (a path on this machine)")
+    if args.dry_run:
+        if args.stage:
+            folders = stage_uploads(uploads, args.stage)
+            print(f"staged as they would be uploaded: {', '.join(map(str, folders))}")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="reflectevo-push-") as staging:
+        for url in upload(uploads, private=args.private, staging=staging):
+            print(f"  {url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reflectevo", description="ReflectEvo: learning from self-reflection.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -338,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--notebooks", help="folder of the numbered notebooks (default: ./notebooks, else the source tree's)"
+    )
+    run.add_argument(
+        "--quiet",
+        action="store_true",
+        help="one line per stage only: no section and progress lines while a stage runs, no summary at the end",
     )
     run.set_defaults(run=cmd_run)
 
@@ -404,6 +438,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--out", type=Path, help="also write compare.md and its tables as CSV into this folder")
     compare.set_defaults(run=cmd_compare)
+
+    push = commands.add_parser(
+        "push",
+        help="upload a run's adapters and dataset folder to the Hub (with their cards)",
+        description="Upload a run's LoRA adapters (model repo ORG/NAME, one subfolder each) and its curated "
+        "sets (dataset repo ORG/NAME, one config per set) to the Hugging Face Hub. Needs the network and "
+        "a token (hf auth login, or HF_TOKEN). --dry-run lists what would be uploaded without a network.",
+    )
+    push.add_argument("run_dir", metavar="RUN", type=Path, help="a run folder, e.g. outputs/quickstart")
+    push.add_argument("--repo", required=True, help="ORG/NAME on the Hub (created if missing)")
+    push.add_argument("--what", choices=["adapters", "datasets", "all"], default="all")
+    push.add_argument("--private", action="store_true", help="create the repos private")
+    push.add_argument("--dry-run", action="store_true", help="list what would be uploaded; upload nothing")
+    push.add_argument("--stage", type=Path, help="with --dry-run: also write the upload's folders here, to inspect")
+    push.set_defaults(run=cmd_push)
 
     serve = commands.add_parser("serve", help="serve a model on an OpenAI-compatible endpoint (e.g. as a judge)")
     serve.add_argument("model", help="a hub id, a local folder or a built-in (builtin:tiny), as model.name")

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from reflectevo.cli.live import live_stage, summary_lines
 from reflectevo.config import Params, load_params, round_folder
 from reflectevo.errors import ReflectEvoError, StageError
 from reflectevo.runs.lock import LOCK_TOKEN_ENV, now
@@ -329,8 +330,10 @@ def run_pipeline(
     dry_run: bool = False,
     notebooks: str | Path | None = None,
     out: Printer = print,
+    quiet: bool = False,
 ) -> int:
-    """Run the planned stages; returns the process exit status (0 ok, 1 a stage failed)."""
+    """Run the planned stages; returns the process exit status (0 ok, 1 a stage failed). Unless ``quiet``,
+    each stage's sections and progress are printed as it runs, and a summary at the end (:mod:`.live`)."""
     params = load_params(params_file)  # errors name the file as the user wrote it
     if params.evolve.round is not None:
         raise ReflectEvoError(
@@ -349,6 +352,8 @@ def run_pipeline(
     previous_token = os.environ.get(LOCK_TOKEN_ENV)
     os.environ[LOCK_TOKEN_ENV] = run.lock.token or ""  # the notebooks' kernels join this lock
     rounds: dict[int, RunDir] = {}  # each round's folder, opened (it joins the run's lock) when first needed
+    seconds: dict[str, float] = {}  # stage -> seconds, for the summary
+    skipped: list[str] = []
     try:
         out(f"run {params.run.name!r} -> {run.path}  ({len(plan)} stage(s), notebooks from {folder})")
         if evolving(params):
@@ -362,6 +367,7 @@ def run_pipeline(
             prefix = f"[{position}/{len(plan)}] {planned.key}"
             if planned.action == "skip":
                 out(f"{prefix}: skipped, {planned.reason}")
+                skipped.append(planned.key)
                 if (
                     planned.round is not None
                     and planned.stage.number == "05"
@@ -382,7 +388,7 @@ def run_pipeline(
             started = time.monotonic()
             interrupted, ctrl_c = False, []
             try:
-                with ctrl_c_noted(ctrl_c):
+                with ctrl_c_noted(ctrl_c), live_stage(out, enabled=not quiet) as engine:
                     pm.execute_notebook(
                         str(planned.notebook),
                         str(running),
@@ -391,6 +397,7 @@ def run_pipeline(
                         cwd=os.getcwd(),
                         progress_bar=False,
                         log_output=False,
+                        **engine,
                     )
                 interrupted = bool(ctrl_c)  # the kernel finished the stage anyway: stop before the next one
             except KeyboardInterrupt:
@@ -423,10 +430,14 @@ def run_pipeline(
                     f"identity {planned.identity[:12]} (recorded: {entry.get('status')}, {str(entry.get('identity'))[:12]})"
                 )
                 return 1
-            out(f"{prefix}: done in {time.monotonic() - started:.1f} s")
+            seconds[planned.key] = time.monotonic() - started
+            out(f"{prefix}: done in {seconds[planned.key]:.1f} s")
             if planned.round is not None and planned.stage.number == "05":
                 after_round(run, params, plan, position, folder, out)
         out(f"run {params.run.name!r} complete: {run.path / 'manifest.json'}")
+        if not quiet:
+            for line in summary_lines(run.path, seconds, skipped):
+                out(line)
         return 0
     finally:
         if previous_token is None:

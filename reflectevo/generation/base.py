@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from reflectevo.config import ModelParams
+from reflectevo.core import live
 from reflectevo.errors import GenerationError
 from reflectevo.generation.requests import (
     _PARAMS,
@@ -223,19 +224,16 @@ class BatchedEngine:
 
         stats = self.stats.setdefault(stage, {"seconds": 0.0, "new_tokens": 0, "batches_run": 0, "batches_resumed": 0})
         by_batch: dict[int, list[GenerationOutput]] = {}
-        bar = tqdm(
-            total=sum(len(b.keys) for b in mine) * settings.n,
-            desc=f"generate {stage}",
-            unit="seq",
-            disable=not self.progress,
-            dynamic_ncols=True,
-        )
+        total = sum(len(b.keys) for b in mine) * settings.n
+        bar = tqdm(total=total, desc=f"generate {stage}", unit="seq", disable=not self.progress, dynamic_ncols=True)
+        terminal = live.Progress(f"generate {stage}", total, "sequences")
         try:
             for batch in mine:
                 if batch.index in done:
                     by_batch[batch.index] = done[batch.index]
                     stats["batches_resumed"] += 1
                     bar.update(len(done[batch.index]))
+                    terminal.update(bar.n, "resumed from the store")
                     continue
                 started = time.perf_counter()
                 samples = self.run_batch(batch, settings, stage)
@@ -262,7 +260,9 @@ class BatchedEngine:
                 stats["new_tokens"] += sum(o.new_tokens for o in outputs)
                 stats["batches_run"] += 1
                 bar.update(len(outputs))
-                bar.set_postfix(tok_s=f"{stats['new_tokens'] / max(stats['seconds'], 1e-9):.0f}")
+                tokens_per_s = stats["new_tokens"] / max(stats["seconds"], 1e-9)
+                bar.set_postfix(tok_s=f"{tokens_per_s:.0f}")
+                terminal.update(bar.n, f"{tokens_per_s:.0f} tokens/s")
         finally:
             bar.close()
         return by_batch

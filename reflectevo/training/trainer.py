@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reflectevo.config import Params, TrainParams
+from reflectevo.core import live
 from reflectevo.core.files import atomic_write_json, replace_directory
 from reflectevo.core.seeds import derive_seed
 
@@ -256,6 +257,20 @@ def make_trainer(
     return trainer
 
 
+def live_callback(label: str):
+    """A callback that sends each logged step (loss, held-out loss) to `reflectevo run`'s terminal."""
+    from transformers import TrainerCallback
+
+    class LiveLines(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            shown = {key: value for key, value in (logs or {}).items() if "loss" in key and isinstance(value, float)}
+            if shown:
+                values = ", ".join(f"{key} {value:.4f}" for key, value in shown.items())
+                live.report("train", f"{label}: step {state.global_step}/{state.max_steps}, {values}")
+
+    return LiveLines()
+
+
 def last_complete_checkpoint(folder: Path, main: bool) -> Path | None:
     """The newest checkpoint that holds every file a resume needs; newer, incomplete ones (a process
     killed while saving) are removed by the main process, as they cannot be resumed from."""
@@ -414,6 +429,8 @@ def train_phase(
         precompute_ref=train.precompute_ref_log_probs if kind == "dpo" else False,
         batching=batching.mode,
     )
+    if live.enabled() and main:
+        callbacks = (*callbacks, live_callback(f"train {kind} {variant}, {phase}"))
     trainer = make_trainer(kind, loaded, args, train_set, eval_sets, callbacks, batching=batching.mode)
 
     tokens_at_start = 0
