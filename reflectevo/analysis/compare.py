@@ -26,6 +26,7 @@ from reflectevo.core.markdown import markdown_table
 from reflectevo.core.seeds import canonical_hash
 from reflectevo.errors import DataError, EvaluationError
 from reflectevo.evaluation.metrics import (
+    COMPARISON_FIELDS,
     DASH,
     OVERALL,
     format_cell,
@@ -38,24 +39,7 @@ from reflectevo.runs.plan import read_manifest
 SUMMARY = Path("eval") / "summary.csv"
 PREDICTIONS = Path("eval") / "predictions.jsonl"
 MISSING = DASH  # a params key one run does not have, or a headline row one run did not evaluate
-PAIRED_COLUMNS = [
-    "variant",
-    "protocol",
-    "grader",
-    "metric",
-    "run_a",
-    "run_b",
-    "n",
-    "acc_a",
-    "acc_b",
-    "difference",
-    "difference_low",
-    "difference_high",
-    "a_only",
-    "b_only",
-    "p_value",
-    "verdict",
-]
+PAIRED_COLUMNS = ["variant", "protocol", "grader", "metric", "run_a", "run_b", *COMPARISON_FIELDS]
 
 
 class RunsDifferError(EvaluationError):
