@@ -629,7 +629,12 @@ def main(argv: list[str] | None = None) -> int:
     add_ratios(report["rows"], "naive")
     print(
         f"reflect stage, {report['model']} ({report['parameters'] / 1e6:.1f} M parameters, {report['dtype']}, "
-        f"{report['device']}), {report['questions']} questions x k={args.k}, lengths x{args.length_scale}"
+        f"{report['device']}), {report['questions']} questions x k={args.k}, "
+        + (
+            f"natural lengths ({args.fewshots}-shot, at most {args.max_new_tokens} tokens per call)"
+            if args.lengths == "natural"
+            else f"imposed lengths x{args.length_scale} ({args.fewshots}-shot)"
+        )
     )
     print_table(report["rows"], [("x_" + f"plain-{args.plain_batch}", "x plain"), ("x_naive", "x naive")])
     print(
