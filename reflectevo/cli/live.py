@@ -67,9 +67,6 @@ def section_headings(nb: Any) -> dict[int, str]:
     return headings
 
 
-_printer: list[Printer] = []  # the engine's printer while a stage runs (papermill builds engines by class)
-
-
 def register_engine() -> None:
     """Register the papermill engine that prints section headings (idempotent)."""
     from papermill.engines import NBClientEngine, papermill_engines
@@ -82,7 +79,9 @@ def register_engine() -> None:
 
             def cell_start(cell, cell_index=None, **more):
                 if cell_index in headings and _printer:
-                    _printer[-1](f"{INDENT}{headings[cell_index]}")
+                    tail, out = _printer[-1]
+                    tail.drain()  # the previous section's last progress lines first
+                    out(f"{INDENT}{headings[cell_index]}")
                 return original(cell, cell_index, **more)
 
             nb_man.cell_start = cell_start
@@ -91,27 +90,41 @@ def register_engine() -> None:
     papermill_engines.register(ENGINE, LiveEngine)
 
 
-def _tail(path: Path, out: Printer, stop: threading.Event) -> None:
-    position = 0
-    while True:
-        finished = stop.wait(0.5)
-        try:
-            with open(path, encoding="utf-8") as handle:
-                handle.seek(position)
-                chunk = handle.read()
-        except FileNotFoundError:
-            chunk = ""
-        complete, _, _ = chunk.rpartition("\n")
-        if complete:
-            position += len((complete + "\n").encode("utf-8"))
+class Tail:
+    """Prints the events the kernel appends to ``path``; ``drain`` prints what has arrived so far (called by
+    the poller every half second, and before a section heading so that lines keep their order)."""
+
+    def __init__(self, path: Path, out: Printer) -> None:
+        self.path, self.out = path, out
+        self.position = 0
+        self.lock = threading.Lock()
+
+    def drain(self) -> None:
+        with self.lock:
+            try:
+                with open(self.path, encoding="utf-8") as handle:
+                    handle.seek(self.position)
+                    chunk = handle.read()
+            except FileNotFoundError:
+                return
+            complete, _, _ = chunk.rpartition("\n")
+            if not complete:
+                return
+            self.position += len((complete + "\n").encode("utf-8"))
             for line in complete.splitlines():
                 try:
                     event = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                out(f"{INDENT}{INDENT}{event.get('text', '')}")
-        if finished:
-            return
+                self.out(f"{INDENT}{INDENT}{event.get('text', '')}")
+
+    def poll(self, stop: threading.Event) -> None:
+        while not stop.wait(0.5):
+            self.drain()
+        self.drain()
+
+
+_printer: list[tuple[Tail, Printer]] = []  # the running stage's (papermill builds engines by class)
 
 
 @contextlib.contextmanager
@@ -128,9 +141,10 @@ def live_stage(out: Printer, enabled: bool = True) -> Iterator[dict[str, Any]]:
     previous = os.environ.get(LIVE_ENV)
     os.environ[LIVE_ENV] = str(path)  # the kernel inherits the runner's environment
     stop = threading.Event()
-    thread = threading.Thread(target=_tail, args=(path, out, stop), daemon=True)
+    tail = Tail(path, out)
+    thread = threading.Thread(target=tail.poll, args=(stop,), daemon=True)
     thread.start()
-    _printer.append(out)
+    _printer.append((tail, out))
     try:
         yield {"engine_name": ENGINE, "kernel_manager_class": ipc_kernel_manager_class()}
     finally:
