@@ -254,3 +254,28 @@ def clone_run(source_cwd: Path, dest_cwd: Path, name: str, overrides: dict | Non
     }
     sections["run"] = run
     return load_params(REPO / "params" / "smoke.yaml", sections)
+
+
+LOCK_HOLDER = """
+import sys, time
+from reflectevo.config import load_params
+from reflectevo.runs.rundir import open_run
+params = load_params(None, {"run": {"name": sys.argv[2], "output_dir": sys.argv[1]}})
+run = open_run(params, command="holder")
+print("locked", flush=True)
+time.sleep(float(sys.argv[3]))
+"""
+
+
+def start_lock_holder(run_dir: Path, seconds: float):
+    """Another process that opens the run at ``run_dir`` (its lock held) and sleeps ``seconds``."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(run_dir.parent), run_dir.name, str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    return holder

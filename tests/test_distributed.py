@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import clone_run
+from conftest import clone_run, start_lock_holder
 
 from reflectevo.cli import generate as distributed
 from reflectevo.cli.generate import ProcessGroup, check_launch, generate_stage
@@ -29,7 +29,6 @@ from reflectevo.generation.base import BatchedEngine
 from reflectevo.generation.engines import make_engine
 from reflectevo.generation.requests import GenerationRequest, GenerationSettings
 from reflectevo.generation.store import create_once
-from reflectevo.runs.lock import RunLock
 from reflectevo.runs.plan import read_manifest
 from reflectevo.runs.rundir import RunDir
 
@@ -296,13 +295,13 @@ def test_a_launch_that_cannot_plan_the_same_batches_everywhere_is_refused(smoke_
         generate_stage(params, "eval", out=lambda line: None)
 
     # a run another process is writing is left alone
-    holder = RunLock(params.run_dir)
-    holder.acquire("reflectevo run (another process)")
+    holder = start_lock_holder(params.run_dir, 60)
     try:
         with pytest.raises(RunLockedError, match="is being written"):
             generate_stage(params, "reflect", out=lambda line: None)
     finally:
-        holder.release()
+        holder.kill()
+        holder.wait()
 
 
 def test_a_file_created_once_by_racing_writers_is_whole_and_written_once(tmp_path):

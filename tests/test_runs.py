@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import LOCK_HOLDER, start_lock_holder
 
 from reflectevo.config import load_params
 from reflectevo.core.files import atomic_directory, atomic_write_json, atomic_write_text
@@ -55,29 +56,8 @@ def test_atomic_directory_replaces_only_on_success(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
 
 
-HOLD = textwrap.dedent(
-    """
-    import sys, time
-    from reflectevo.config import load_params
-    from reflectevo.runs.rundir import open_run
-    params = load_params(None, {"run": {"name": "t", "output_dir": sys.argv[1]}})
-    run = open_run(params, command="holder")
-    print("locked", flush=True)
-    time.sleep(float(sys.argv[2]))
-    """
-)
-
-
-def start_holder(output_dir: Path, seconds: float) -> subprocess.Popen:
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(output_dir), str(seconds)], stdout=subprocess.PIPE, text=True
-    )
-    assert holder.stdout.readline().strip() == "locked"
-    return holder
-
-
 def test_a_second_writer_is_refused_with_who_holds_the_lock(params, tmp_path):
-    holder = start_holder(tmp_path / "outputs", 30)
+    holder = start_lock_holder(tmp_path / "outputs" / "t", 30)
     try:
         with pytest.raises(RunLockedError) as info:
             open_run(params)
@@ -89,7 +69,7 @@ def test_a_second_writer_is_refused_with_who_holds_the_lock(params, tmp_path):
 
 
 def test_a_stale_lock_is_taken_over_and_recorded(params, tmp_path):
-    holder = start_holder(tmp_path / "outputs", 30)
+    holder = start_lock_holder(tmp_path / "outputs" / "t", 30)
     holder.kill()  # dies holding the lock, as a killed kernel does
     holder.wait()
     run = open_run(params)
@@ -111,10 +91,50 @@ def test_a_process_started_by_the_holder_joins_its_lock(params, monkeypatch):
         joined.close()  # a joiner never releases the holder's lock
         assert (run.path / ".lock").exists()
         monkeypatch.delenv(LOCK_TOKEN_ENV)
-        with pytest.raises(RunLockedError):
-            open_run(params)
+        other = subprocess.run(  # a process the holder did not start is refused
+            [sys.executable, "-c", LOCK_HOLDER, str(run.path.parent), run.path.name, "0"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert other.returncode != 0 and "is being written" in other.stderr
     finally:
         run.close()
+
+
+def test_the_same_process_opening_the_run_again_takes_the_lock_afresh(params):
+    # A notebook's opening cell executed twice in one kernel: the second open takes the lock over
+    # (a new token); the first one's close then leaves the new holder's lock alone.
+    first = open_run(params)
+    second = open_run(params)
+    assert second.lock.owned and second.lock.token != first.lock.token
+    first.close()
+    assert json.loads((second.path / ".lock").read_text())["token"] == second.lock.token
+    second.close()
+    assert not (second.path / ".lock").exists()
+
+
+def test_a_closed_run_refuses_every_write_and_says_how_to_reopen(params):
+    run = open_run(params)
+    stage = run.begin_stage("01_data")
+    stage.finish()
+    run.close()
+    before = (run.path / "manifest.json").read_bytes()
+    attempts = (
+        lambda: stage.finish(),
+        lambda: stage.dir,
+        lambda: run.figures,
+        lambda: run.begin_stage("01_data"),
+        lambda: run.add_event({"kind": "test"}),
+    )
+    for attempt in attempts:
+        with pytest.raises(StageError, match=r"was closed .*re-execute the notebook from the cell that opens the run"):
+            attempt()
+    assert (run.path / "manifest.json").read_bytes() == before
+    reopened = open_run(params)  # what the message says to do
+    reopened.begin_stage("01_data").finish()
+    reopened.close()
+    assert json.loads((run.path / "manifest.json").read_text())["stages"]["01_data"]["status"] == "done"
 
 
 def test_manifest_records_the_facts_a_number_needs(params, tmp_path):

@@ -290,6 +290,7 @@ def run_report(
     Returns the report's path and its section headings."""
     import pandas as pd
 
+    run.check_writable()  # the report is written into the run: only while the notebook holds it
     eval_dir = analysed.run_dir / "eval"
     record = json.loads((eval_dir / "results.json").read_text(encoding="utf-8"))
     summary = pd.read_csv(eval_dir / "summary.csv")

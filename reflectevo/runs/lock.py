@@ -55,6 +55,14 @@ def _alive(owner: dict[str, Any]) -> bool:
     return started is None or owner.get("pid_start") in (None, started)
 
 
+def _is_this_process(owner: dict[str, Any]) -> bool:
+    return (
+        owner.get("host") == socket.gethostname()
+        and owner.get("pid") == os.getpid()
+        and owner.get("pid_start") in (None, _process_start(os.getpid()))
+    )
+
+
 class RunLock:
     """The ``.lock`` file of a run directory: one writer at a time, stale locks taken over."""
 
@@ -94,13 +102,19 @@ class RunLock:
                 if joining and owner.get("token") == joining:
                     self.token = joining
                     return "joined the lock of the process that started this one"
-                if owner and _alive(owner):
+                if owner and _is_this_process(owner):
+                    # A notebook cell that opens the run, executed again in the same kernel: the kernel
+                    # holds the lock already, so it takes it afresh (the former holder's release then
+                    # leaves the new token alone) instead of refusing itself.
+                    note = "re-opened by the process that held the lock"
+                elif owner and _alive(owner):
                     raise RunLockedError(
                         f"run {self.path.parent} is being written by pid {owner.get('pid')} on {owner.get('host')} "
                         f"since {owner.get('since')} ({owner.get('command') or 'unknown command'}). Wait for it to "
                         f"finish, or stop it; if that process is gone on another machine, delete {self.path}."
                     )
-                note = f"took over a stale lock (pid {owner.get('pid')} on {owner.get('host')} is gone)"
+                else:
+                    note = f"took over a stale lock (pid {owner.get('pid')} on {owner.get('host')} is gone)"
             self.token = uuid.uuid4().hex
             record = {
                 "pid": os.getpid(),
@@ -116,6 +130,7 @@ class RunLock:
 
     def release(self) -> None:
         if not self.owned:
+            self.token = None  # a joined lock stays its starter's; this process no longer writes under it
             return
         with self._guard():
             owner = self.read()

@@ -40,6 +40,18 @@ class RunDir:
         self.round = params.evolve.round if evolving(params) else None
         self.top = root.parent if self.round else root  # the run's folder; a round's is inside it
         self.lock = RunLock(self.top)  # one writer for the whole run, every round included
+        self.closed = False
+
+    def check_writable(self) -> None:
+        """Refuse to write once close() ran: the lock is released, so another process may be writing.
+
+        In Jupyter this is a re-executed cell after the stage's last cell (which closes the run)."""
+        if self.closed:
+            raise StageError(
+                f"the run {self.path} was closed (rundir.close() ran at the end of the stage) and no longer "
+                "holds the run's lock, so nothing was written; to run the stage again, re-execute the "
+                "notebook from the cell that opens the run (rundir = open_run(...))"
+            )
 
     # -- paths
     def stage_dir(self, stage: str) -> Path:
@@ -51,6 +63,8 @@ class RunDir:
 
     @property
     def figures(self) -> Path:
+        """Where the stages save their figures; only while the run is open (it is written to)."""
+        self.check_writable()
         return self.path / "figures"
 
     @property
@@ -69,6 +83,7 @@ class RunDir:
 
     def update_manifest(self, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         """Read, change and rewrite the manifest atomically, serialised between processes."""
+        self.check_writable()
         with open(self.path / ".manifest.guard", "a") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)
             try:
@@ -151,6 +166,7 @@ class RunDir:
         self.update_manifest(failed)
 
     def begin_stage(self, stage: str, *, require_upstream: bool = True) -> StageRun:
+        self.check_writable()  # before the clean-up below deletes anything
         spec = get_stage(stage)
         if self.round and not self.params.round_resolved:
             raise StageError(
@@ -201,6 +217,7 @@ class RunDir:
 
     def close(self) -> None:
         self.lock.release()
+        self.closed = True
 
     def __enter__(self) -> Self:
         return self
@@ -220,6 +237,8 @@ class StageRun:
 
     @property
     def dir(self) -> Path:
+        """The stage's folder, to write into; only while the run is open (read back via stage_dir)."""
+        self.run.check_writable()
         return self.run.path / self.spec.folder
 
     def finish(self, outputs: list[str | Path] = (), **extra: Any) -> dict[str, Any]:

@@ -353,7 +353,7 @@ def run_training_stage(
             )
         return StageSummary(stage, results, outputs, figures, skipped)
     except BaseException as exc:
-        if main and rundir is not None and not isinstance(exc, KeyboardInterrupt):
+        if main and rundir is not None and not rundir.closed and not isinstance(exc, KeyboardInterrupt):
             run.mark_stage_failed(stage, f"{type(exc).__name__}: {exc}")
         raise
     finally:
