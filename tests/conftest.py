@@ -38,6 +38,7 @@ SHARED_GROUPS = {
     "test_compare": "smoke-papermill",
     "test_hub": "smoke-papermill",
     "test_live": "smoke-papermill",
+    "test_jupyter": "smoke-papermill",
     "test_distributed": "smoke-reflect",  # smoke_reflect_run
     "test_training": "smoke-reflect",
 }
