@@ -137,5 +137,7 @@ def test_bad_input_says_what_to_fix(two_runs, tmp_path):
         compare_runs([outputs / "smoke", unevaluated])
     with pytest.raises(DataError, match="one per run"):
         compare_runs([outputs / "smoke", outputs / "smoke-oracle"], labels=["a"])
+    with pytest.raises(DataError, match="label.* a are given to several runs"):
+        compare_runs([outputs / "smoke", outputs / "smoke-oracle"], labels=["a", "a"])
     with pytest.raises(DataError, match="given twice"):
         compare_runs([outputs / "smoke", outputs / "smoke"])

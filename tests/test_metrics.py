@@ -18,6 +18,7 @@ from reflectevo.evaluation.metrics import (
     breakdown,
     compare_variants,
     format_cell,
+    format_shares,
     mcnemar,
     paired_comparison,
     paper_reference,
@@ -437,6 +438,10 @@ def test_format_cell():
     assert format_cell(40.0, 38.0, -2.0) == "40.0 / 38.0 / -2.0"
     assert format_cell(20.0, 20.0, -1e-12) == "20.0 / 20.0 / +0.0"
     assert format_cell(None, None, None) == "—"
+    # from the shares summary.csv holds; NaN (pandas' empty cell) is not reported
+    assert format_shares(0.302, 0.388, 0.086) == "30.2 / 38.8 / +8.6"
+    assert format_shares(0.466, float("nan"), float("nan")) == "46.6 / — / —"
+    assert format_shares(None, None, None) == "—"
 
 
 def test_paper_table_layout_and_cells():

@@ -15,7 +15,6 @@ the paired tests use the items both runs answered, and every table says the item
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from reflectevo.evaluation.metrics import (
     COMPARISON_FIELDS,
     DASH,
     OVERALL,
-    format_cell,
+    format_shares,
     paired_comparison,
     prediction_frame,
     read_predictions,
@@ -127,10 +126,6 @@ def params_differences(runs: Sequence[RunResults]) -> Any:
     return pd.DataFrame(rows, columns=["key", *(run.label for run in runs)])
 
 
-def _percent(share: Any) -> float | None:
-    return None if share is None or (isinstance(share, float) and math.isnan(share)) else 100 * share
-
-
 def headline_table(runs: Sequence[RunResults], task: str = OVERALL) -> Any:
     """Acc@t1 / Acc@t2 / Δ (%) of ``task`` ("overall": all tasks pooled), one row per variant x protocol x
     grader found in any run, one column per run ("—" where a run did not evaluate that row)."""
@@ -141,9 +136,7 @@ def headline_table(runs: Sequence[RunResults], task: str = OVERALL) -> Any:
         rows = run.summary[run.summary["task"] == task]
         for row in rows.itertuples(index=False):
             key = (row.variant, row.protocol, row.grader)
-            cells.setdefault(key, {})[run.label] = format_cell(
-                _percent(row.acc_t1), _percent(row.acc_t2), _percent(row.delta)
-            )
+            cells.setdefault(key, {})[run.label] = format_shares(row.acc_t1, row.acc_t2, row.delta)
     rows = [
         {
             "variant": v,
@@ -281,9 +274,13 @@ def _labels(dirs: Sequence[Path], labels: Sequence[str] | None, names: Sequence[
     if labels is not None:
         if len(labels) != len(dirs):
             raise DataError(f"compare_runs: {len(labels)} label(s) for {len(dirs)} run(s); give one per run")
-        chosen = list(labels)
-    else:
-        chosen = list(names)
+        repeated = sorted({label for label in labels if list(labels).count(label) > 1})
+        if repeated:
+            raise DataError(
+                f"compare_runs: the label(s) {', '.join(repeated)} are given to several runs; give each run its own"
+            )
+        return list(labels)
+    chosen = list(names)
     parts = 1
     while len(set(chosen)) < len(chosen) and parts <= max(len(path.resolve().parts) for path in dirs):
         # two runs of the same name, e.g. in two checkouts: the shortest ends of their paths that differ

@@ -163,7 +163,7 @@ def headline(run_dir: Path) -> str | None:
     stage 05's summary.csv; None when the run has no evaluation."""
     import pandas as pd
 
-    from reflectevo.evaluation.metrics import OVERALL, format_cell
+    from reflectevo.evaluation.metrics import OVERALL, format_shares
 
     path = run_dir / "eval" / "summary.csv"
     if not path.is_file():
@@ -173,14 +173,11 @@ def headline(run_dir: Path) -> str | None:
     if rows.empty:
         return None
 
-    def cell(row: Any) -> str:
-        return format_cell(*(None if pd.isna(v) else 100 * v for v in (row.acc_t1, row.acc_t2, row.delta)))
-
     columns = list(dict.fromkeys(f"{r.protocol}/{r.grader}" for r in rows.itertuples()))
     variants = list(dict.fromkeys(rows["variant"]))
     table = {v: {c: "—" for c in columns} for v in variants}
     for r in rows.itertuples():
-        table[r.variant][f"{r.protocol}/{r.grader}"] = cell(r)
+        table[r.variant][f"{r.protocol}/{r.grader}"] = format_shares(r.acc_t1, r.acc_t2, r.delta)
     width = max(len(v) for v in variants)
     widths = {c: max(len(c), *(len(table[v][c]) for v in variants)) for c in columns}
     lines = [" " * width + "  " + "  ".join(c.ljust(widths[c]) for c in columns)]

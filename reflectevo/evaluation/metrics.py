@@ -632,6 +632,15 @@ def format_cell(t1: float | None, t2: float | None, delta: float | None) -> str:
     return DASH if all(part == DASH for part in parts) else " / ".join(parts)
 
 
+def format_shares(t1: float | None, t2: float | None, delta: float | None) -> str:
+    """:func:`format_cell` from shares (0.302, as summary.csv holds them); None or NaN is not reported."""
+
+    def percent(share: float | None) -> float | None:
+        return None if share is None or (isinstance(share, float) and math.isnan(share)) else 100 * share
+
+    return format_cell(percent(t1), percent(t2), percent(delta))
+
+
 def _setting_order(variants: Iterable[str]) -> list[str]:
     present = list(dict.fromkeys(variants))
     return [name for name in SETTINGS if name in present] + [name for name in present if name not in SETTINGS]
