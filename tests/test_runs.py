@@ -107,7 +107,9 @@ def test_the_same_process_opening_the_run_again_takes_the_lock_afresh(params):
     # (a new token); the first one's close then leaves the new holder's lock alone.
     first = open_run(params)
     second = open_run(params)
-    assert second.lock.owned and second.lock.token != first.lock.token
+    assert second.lock.owned and not first.lock.owned
+    with pytest.raises(StageError, match="opened again in this process"):
+        first.add_event({"kind": "test"})  # the former opening no longer writes
     first.close()
     assert json.loads((second.path / ".lock").read_text())["token"] == second.lock.token
     second.close()

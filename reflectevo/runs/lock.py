@@ -63,6 +63,11 @@ def _is_this_process(owner: dict[str, Any]) -> bool:
     )
 
 
+# The lock this process holds per lock file, so that opening a run again in the same process can
+# retire the former holder (see RunLock.acquire).
+_HELD: dict[Path, RunLock] = {}
+
+
 class RunLock:
     """The ``.lock`` file of a run directory: one writer at a time, stale locks taken over."""
 
@@ -70,6 +75,7 @@ class RunLock:
         self.path = run_dir / ".lock"
         self.owned = False
         self.token: str | None = None
+        self.superseded = False  # this process opened the run again: the newer RunLock holds the lock
 
     @contextlib.contextmanager
     def _guard(self) -> Iterator[None]:
@@ -107,6 +113,9 @@ class RunLock:
                     # holds the lock already, so it takes it afresh (the former holder's release then
                     # leaves the new token alone) instead of refusing itself.
                     note = "re-opened by the process that held the lock"
+                    former = _HELD.get(self.path)
+                    if former is not None and former is not self:
+                        former.owned, former.token, former.superseded = False, None, True
                 elif owner and _alive(owner):
                     raise RunLockedError(
                         f"run {self.path.parent} is being written by pid {owner.get('pid')} on {owner.get('host')} "
@@ -126,6 +135,8 @@ class RunLock:
             }
             atomic_write_json(self.path, record)
             self.owned = True
+            self.superseded = False
+            _HELD[self.path] = self
             return note
 
     def release(self) -> None:
@@ -137,3 +148,5 @@ class RunLock:
             if owner and owner.get("token") == self.token:
                 self.path.unlink(missing_ok=True)
         self.owned = False
+        if _HELD.get(self.path) is self:
+            del _HELD[self.path]

@@ -43,14 +43,21 @@ class RunDir:
         self.closed = False
 
     def check_writable(self) -> None:
-        """Refuse to write once close() ran: the lock is released, so another process may be writing.
+        """Refuse to write once close() ran (the lock is released, so another process may be writing), or
+        once this process opened the run again (the newer RunDir holds the lock).
 
-        In Jupyter this is a re-executed cell after the stage's last cell (which closes the run)."""
+        In Jupyter these are a cell executed again after the stage's last cell (which closes the run),
+        and a cell of the former opening executed after the opening cell ran again."""
         if self.closed:
             raise StageError(
                 f"the run {self.path} was closed (rundir.close() ran at the end of the stage) and no longer "
                 "holds the run's lock, so nothing was written; to run the stage again, re-execute the "
                 "notebook from the cell that opens the run (rundir = open_run(...))"
+            )
+        if self.lock.superseded:
+            raise StageError(
+                f"the run {self.path} was opened again in this process (a later open_run, such as the opening "
+                "cell executed again), which holds its lock now; write through the run that call returned"
             )
 
     # -- paths
