@@ -6,6 +6,7 @@ seeding, resume, sharding and stops are checked by comparing outputs byte for by
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -667,3 +668,95 @@ def test_vllm_engine_contract(tiny_dir):
     assert [(o.key, o.sample) for o in outputs] == [(r.key, s) for r in requests for s in (0, 1)]
     assert all(o.finish_reason in ("eos", "stop", "length") and o.new_tokens <= 12 for o in outputs)
     assert vllm_engine.generate(requests, SAMPLING, stage="s") == outputs  # per-request seeds
+
+
+# ---- grouped attention in the loop decoder's steps ----------------------------------------------
+def grouped_heads_model(tiny, kv_heads: int = 2):
+    """The test model's shape with its query heads sharing ``kv_heads`` key/value heads, random weights."""
+    from transformers import LlamaForCausalLM
+
+    config = copy.deepcopy(tiny[0].config)
+    config.num_key_value_heads = kv_heads
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def counting_repeat_kv(monkeypatch) -> list[int]:
+    """Count transformers' copies of key/value heads per query head (repeat_kv with n_rep > 1)."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    calls, original = [], sdpa.repeat_kv
+
+    def counted(hidden, n_rep):
+        if n_rep > 1:
+            calls.append(hidden.shape[2])
+        return original(hidden, n_rep)
+
+    monkeypatch.setattr(sdpa, "repeat_kv", counted)
+    return calls
+
+
+def test_grouped_attention_gives_the_logits_of_sdpa_without_copying_key_value_heads(tiny, monkeypatch):
+    from reflectevo.generation.attention import grouped_attention, groups_of
+
+    heads = tiny[0].config.num_attention_heads
+    model = grouped_heads_model(tiny, kv_heads=1)  # every query head on one key/value head
+    ungrouped = grouped_heads_model(tiny, kv_heads=heads)
+    assert groups_of(model) == heads > 1 and groups_of(ungrouped) == 1
+    copies = counting_repeat_kv(monkeypatch)
+    ids = torch.randint(3, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :5], mask[2, :9] = 0, 0  # left padding of different widths
+    with torch.inference_mode():
+        prefill = model(input_ids=ids, attention_mask=mask, use_cache=True)
+
+    def decode(grouped: bool) -> list[torch.Tensor]:
+        cache, step_mask, token = copy.deepcopy(prefill.past_key_values), mask, prefill.logits[:, -1].argmax(-1)
+        steps = []
+        with grouped_attention(model) if grouped else contextlib.nullcontext(), torch.inference_mode():
+            for _ in range(4):
+                step_mask = torch.cat([step_mask, step_mask.new_ones(3, 1)], dim=1)
+                logits = model(input_ids=token[:, None], attention_mask=step_mask, past_key_values=cache).logits[:, -1]
+                steps.append(logits)
+                token = logits.argmax(-1)
+        return steps
+
+    copies.clear()
+    plain = decode(grouped=False)
+    assert len(copies) == 4 * 2 * model.config.num_hidden_layers  # keys and values, every layer, every step
+    copies.clear()
+    grouped = decode(grouped=True)
+    assert copies == []  # no step copied a key/value head
+    assert model.config._attn_implementation == "sdpa"  # restored after the block
+    for a, b in zip(plain, grouped, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with grouped_attention(ungrouped) as switched:  # no grouped heads: left as it is
+        assert not switched
+
+
+def test_the_loop_decoder_attends_grouped_and_its_stores_say_so(tiny, monkeypatch, tmp_path):
+    model = grouped_heads_model(tiny)
+    copies = counting_repeat_kv(monkeypatch)
+    per_forward = 2 * model.config.num_hidden_layers  # keys and values of every layer
+    requests = make_requests(6)
+    runs = {}
+    for grouped in (True, False):  # False: the benchmarks' baseline, transformers' SDPA in every step
+        made = engine((model, tiny[1]), batch_size=6)
+        made.grouped_attention = grouped
+        copies.clear()
+        shapes, hook = forward_shapes(model)
+        try:
+            made.generate(requests, GREEDY, stage="s", store_dir=tmp_path / str(grouped))
+        finally:
+            hook.remove()
+        prefills = sum(width > 1 for _, width in shapes)
+        runs[grouped] = (made.decoder_name(), len(copies), prefills, len(shapes))
+    assert runs[True][0] == "loop-2" and runs[False][0] == "loop-2-repeat-kv"
+    assert runs[True][1] == per_forward * runs[True][2]  # only the prefills copied heads
+    assert runs[False][1] == per_forward * runs[False][3] > runs[True][1]  # every forward did
+    assert json.loads((tmp_path / "True" / "plan.json").read_text())["decoder"] == "loop-2"
+    plain = engine((model, tiny[1]), batch_size=6)
+    plain.grouped_attention = False
+    with pytest.raises(StoreMismatchError, match="decoder"):  # the two are not mixed in one store
+        plain.generate(requests, GREEDY, stage="s", store_dir=tmp_path / "True")

@@ -33,7 +33,9 @@ from reflectevo.generation.requests import GenerationSettings
 if TYPE_CHECKING:
     import torch
 
-DECODER_VERSION = "loop-1"  # recorded in every plan: outputs of another decoder are not mixed into a store
+# recorded in every plan: outputs of another decoder are not mixed into a store. loop-2: decoding steps
+# attend with reflectevo.generation.attention.grouped_sdpa on models with grouped key/value heads
+DECODER_VERSION = "loop-2"
 
 
 @dataclass(frozen=True)

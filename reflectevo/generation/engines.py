@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Sequence
@@ -11,6 +12,7 @@ from typing import Any, Literal
 from reflectevo.config import GenerationParams
 from reflectevo.core.jsonl import read_jsonl
 from reflectevo.errors import DuplicateKeyError, GenerationError, ReplayMissingError, ReplayRowError
+from reflectevo.generation.attention import grouped_attention
 from reflectevo.generation.base import (
     AUTO_MAX_BATCH,
     AUTO_MEMORY_FRACTION,
@@ -96,6 +98,9 @@ class TransformersEngine(BatchedEngine):
         # batch, per-row samplers); "generate": model.generate on the padded batch, as before
         self.decoder: Literal["loop", "generate"] = "loop"
         self.decode_options = DecodeOptions()
+        # the loop decoder's steps attend with reflectevo.generation.attention.grouped_sdpa (no copies
+        # of the KV cache per query head); False keeps transformers' SDPA attention (the benchmarks' baseline)
+        self.grouped_attention = True
         unsupported = generate_only_settings(model.generation_config)
         # with decoder "generate": n samples of one prompt share one prefill (the prompt is encoded
         # once and its KV cache copied n times, instead of generate() encoding n copies of the prompt)
@@ -127,7 +132,9 @@ class TransformersEngine(BatchedEngine):
         return engine
 
     def decoder_name(self) -> str:
-        return DECODER_VERSION if self.decoder == "loop" else "generate"
+        if self.decoder == "generate":
+            return "generate"
+        return DECODER_VERSION if self.grouped_attention else f"{DECODER_VERSION}-repeat-kv"
 
     def describe(self) -> dict[str, Any]:
         stats = {
@@ -263,8 +270,9 @@ class TransformersEngine(BatchedEngine):
         decoder = Decoder(self.model, self.tokenizer, self.eos_ids, self.pad_id, self.decode_options)
         was_training = self.model.training
         self.model.eval()  # dropout off: a model fresh from training is still in train mode
+        attention = grouped_attention(self.model) if self.grouped_attention else contextlib.nullcontext()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), attention:
                 rows = decoder.run(token_ids, settings, seeds, processors)
         finally:
             self.model.train(was_training)
