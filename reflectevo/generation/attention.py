@@ -20,6 +20,8 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+# torch and transformers are imported inside the functions, as everywhere in the engine: the model
+# backend is selected (Unsloth patches transformers on import) before anything imports them.
 GROUPED_SDPA = "reflectevo_grouped_sdpa"
 
 
