@@ -137,3 +137,31 @@ def test_the_answer_format_bench_measures_every_way_of_asking(tmp_path, official
         assert all(0 <= row[key] <= 1 for key in ("parseable", "accuracy official", "accuracy robust", "cut at limit"))
         assert row["accuracy official"] <= row["parseable"]
     assert "0-shot, 2 calls (Action: Finish[)" in result.stdout
+
+
+def test_the_decode_step_bench_times_and_profiles_both_attentions(tmp_path, tiny_model_dir):
+    """bench/decode_step.py on a small model with grouped heads (the stand-in's shape, every query head on
+    one key/value head, random weights): a row per rows x context with both timings, their ratio and a
+    logit difference at float32 rounding, and the profile's operator groups for both ways."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.num_key_value_heads = 1
+    torch.manual_seed(0)
+    folder = tmp_path / "grouped"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    command = [sys.executable, str(REPO / "bench" / "decode_step.py"), "--model", str(folder)]
+    command += ["--rows", "2,4", "--contexts", "24", "--repeats", "2", "--threads", "1", "--profile"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"({config.num_attention_heads} per group)" in result.stdout
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")]
+    timings = [cells for cells in rows if cells[0].strip().isdigit()]  # not the header rows
+    steps = [cells for cells in timings if len(cells) == 6]
+    assert [(int(c[0]), int(c[1])) for c in steps] == [(2, 24), (4, 24)]
+    for cells in steps:
+        assert float(cells[2]) > 0 and float(cells[3]) > 0 and float(cells[5]) < 1e-4
+    profiled = [cells for cells in timings if len(cells) == 7]
+    assert [c[2].strip() for c in profiled] == ["SDPA", "grouped"] * 2
