@@ -633,12 +633,8 @@ def format_cell(t1: float | None, t2: float | None, delta: float | None) -> str:
 
 
 def format_shares(t1: float | None, t2: float | None, delta: float | None) -> str:
-    """:func:`format_cell` from shares (0.302, as summary.csv holds them); None or NaN is not reported."""
-
-    def percent(share: float | None) -> float | None:
-        return None if share is None or (isinstance(share, float) and math.isnan(share)) else 100 * share
-
-    return format_cell(percent(t1), percent(t2), percent(delta))
+    """:func:`format_cell` from shares (0.302, as summary.csv holds them); None and NaN are not reported."""
+    return format_cell(*(None if share is None else 100 * share for share in (t1, t2, delta)))  # NaN stays NaN
 
 
 def _setting_order(variants: Iterable[str]) -> list[str]:
@@ -668,16 +664,15 @@ def paper_table(
     if OVERALL in set(rows["task"]) and OVERALL not in columns:
         columns.append(OVERALL)
     cells = {
-        (row.variant, row.task): format_cell(100 * row.acc_t1, 100 * row.acc_t2, 100 * row.delta)
+        (row.variant, row.task): format_shares(row.acc_t1, row.acc_t2, row.delta)
         for row in rows.itertuples(index=False)
     }
     variants = _setting_order(rows["variant"])
-    table = pd.DataFrame(
+    return pd.DataFrame(
         [[cells.get((variant, task), DASH) for task in columns] for variant in variants],
         index=pd.Index([SETTINGS.get(variant, variant) for variant in variants], name="setting"),
         columns=columns,
     )
-    return table
 
 
 def paper_model(model_name: str) -> str | None:
@@ -685,10 +680,7 @@ def paper_model(model_name: str) -> str | None:
     the last path component counts ("meta-llama/Meta-Llama-3-8B-Instruct", "unsloth/llama-3-8b-Instruct"
     or a local folder of that name), compared case-insensitively with :data:`MODEL_ALIASES`."""
     last = str(model_name).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].casefold()
-    for key, aliases in MODEL_ALIASES.items():
-        if last in aliases:
-            return key
-    return None
+    return next((key for key, aliases in MODEL_ALIASES.items() if last in aliases), None)
 
 
 def paper_reference(model_name: str) -> Any:
