@@ -21,6 +21,8 @@ from conftest import REPO, SMOKE_NOTEBOOKS
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
+from reflectevo.core.files import file_sha256
+
 # Cells that write into the run: open it, write files or figures, train, finish the stage.
 WRITING = re.compile(
     r"open_run\(|begin_stage\(|\.finish\(|\bwrite_\w+\(|run_sft\(|run_dpo\(|rundir\.figures|stage\.dir|\bshow\(|run_report\("
@@ -56,7 +58,7 @@ def typed_in(stage: str, params_file: Path) -> nbformat.NotebookNode:
 def files_of(run: Path) -> dict[str, str]:
     """Every file of the run (but executed notebooks and lock files) with its SHA-256."""
     return {
-        str(path.relative_to(run)): hashlib.sha256(path.read_bytes()).hexdigest()
+        str(path.relative_to(run)): file_sha256(path)
         for path in sorted(run.rglob("*"))
         if path.is_file() and "notebooks" not in path.relative_to(run).parts and not path.name.startswith(".lock")
     }
