@@ -1,11 +1,17 @@
-"""One decoding step of the loop decoder, with and without grouped attention, and where its time goes.
+"""One decoding step of the loop decoder, three ways, and where its time goes.
 
 A decoding step feeds one token per row against a KV cache of the rows' contexts. The bench builds
 that cache once (a prefill of a few rows, copied up to the batch), then times decoding steps of the
-same batch with transformers' SDPA attention (every key/value head copied once per query head it
-serves) and with ``reflectevo.generation.attention.grouped_sdpa`` (no copies), alternating the two
-so machine noise hits both, and reports the best step of each with their ratio and the largest
-logit difference between them. ``--profile`` adds torch.profiler's operator groups of one step of each.
+same batch three ways, in turn so machine noise hits all three:
+
+- ``SDPA``: transformers' SDPA attention (every key/value head copied once per query head it serves)
+  on transformers' ``DynamicCache`` (the whole cache copied to append the step's position): decoder ``loop-1``;
+- ``grouped``: ``reflectevo.generation.attention.grouped_sdpa`` (no copies of heads), same cache: ``loop-2``;
+- ``reserved``: grouped attention on a cache with room reserved ahead
+  (``reflectevo.generation.cache``), which writes the step's position in place: ``loop-3``.
+
+It reports the best step of each, their ratios to ``SDPA`` and the largest logit difference from it.
+``--profile`` adds torch.profiler's operator groups of one step of each.
 
     python bench/decode_step.py                                  # builtin:smollm2-135m, the default grid
     python bench/decode_step.py --rows 16,64 --contexts 500,1500 --profile
@@ -16,6 +22,7 @@ Rows are padded on the left as the decoder pads them (a quarter of each row but 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import time
 from collections import defaultdict
@@ -25,8 +32,10 @@ import torch
 
 from reflectevo.config import ModelParams
 from reflectevo.generation.attention import grouped_attention, groups_of
+from reflectevo.generation.cache import reserved_layer_class
 from reflectevo.models.loading import load_model
 
+WAYS = ("SDPA", "grouped", "reserved")  # see the docstring
 PREFILL_ROWS = 8  # rows actually prefilled; the batch repeats them (the step's cost does not care)
 # operator-name fragments -> the group they are counted in (first match wins)
 GROUPS = (
@@ -52,37 +61,39 @@ def cached_batch(model: Any, rows: int, context: int, seed: int = 0) -> tuple[An
 
 
 def step(model: Any, cache: Any, mask: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
-    """One decoding step on a copy of ``cache``; the last position's logits."""
+    """One decoding step on ``cache``; the last position's logits."""
     grown = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
     with torch.inference_mode():
         return model(input_ids=token, attention_mask=grown, past_key_values=cache, use_cache=True).logits[:, -1]
 
 
-def timed_steps(model: Any, cache: Any, mask: torch.Tensor, token: torch.Tensor, grouped: bool, repeats: int):
-    """(best seconds of ``repeats`` steps, the logits of the last) with or without grouped attention."""
-    best, logits = float("inf"), None
-    for _ in range(repeats):
-        fresh = copy.deepcopy(cache)
-        started = time.perf_counter()
-        if grouped:
-            with grouped_attention(model):
-                logits = step(model, fresh, mask, token)
-        else:
-            logits = step(model, fresh, mask, token)
-        best = min(best, time.perf_counter() - started)
-    return best, logits
+def prepared(cache: Any, way: str) -> Any:
+    """A copy of ``cache`` to step on: for ``reserved``, its layers moved into buffers with room ahead."""
+    fresh = copy.deepcopy(cache)
+    if way == "reserved":
+        layers = [reserved_layer_class()(reserve=16) for _ in fresh.layers]
+        for layer, old in zip(layers, fresh.layers, strict=True):
+            layer.update(old.keys, old.values)  # copied into a buffer with 16 positions of room
+        fresh.layers = layers
+    return fresh
 
 
-def profile_groups(model: Any, cache: Any, mask: torch.Tensor, token: torch.Tensor, grouped: bool) -> dict[str, float]:
+def timed_step(model: Any, cache: Any, mask: torch.Tensor, token: torch.Tensor, way: str):
+    """(seconds of one step on a fresh copy of ``cache``, its logits), decoded ``way``."""
+    fresh = prepared(cache, way)
+    started = time.perf_counter()
+    with grouped_attention(model) if way != "SDPA" else contextlib.nullcontext():
+        logits = step(model, fresh, mask, token)
+    return time.perf_counter() - started, logits
+
+
+def profile_groups(model: Any, cache: Any, mask: torch.Tensor, token: torch.Tensor, way: str) -> dict[str, float]:
     """Milliseconds of one step per operator group (self CPU time of torch's top-level operators)."""
     from torch.profiler import ProfilerActivity, profile
 
-    fresh = copy.deepcopy(cache)
+    fresh = prepared(cache, way)
     with profile(activities=[ProfilerActivity.CPU]) as recorded:
-        if grouped:
-            with grouped_attention(model):
-                step(model, fresh, mask, token)
-        else:
+        with grouped_attention(model) if way != "SDPA" else contextlib.nullcontext():
             step(model, fresh, mask, token)
     totals: dict[str, float] = defaultdict(float)
     for event in recorded.key_averages():
@@ -109,24 +120,27 @@ def main() -> None:
         f"{model.config.num_key_value_heads} key/value heads ({groups_of(model)} per group), "
         f"{model.config.num_hidden_layers} layers; {args.threads} threads; float32"
     )
-    print("| rows | context | SDPA ms/step | grouped ms/step | x | max abs logit diff |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| rows | context | SDPA ms/step | grouped ms/step | reserved ms/step | x grouped | x reserved "
+        "| max abs logit diff |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     profiles = []
     for rows in (int(v) for v in args.rows.split(",")):
         for context in (int(v) for v in args.contexts.split(",")):
             cache, mask, token = cached_batch(model, rows, context)
-            plain, plain_logits = timed_steps(model, cache, mask, token, grouped=False, repeats=1)
-            grouped, grouped_logits = timed_steps(model, cache, mask, token, grouped=True, repeats=1)
-            for _ in range(args.repeats - 1):  # alternate, so both meet the same noise
-                plain = min(plain, timed_steps(model, cache, mask, token, grouped=False, repeats=1)[0])
-                grouped = min(grouped, timed_steps(model, cache, mask, token, grouped=True, repeats=1)[0])
-            diff = (plain_logits - grouped_logits).abs().max().item()
-            print(
-                f"| {rows} | {context} | {plain * 1000:.0f} | {grouped * 1000:.0f} | {plain / grouped:.2f} | {diff:.1e} |"
-            )
+            best = dict.fromkeys(WAYS, float("inf"))
+            logits = {}
+            for _ in range(args.repeats):  # in turn, so all three meet the same noise
+                for way in WAYS:
+                    seconds, logits[way] = timed_step(model, cache, mask, token, way)
+                    best[way] = min(best[way], seconds)
+            diff = max((logits[way] - logits["SDPA"]).abs().max().item() for way in WAYS[1:])
+            ms = " | ".join(f"{best[way] * 1000:.0f}" for way in WAYS)
+            ratios = " | ".join(f"{best['SDPA'] / best[way]:.2f}" for way in WAYS[1:])
+            print(f"| {rows} | {context} | {ms} | {ratios} | {diff:.1e} |")
             if args.profile:
-                profiles.append((rows, context, "SDPA", profile_groups(model, cache, mask, token, grouped=False)))
-                profiles.append((rows, context, "grouped", profile_groups(model, cache, mask, token, grouped=True)))
+                profiles += [(rows, context, way, profile_groups(model, cache, mask, token, way)) for way in WAYS]
     if profiles:
         labels = [label for label, _ in GROUPS] + ["other"]
         print("\nms of one step by operator group (torch.profiler, self CPU time)\n")

@@ -139,10 +139,10 @@ def test_the_answer_format_bench_measures_every_way_of_asking(tmp_path, official
     assert "0-shot, 2 calls (Action: Finish[)" in result.stdout
 
 
-def test_the_decode_step_bench_times_and_profiles_both_attentions(tmp_path, tiny_model_dir):
+def test_the_decode_step_bench_times_and_profiles_three_ways(tmp_path, tiny_model_dir):
     """bench/decode_step.py on a small model with grouped heads (the stand-in's shape, every query head on
-    one key/value head, random weights): a row per rows x context with both timings, their ratio and a
-    logit difference at float32 rounding, and the profile's operator groups for both ways."""
+    one key/value head, random weights): a row per rows x context with the three timings, two ratios and
+    a logit difference at float32 rounding, and the profile's operator groups for each way."""
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
@@ -159,9 +159,9 @@ def test_the_decode_step_bench_times_and_profiles_both_attentions(tmp_path, tiny
     assert f"({config.num_attention_heads} per group)" in result.stdout
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")]
     timings = [cells for cells in rows if cells[0].strip().isdigit()]  # not the header rows
-    steps = [cells for cells in timings if len(cells) == 6]
+    steps = [cells for cells in timings if len(cells) == 8]
     assert [(int(c[0]), int(c[1])) for c in steps] == [(2, 24), (4, 24)]
     for cells in steps:
-        assert float(cells[2]) > 0 and float(cells[3]) > 0 and float(cells[5]) < 1e-4
+        assert all(float(cell) > 0 for cell in cells[2:7]) and float(cells[7]) < 1e-4
     profiled = [cells for cells in timings if len(cells) == 7]
-    assert [c[2].strip() for c in profiled] == ["SDPA", "grouped"] * 2
+    assert [c[2].strip() for c in profiled] == ["SDPA", "grouped", "reserved"] * 2

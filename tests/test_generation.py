@@ -752,11 +752,69 @@ def test_the_loop_decoder_attends_grouped_and_its_stores_say_so(tiny, monkeypatc
             hook.remove()
         prefills = sum(width > 1 for _, width in shapes)
         runs[grouped] = (made.decoder_name(), len(copies), prefills, len(shapes))
-    assert runs[True][0] == "loop-2" and runs[False][0] == "loop-2-repeat-kv"
+    assert runs[True][0] == "loop-3" and runs[False][0] == "loop-3-repeat-kv"
     assert runs[True][1] == per_forward * runs[True][2]  # only the prefills copied heads
     assert runs[False][1] == per_forward * runs[False][3] > runs[True][1]  # every forward did
-    assert json.loads((tmp_path / "True" / "plan.json").read_text())["decoder"] == "loop-2"
+    assert json.loads((tmp_path / "True" / "plan.json").read_text())["decoder"] == "loop-3"
     plain = engine((model, tiny[1]), batch_size=6)
     plain.grouped_attention = False
     with pytest.raises(StoreMismatchError, match="decoder"):  # the two are not mixed in one store
         plain.generate(requests, GREEDY, stage="s", store_dir=tmp_path / "True")
+
+
+def test_a_reserved_layer_writes_in_place_until_its_room_runs_out_or_its_rows_change():
+    from reflectevo.generation.cache import reserved_layer_class
+
+    layer = reserved_layer_class()(reserve=3)
+    states = [torch.randn(2, 2, width, 4, generator=torch.Generator().manual_seed(width)) for width in (5, 1, 1, 1, 1)]
+    buffers = []
+    for new in states:
+        keys, values = layer.update(new, -new)
+        buffers.append(layer.key_buffer.data_ptr())
+    expected = torch.cat(states, dim=-2)
+    assert torch.equal(keys, expected) and torch.equal(values, -expected)
+    # the prompt's 5 positions + 3 of room: three steps in place, the fourth finds no room
+    assert buffers[0] == buffers[1] == buffers[2] == buffers[3] != buffers[4]
+    layer.crop(-2)  # a view of the same buffer: the next update overwrites the cropped positions
+    ptr = layer.key_buffer.data_ptr()
+    keys, _ = layer.update(states[1], -states[1])
+    assert layer.key_buffer.data_ptr() == ptr and torch.equal(keys, torch.cat([expected[:, :, :7], states[1]], dim=-2))
+    layer.batch_select_indices(torch.tensor([1]))  # rows changed: the next update copies once, then room again
+    keys, _ = layer.update(states[2][1:], -states[2][1:])
+    assert layer.key_buffer.data_ptr() != ptr and keys.shape == (1, 2, 9, 4)
+    assert torch.equal(keys, torch.cat([expected[1:, :, :7], states[1][1:], states[2][1:]], dim=-2))
+
+
+def test_the_reserved_cache_gives_the_outputs_of_the_concatenating_one_without_copying_per_step(tiny, monkeypatch):
+    """Decoder loop-3 (room reserved for the call's tokens) against the former cache: the same greedy
+    texts and samples with rows ending, joining and sharing prefixes, and a call that drops no rows
+    allocates each layer's buffers once, however many steps it decodes."""
+    from reflectevo.generation.cache import reserved_layer_class
+
+    ending = ending_early(tiny)
+    requests = make_requests(12)
+
+    def made(**options):
+        made = engine(ending, batch_size=12)
+        made.decode_options = dataclasses.replace(made.decode_options, **options)
+        return made
+
+    for settings in (GREEDY, SAMPLING):
+        for window in (None, 5):
+            reserved = made(max_rows=window).generate(requests, settings, stage="s")
+            concatenated = made(max_rows=window, reserve_cache=False).generate(requests, settings, stage="s")
+            assert reserved == concatenated
+    assert made().decoder_name() == "loop-3" and made(reserve_cache=False).decoder_name() == "loop-3-concat-cache"
+
+    grown = []
+    original = reserved_layer_class().grown
+    monkeypatch.setattr(reserved_layer_class(), "grown", lambda self, *a: grown.append(a[-1]) or original(self, *a))
+    steady = made(prune_share=2.0, min_shared_prefix=10**6)  # no rows dropped, no shared prefix
+    shapes, hook = forward_shapes(ending[0])
+    try:
+        steady.generate(requests, GREEDY, stage="s")
+    finally:
+        hook.remove()
+    steps = sum(width == 1 for _rows, width in shapes)
+    assert steps >= 8
+    assert len(grown) == 2 * ending[0].config.num_hidden_layers  # keys and values of each layer, at prefill

@@ -13,6 +13,9 @@ prompt whole. This loop drives the model's own forward and ``DynamicCache`` inst
    (``batch_select_indices``), and with ``max_rows`` below the call's rows, waiting prompts are
    prefilled and joined to the running batch in the freed places, so a step keeps computing many
    rows (on a CPU a step's cost is mostly reading the weights, whatever the number of rows).
+4. the cache keeps room for the call's tokens (:mod:`reflectevo.generation.cache`), so a step writes
+   its position in place instead of copying the whole cache to append it; on models with grouped
+   key/value heads a step attends without copying heads (:mod:`reflectevo.generation.attention`).
 
 Sampling draws each row's tokens with its own ``torch.Generator`` (on the CPU, one uniform number per
 token, inverted through the row's cumulative distribution on the model's device), seeded from the run
@@ -28,14 +31,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from reflectevo.generation.cache import reserve_room, reserved_layer_class
 from reflectevo.generation.requests import GenerationSettings
 
 if TYPE_CHECKING:
     import torch
 
 # recorded in every plan: outputs of another decoder are not mixed into a store. loop-2: decoding steps
-# attend with reflectevo.generation.attention.grouped_sdpa on models with grouped key/value heads
-DECODER_VERSION = "loop-2"
+# attend with reflectevo.generation.attention.grouped_sdpa on models with grouped key/value heads;
+# loop-3: the cache keeps room for the call's tokens (reflectevo.generation.cache), no copy per step
+DECODER_VERSION = "loop-3"
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,9 @@ class DecodeOptions:
     # the batch as rows end, once this share of max_rows is free (joining also copies the cache)
     max_rows: int | None = None
     refill_share: float = 0.25
+    # the cache reserves room for the call's max_new_tokens and a step writes its position in place
+    # (reflectevo.generation.cache); False: transformers' DynamicLayer, which copies the cache each step
+    reserve_cache: bool = True
 
 
 # generation-config settings model.generate would apply and this loop does not, with their neutral
@@ -194,19 +202,24 @@ class Decoder:
         self.options = options or DecodeOptions()
         self.last: dict[str, int] = {}  # what the last call did: shared prefix, steps, rows dropped
 
-    def cache(self) -> Any:
+    def cache(self, reserve: int = 0) -> Any:
+        """An empty cache; with ``options.reserve_cache``, one keeping room for ``reserve`` more positions."""
         from transformers import DynamicCache
 
-        return DynamicCache(config=self.model.config)
+        cache = DynamicCache(config=self.model.config)
+        return reserve_room(cache, reserve) if self.options.reserve_cache else cache
 
-    def prefill(self, token_ids: Sequence[Sequence[int]], n: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    def prefill(
+        self, token_ids: Sequence[Sequence[int]], n: int, reserve: int = 0
+    ) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """The cache of every prompt, each repeated ``n`` times, with its attention mask and the last
-        position's logits. Each shared prefix (:func:`shared_groups`) runs once, on one row."""
+        position's logits. Each shared prefix (:func:`shared_groups`) runs once, on one row. The cache
+        keeps room for ``reserve`` generated positions (see :meth:`cache`)."""
         import torch
 
         device = self.model.device
         groups = shared_groups(token_ids, self.options.min_shared_prefix)
-        cache = self.cache()
+        cache = self.cache(reserve)
         # the prefix each prompt's cache row starts with: its group's, or none (its row is then a copy
         # of some group's, masked out entirely: finite values, never attended to)
         prefix_of = [0] * len(token_ids)
@@ -296,7 +309,7 @@ class Decoder:
             while waiting and (len(taken) + 1) * n <= room:
                 taken.append(waiting.pop())
             started = time.perf_counter()
-            cache, mask, logits = self.prefill([token_ids[prompt] for prompt in taken], n)
+            cache, mask, logits = self.prefill([token_ids[prompt] for prompt in taken], n, settings.max_new_tokens)
             timer["prefill"] += time.perf_counter() - started
             for name in totals:
                 totals[name] += self.last[name]
@@ -396,7 +409,7 @@ class Decoder:
         """Whether this model's cache is made of plain layers, which :meth:`join` can pad and stack."""
         from transformers.cache_utils import DynamicLayer
 
-        return all(type(layer) is DynamicLayer for layer in self.cache().layers)
+        return all(type(layer) in (DynamicLayer, reserved_layer_class()) for layer in self.cache().layers)
 
     @staticmethod
     def join(cache: Any, mask: torch.Tensor, fresh: Any, fresh_mask: torch.Tensor) -> torch.Tensor:

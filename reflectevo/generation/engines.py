@@ -134,7 +134,9 @@ class TransformersEngine(BatchedEngine):
     def decoder_name(self) -> str:
         if self.decoder == "generate":
             return "generate"
-        return DECODER_VERSION if self.grouped_attention else f"{DECODER_VERSION}-repeat-kv"
+        attention = "" if self.grouped_attention else "-repeat-kv"
+        cache = "" if self.decode_options.reserve_cache else "-concat-cache"
+        return f"{DECODER_VERSION}{attention}{cache}"
 
     def describe(self) -> dict[str, Any]:
         stats = {
