@@ -780,6 +780,7 @@ def test_a_reserved_layer_writes_in_place_until_its_room_runs_out_or_its_rows_ch
     keys, _ = layer.update(states[1], -states[1])
     assert layer.key_buffer.data_ptr() == ptr and torch.equal(keys, torch.cat([expected[:, :, :7], states[1]], dim=-2))
     layer.batch_select_indices(torch.tensor([1]))  # rows changed: the next update copies once, then room again
+    assert layer.key_buffer is None and layer.value_buffer is None  # the old buffers are not kept alive
     keys, _ = layer.update(states[2][1:], -states[2][1:])
     assert layer.key_buffer.data_ptr() != ptr and keys.shape == (1, 2, 9, 4)
     assert torch.equal(keys, torch.cat([expected[1:, :, :7], states[1][1:], states[2][1:]], dim=-2))

@@ -38,12 +38,24 @@ def reserved_layer_class() -> type:
             cached = self.get_seq_length()
             length = cached + key_states.shape[-2]
             if not self.has_room(length, key_states):
+                self.release()  # the old buffers go before the new ones are allocated (unless still viewed)
                 self.key_buffer = self.grown(self.keys, key_states, cached, length)
                 self.value_buffer = self.grown(self.values, value_states, cached, length)
             self.key_buffer[:, :, cached:length] = key_states
             self.value_buffer[:, :, cached:length] = value_states
             self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
             return self.keys, self.values
+
+        def batch_select_indices(self, indices: Any) -> None:
+            super().batch_select_indices(indices)  # new tensors: the buffers are no longer viewed
+            self.release()
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            super().batch_repeat_interleave(repeats)
+            self.release()
+
+        def release(self) -> None:
+            self.key_buffer = self.value_buffer = None
 
         def has_room(self, length: int, key_states: Any) -> bool:
             """Whether the cached keys are still the start of the buffer and it holds ``length``."""
