@@ -29,10 +29,11 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from reflectevo.config import ModelParams
 from reflectevo.generation.attention import grouped_attention, groups_of
-from reflectevo.generation.cache import reserved_layer_class
+from reflectevo.generation.cache import reserve_room
 from reflectevo.models.loading import load_model
 
 WAYS = ("SDPA", "grouped", "reserved")  # see the docstring
@@ -67,22 +68,28 @@ def step(model: Any, cache: Any, mask: torch.Tensor, token: torch.Tensor) -> tor
         return model(input_ids=token, attention_mask=grown, past_key_values=cache, use_cache=True).logits[:, -1]
 
 
-def prepared(cache: Any, way: str) -> Any:
-    """A copy of ``cache`` to step on: for ``reserved``, its layers moved into buffers with room ahead."""
+def prepared(model: Any, cache: Any, way: str) -> Any:
+    """A copy of ``cache`` to step on: for ``reserved``, moved into the loop decoder's reserved cache
+    (``reserve_room``) with 16 positions of room."""
     fresh = copy.deepcopy(cache)
-    if way == "reserved":
-        layers = [reserved_layer_class()(reserve=16) for _ in fresh.layers]
-        for layer, old in zip(layers, fresh.layers, strict=True):
-            layer.update(old.keys, old.values)  # copied into a buffer with 16 positions of room
-        fresh.layers = layers
-    return fresh
+    if way != "reserved":
+        return fresh
+    reserved = reserve_room(DynamicCache(config=model.config), reserve=16)
+    for layer, old in zip(reserved.layers, fresh.layers, strict=True):
+        layer.update(old.keys, old.values)
+    return reserved
+
+
+def attention(model: Any, way: str) -> contextlib.AbstractContextManager:
+    """Grouped attention for ``grouped`` and ``reserved``; transformers' SDPA for ``SDPA``."""
+    return grouped_attention(model) if way != "SDPA" else contextlib.nullcontext()
 
 
 def timed_step(model: Any, cache: Any, mask: torch.Tensor, token: torch.Tensor, way: str):
     """(seconds of one step on a fresh copy of ``cache``, its logits), decoded ``way``."""
-    fresh = prepared(cache, way)
+    fresh = prepared(model, cache, way)
     started = time.perf_counter()
-    with grouped_attention(model) if way != "SDPA" else contextlib.nullcontext():
+    with attention(model, way):
         logits = step(model, fresh, mask, token)
     return time.perf_counter() - started, logits
 
@@ -91,10 +98,9 @@ def profile_groups(model: Any, cache: Any, mask: torch.Tensor, token: torch.Tens
     """Milliseconds of one step per operator group (self CPU time of torch's top-level operators)."""
     from torch.profiler import ProfilerActivity, profile
 
-    fresh = prepared(cache, way)
-    with profile(activities=[ProfilerActivity.CPU]) as recorded:
-        with grouped_attention(model) if way != "SDPA" else contextlib.nullcontext():
-            step(model, fresh, mask, token)
+    fresh = prepared(model, cache, way)
+    with profile(activities=[ProfilerActivity.CPU]) as recorded, attention(model, way):
+        step(model, fresh, mask, token)
     totals: dict[str, float] = defaultdict(float)
     for event in recorded.key_averages():
         name = event.key.removeprefix("aten::")
