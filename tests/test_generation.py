@@ -25,7 +25,7 @@ import torch
 
 from reflectevo.config import GenerationParams
 from reflectevo.errors import DuplicateKeyError, GenerationError, ReplayMissingError, SettingsError, StoreMismatchError
-from reflectevo.generation.decoding import shared_groups
+from reflectevo.generation.decoding import DECODER_VERSION, prefill_segments, shared_groups
 from reflectevo.generation.engines import ReplayEngine, TransformersEngine, make_engine
 from reflectevo.generation.requests import GenerationOutput, GenerationRequest, GenerationSettings
 from reflectevo.generation.store import batch_seed, load_store, merge_shards, plan_batches, read_outputs, write_outputs
@@ -109,6 +109,12 @@ def generate_decoder(tiny, **options) -> TransformersEngine:
     """An engine that decodes with model.generate on the padded batch (the decoder before the loop)."""
     made = engine(tiny, **options)
     made.decoder = "generate"
+    return made
+
+
+def one_rest_call(made: TransformersEngine) -> TransformersEngine:
+    """``made``, prefilling every prompt's rest in one call (tests that count the prefill calls)."""
+    made.decode_options = dataclasses.replace(made.decode_options, prefill_call_tokens=10**9)
     return made
 
 
@@ -359,10 +365,10 @@ def test_shared_prefix_is_prefilled_once_and_gives_the_same_texts(tiny):
     ]
     shapes, hook = forward_shapes(model)
     try:
-        shared = engine(tiny, batch_size=9).generate(requests, GREEDY, stage="s")
+        shared = one_rest_call(engine(tiny, batch_size=9)).generate(requests, GREEDY, stage="s")
         prefills_shared = [shape for shape in shapes if shape[1] > 1]
         shapes.clear()
-        whole = engine(tiny, batch_size=9)
+        whole = one_rest_call(engine(tiny, batch_size=9))
         whole.decode_options = dataclasses.replace(whole.decode_options, min_shared_prefix=10**9)
         separate = whole.generate(requests, GREEDY, stage="s")
         prefills_whole = [shape for shape in shapes if shape[1] > 1]
@@ -390,7 +396,7 @@ def test_prompts_of_two_preambles_in_one_call_share_their_own_prefixes(tiny):
     ]
     shapes, hook = forward_shapes(model)
     try:
-        shared = engine(tiny, batch_size=9)
+        shared = one_rest_call(engine(tiny, batch_size=9))
         outputs = shared.generate(requests, GREEDY, stage="s")
     finally:
         hook.remove()
@@ -401,6 +407,52 @@ def test_prompts_of_two_preambles_in_one_call_share_their_own_prefixes(tiny):
     assert prefixes[0] == 2 and rest[0] == 9
     stats = shared.describe()["decode_stats"]
     assert stats["shared_groups"] == 2 and stats["prefix_tokens_saved"] > 3 * prefixes[1]
+
+
+def test_prefill_segments_cut_where_padding_costs_more_than_a_call():
+    lengths = [5, 100, 6, 98, 7]
+    assert prefill_segments(lengths, call_tokens=10) == [[0, 2, 4], [3, 1]]  # 2 + 4 padded tokens, 2 calls
+    assert prefill_segments(lengths, call_tokens=10**6) == [[0, 2, 4, 3, 1]]  # one call, sorted by length
+    assert prefill_segments(lengths, call_tokens=0) == [[0], [2], [4], [3], [1]]  # no padding at all
+    assert prefill_segments([4, 4, 4], call_tokens=0) == [[0, 1, 2]]  # equal lengths stay in one call
+    assert prefill_segments([], call_tokens=5) == []
+
+
+def test_rests_prefilled_in_calls_of_similar_lengths_give_the_same_outputs_with_less_padding(tiny):
+    """Prompts sharing a preamble, with rests of very different lengths: cut into several prefill calls
+    (stacked into one cache afterwards), the greedy texts and the samples of one padded call, also when
+    waiting prompts join the batch; fewer prompt tokens are fed."""
+    ending = ending_early(tiny)
+    preamble = "Worked example: the answer is found step by step. " * 4
+    requests = [
+        GenerationRequest(
+            f"q{i:02d}",
+            [{"role": "system", "content": preamble}, {"role": "user", "content": f"{i} " + "word " * (i % 4) * 9}],
+        )
+        for i in range(10)
+    ]
+
+    def made(call_tokens, **options):
+        made = engine(ending, batch_size=10)
+        made.decode_options = dataclasses.replace(made.decode_options, prefill_call_tokens=call_tokens, **options)
+        return made
+
+    for settings in (GREEDY, SAMPLING):
+        for window in (None, 4):
+            cut, whole = made(0, max_rows=window), made(10**9, max_rows=window)
+            outputs = cut.generate(requests, settings, stage="s")
+            assert outputs == whole.generate(requests, settings, stage="s")
+            if window is not None:  # prompts join a few at a time, in the plan's order of length
+                continue
+            calls, tokens = cut.decode_stats["prefill_calls"], cut.decode_stats["prefill_tokens"]
+            assert calls > whole.decode_stats["prefill_calls"] and tokens < whole.decode_stats["prefill_tokens"]
+            if settings.n == 1:  # one call's rests are padded; cut by length, none are
+                assert cut.decode_stats["prefill_padding"] == 0 < whole.decode_stats["prefill_padding"]
+                assert cut.decode_stats["shared_groups"] == 1 and calls == 1 + 4  # the preamble, 4 rest lengths
+    greedy = made(0).generate(requests, GREEDY, stage="s")
+    assert [o.text for o in greedy] == [
+        o.text for o in generate_decoder(ending, batch_size=10).generate(requests, GREEDY, stage="s")
+    ]
 
 
 def test_a_sample_does_not_depend_on_the_rows_beside_it(tiny):
@@ -752,10 +804,10 @@ def test_the_loop_decoder_attends_grouped_and_its_stores_say_so(tiny, monkeypatc
             hook.remove()
         prefills = sum(width > 1 for _, width in shapes)
         runs[grouped] = (made.decoder_name(), len(copies), prefills, len(shapes))
-    assert runs[True][0] == "loop-3" and runs[False][0] == "loop-3-repeat-kv"
+    assert runs[True][0] == DECODER_VERSION and runs[False][0] == f"{DECODER_VERSION}-repeat-kv"
     assert runs[True][1] == per_forward * runs[True][2]  # only the prefills copied heads
     assert runs[False][1] == per_forward * runs[False][3] > runs[True][1]  # every forward did
-    assert json.loads((tmp_path / "True" / "plan.json").read_text())["decoder"] == "loop-3"
+    assert json.loads((tmp_path / "True" / "plan.json").read_text())["decoder"] == DECODER_VERSION
     plain = engine((model, tiny[1]), batch_size=6)
     plain.grouped_attention = False
     with pytest.raises(StoreMismatchError, match="decoder"):  # the two are not mixed in one store
@@ -787,7 +839,7 @@ def test_a_reserved_layer_writes_in_place_until_its_room_runs_out_or_its_rows_ch
 
 
 def test_the_reserved_cache_gives_the_outputs_of_the_concatenating_one_without_copying_per_step(tiny, monkeypatch):
-    """Decoder loop-3 (room reserved for the call's tokens) against the former cache: the same greedy
+    """The reserved cache (room kept for the call's tokens, since decoder loop-3) against the former cache: the same greedy
     texts and samples with rows ending, joining and sharing prefixes, and a call that drops no rows
     allocates each layer's buffers once, however many steps it decodes."""
     from reflectevo.generation.cache import reserved_layer_class
@@ -805,17 +857,25 @@ def test_the_reserved_cache_gives_the_outputs_of_the_concatenating_one_without_c
             reserved = made(max_rows=window).generate(requests, settings, stage="s")
             concatenated = made(max_rows=window, reserve_cache=False).generate(requests, settings, stage="s")
             assert reserved == concatenated
-    assert made().decoder_name() == "loop-3" and made(reserve_cache=False).decoder_name() == "loop-3-concat-cache"
+    assert made().decoder_name() == DECODER_VERSION
+    assert made(reserve_cache=False).decoder_name() == f"{DECODER_VERSION}-concat-cache"
 
     grown = []
     original = reserved_layer_class().grown
     monkeypatch.setattr(reserved_layer_class(), "grown", lambda self, *a: grown.append(a[-1]) or original(self, *a))
-    steady = made(prune_share=2.0, min_shared_prefix=10**6)  # no rows dropped, no shared prefix
-    shapes, hook = forward_shapes(ending[0])
-    try:
-        steady.generate(requests, GREEDY, stage="s")
-    finally:
-        hook.remove()
-    steps = sum(width == 1 for _rows, width in shapes)
-    assert steps >= 8
-    assert len(grown) == 2 * ending[0].config.num_hidden_layers  # keys and values of each layer, at prefill
+    for call_tokens in (10**9, 0):  # the rests prefilled in one call, or in calls stacked afterwards
+        # no rows dropped, no shared prefix
+        steady = made(prune_share=2.0, min_shared_prefix=10**6, prefill_call_tokens=call_tokens)
+        shapes, hook = forward_shapes(ending[0])
+        grown.clear()
+        try:
+            steady.generate(requests, GREEDY, stage="s")
+        finally:
+            hook.remove()
+        steps = sum(width == 1 for _rows, width in shapes)
+        assert steps >= 8 and steady.decode_stats["prefill_calls"] == len(shapes) - steps
+        if call_tokens:  # keys and values of each layer, once, at prefill
+            assert steady.decode_stats["prefill_calls"] == 1
+            assert len(grown) == 2 * ending[0].config.num_hidden_layers
+        else:  # stacking the calls' caches reserved the room: no step copied the cache
+            assert steady.decode_stats["prefill_calls"] > 1 and grown == []

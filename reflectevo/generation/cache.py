@@ -90,3 +90,39 @@ def reserve_room(cache: Any, reserve: int) -> Any:
         for layer in cache.layers
     ]
     return cache
+
+
+def stack_rows(target: Any, caches: list[Any], masks: list[Any], repeats: int = 1) -> Any:
+    """Fill ``target`` (an empty ``DynamicCache`` of plain or reserved layers) with the rows of
+    ``caches`` in order, each row ``repeats`` times, every cache left-padded to the widest of them;
+    returns the stacked attention mask. The padding is zeros (masked out, but multiplied by an
+    attention weight of 0, so it must be finite). A ``ReservedLayer`` gets its room after the rows, so
+    the first decoding step writes in place instead of copying what was just stacked."""
+    import torch
+    import torch.nn.functional as F
+
+    reserved = reserved_layer_class()
+    width = max(mask.shape[1] for mask in masks)
+    for index, layer in enumerate(target.layers):
+        parts = [cache.layers[index] for cache in caches]
+        first = parts[0].keys
+        rows = sum(part.keys.shape[0] for part in parts) * repeats
+        room = layer.reserve if isinstance(layer, reserved) else 0
+        layer.lazy_initialization(first, first)
+        buffers = []
+        for name in ("keys", "values"):
+            buffer = first.new_empty(rows, first.shape[1], width + room, first.shape[-1])
+            start = 0
+            for part in parts:
+                states = getattr(part, name)
+                count, pad = states.shape[0] * repeats, width - states.shape[-2]
+                buffer[start : start + count, :, :pad] = 0
+                # (rows, repeats, ...) view: each row written `repeats` times without a repeated copy
+                target_rows = buffer[start : start + count, :, pad:width].unflatten(0, (states.shape[0], repeats))
+                target_rows.copy_(states[:, None].expand_as(target_rows))
+                start += count
+            buffers.append(buffer)
+        layer.keys, layer.values = buffers[0][:, :, :width], buffers[1][:, :, :width]
+        if isinstance(layer, reserved):
+            layer.key_buffer, layer.value_buffer = buffers
+    return torch.cat([F.pad(mask, (width - mask.shape[1], 0)).repeat_interleave(repeats, 0) for mask in masks])

@@ -6,7 +6,9 @@ prompt whole. This loop drives the model's own forward and ``DynamicCache`` inst
 1. prompts that share a prefix (a task's few-shot preamble, the chat template's system message) are
    grouped (:func:`shared_groups`); each group's prefix is prefilled once, on one row, and its cache
    row copied to every member; each prompt's remaining tokens are then prefilled after it, so a
-   cache row holds ``padding | prefix | padding | rest`` with the padding masked out;
+   cache row holds ``padding | prefix | padding | rest`` with the padding masked out. The rests are
+   prefilled in calls of similar lengths (:func:`prefill_segments`): one call pads every rest to the
+   longest, and on the official mix a padded token costs as much as a real one;
 2. the n samples of a prompt share that prefill (its cache rows are repeated n times);
 3. decoding feeds one token per running row per step. A row that ends (end token, stop string,
    token limit) is no longer fed; once enough rows have ended the cache drops them
@@ -26,12 +28,13 @@ resume.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from reflectevo.generation.cache import reserve_room, reserved_layer_class
+from reflectevo.generation.cache import reserve_room, reserved_layer_class, stack_rows
 from reflectevo.generation.requests import GenerationSettings
 
 if TYPE_CHECKING:
@@ -39,8 +42,9 @@ if TYPE_CHECKING:
 
 # recorded in every plan: outputs of another decoder are not mixed into a store. loop-2: decoding steps
 # attend with reflectevo.generation.attention.grouped_sdpa on models with grouped key/value heads;
-# loop-3: the cache keeps room for the call's tokens (reflectevo.generation.cache), no copy per step
-DECODER_VERSION = "loop-3"
+# loop-3: the cache keeps room for the call's tokens (reflectevo.generation.cache), no copy per step;
+# loop-4: prompts' rests are prefilled in calls of similar lengths (prefill_segments), less padding
+DECODER_VERSION = "loop-4"
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,11 @@ class DecodeOptions:
     # the cache reserves room for the call's max_new_tokens and a step writes its position in place
     # (reflectevo.generation.cache); False: transformers' DynamicLayer, which copies the cache each step
     reserve_cache: bool = True
+    # what one more prefill call costs, in prompt tokens: the rests after a shared prefix are cut into
+    # calls of similar lengths where the padding saved exceeds this (prefill_segments). None: 64 on a
+    # CPU (a forward call of SmolLM2-135M costs ~0.1 s beyond its tokens, ~70 tokens' worth on 2
+    # cores), 512 on a GPU (a setting, not a measurement: there a call's fixed cost is its kernel launches)
+    prefill_call_tokens: int | None = None
 
 
 # generation-config settings model.generate would apply and this loop does not, with their neutral
@@ -148,6 +157,30 @@ def shared_groups(token_ids: Sequence[Sequence[int]], min_shared: int) -> list[t
     return sorted(groups, key=lambda group: group[1][0])
 
 
+def prefill_segments(lengths: Sequence[int], call_tokens: int) -> list[list[int]]:
+    """Prompts (by index) cut into prefill calls: sorted by ``lengths``, each call padded to its longest.
+
+    Cutting the sorted order into runs, a run costs ``call_tokens`` plus its rows x its longest length;
+    dynamic programming over the cuts gives the cheapest set of calls (one call when padding is cheaper
+    than another call). Ties keep fewer, earlier cuts, so the same lengths always give the same calls.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    best = [0] + [1 << 62] * len(order)  # best[j]: cheapest cost of prefilling order[:j]
+    start = [0] * (len(order) + 1)  # where the last call of that cheapest way begins
+    for j in range(1, len(order) + 1):
+        longest = lengths[order[j - 1]]
+        for i in range(j):
+            cost = best[i] + call_tokens + (j - i) * longest
+            if cost < best[j]:
+                best[j], start[j] = cost, i
+    segments = []
+    j = len(order)
+    while j > 0:
+        segments.append(order[start[j] : j])
+        j = start[j]
+    return segments[::-1]
+
+
 def left_padded(rows: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids left-padded to ``width`` and their attention mask."""
     import torch
@@ -211,64 +244,99 @@ class Decoder:
 
     def prefill(
         self, token_ids: Sequence[Sequence[int]], n: int, reserve: int = 0
-    ) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    ) -> tuple[list[int], Any, torch.Tensor, torch.Tensor]:
         """The cache of every prompt, each repeated ``n`` times, with its attention mask and the last
-        position's logits. Each shared prefix (:func:`shared_groups`) runs once, on one row. The cache
-        keeps room for ``reserve`` generated positions (see :meth:`cache`)."""
+        position's logits; first, the prompts in the order of the cache's rows. Each shared prefix
+        (:func:`shared_groups`) runs once, on one row; the rests after it run in calls of similar
+        lengths (:func:`prefill_segments`). The cache keeps room for ``reserve`` generated positions
+        (see :meth:`cache`)."""
         import torch
+        from transformers import DynamicCache
 
         device = self.model.device
         groups = shared_groups(token_ids, self.options.min_shared_prefix)
-        cache = self.cache(reserve)
         # the prefix each prompt's cache row starts with: its group's, or none (its row is then a copy
         # of some group's, masked out entirely: finite values, never attended to)
         prefix_of = [0] * len(token_ids)
         row_of = [0] * len(token_ids)
         prefix_width = max((length for length, _members in groups), default=0)
+        prefixes = self.cache(reserve)  # with one prefill call, it goes on to hold every prompt
         if groups:
             for row, (length, members) in enumerate(groups):
                 for member in members:
                     prefix_of[member], row_of[member] = length, row
-            prefixes = [list(token_ids[members[0]][:length]) for length, members in groups]
-            input_ids, prefix_mask = left_padded(prefixes, prefix_width, self.pad_id)
+            prefix_ids = [list(token_ids[members[0]][:length]) for length, members in groups]
+            input_ids, prefix_mask = left_padded(prefix_ids, prefix_width, self.pad_id)
             self.model(
                 input_ids=input_ids.to(device),
                 attention_mask=prefix_mask.to(device),
                 position_ids=positions_of(prefix_mask).to(device),
+                past_key_values=prefixes,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            prefix_mask = prefix_mask[row_of]
+            prefix_mask[[i for i, length in enumerate(prefix_of) if not length]] = 0
+        suffixes = [list(ids[length:]) for ids, length in zip(token_ids, prefix_of, strict=True)]
+        if self.stackable:
+            segments = prefill_segments([len(ids) for ids in suffixes], self.call_tokens())
+        else:  # layers stack_rows cannot pad and stack (sliding windows): one call, as generate() would
+            segments = [list(range(len(token_ids)))]
+        caches, masks, logits, widths = [], [], [], []
+        for segment in segments:
+            rows = torch.tensor([row_of[i] for i in segment], device=device)
+            if len(segments) == 1:  # the prefixes' cache, its rows copied to the prompts'
+                cache = prefixes
+                if groups:
+                    cache.batch_select_indices(rows)
+            else:  # plain layers, stacked afterwards into one cache with room (stack_rows)
+                cache = DynamicCache(config=self.model.config)
+                for layer, prefix in zip(cache.layers, prefixes.layers, strict=True):
+                    if groups:
+                        layer.lazy_initialization(prefix.keys, prefix.values)
+                        layer.keys, layer.values = prefix.keys[rows], prefix.values[rows]
+            width = max(len(suffixes[i]) for i in segment)
+            widths.append(width)
+            input_ids, suffix_mask = left_padded([suffixes[i] for i in segment], width, self.pad_id)
+            mask = torch.cat([prefix_mask[segment], suffix_mask], dim=1) if groups else suffix_mask
+            mask = mask.to(device)
+            out = self.model(
+                input_ids=input_ids.to(device),
+                attention_mask=mask,
+                position_ids=positions_of(mask)[:, prefix_width:],
                 past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
-            cache.batch_select_indices(torch.tensor(row_of, device=device))
-            prefix_mask = prefix_mask[row_of]
-            prefix_mask[[i for i, length in enumerate(prefix_of) if not length]] = 0
-        suffixes = [list(ids[length:]) for ids, length in zip(token_ids, prefix_of, strict=True)]
-        width = max(len(ids) for ids in suffixes)
-        input_ids, suffix_mask = left_padded(suffixes, width, self.pad_id)
-        mask = torch.cat([prefix_mask, suffix_mask], dim=1) if groups else suffix_mask
-        mask = mask.to(device)
-        out = self.model(
-            input_ids=input_ids.to(device),
-            attention_mask=mask,
-            position_ids=positions_of(mask)[:, prefix_width:],
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        logits = out.logits[:, -1].float()
-        if n > 1:
-            cache.batch_repeat_interleave(n)
-            logits, mask = logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+            caches.append(cache)
+            masks.append(mask)
+            logits.append(out.logits[:, -1].float())
+        if len(segments) == 1:
+            cache, mask = caches[0], masks[0]
+            if n > 1:
+                cache.batch_repeat_interleave(n)
+                mask = mask.repeat_interleave(n, 0)
+        else:
+            cache = self.cache(reserve)
+            mask = stack_rows(cache, caches, masks, repeats=n)
         self.last = {
             "shared_groups": len(groups),
             # prompt tokens not computed again because a prefix was shared
             "prefix_tokens_saved": sum((len(members) - 1) * length for length, members in groups),
-            # tokens fed to the model, padding included, and the padding among them
-            "prefill_tokens": len(groups) * prefix_width + len(token_ids) * width,
+            # forward calls, tokens fed to the model (padding included) and the padding among them
+            "prefill_calls": bool(groups) + len(segments),
+            "prefill_tokens": len(groups) * prefix_width
+            + sum(len(segment) * width for segment, width in zip(segments, widths, strict=True)),
             "prefill_padding": sum(prefix_width - length for length, _m in groups)
-            + sum(width - len(ids) for ids in suffixes),
+            + sum(width - len(suffixes[i]) for segment, width in zip(segments, widths, strict=True) for i in segment),
         }
-        return cache, mask, logits
+        return [i for segment in segments for i in segment], cache, mask, torch.cat(logits).repeat_interleave(n, 0)
+
+    def call_tokens(self) -> int:
+        """What one more prefill call costs, in prompt tokens (``DecodeOptions.prefill_call_tokens``)."""
+        if self.options.prefill_call_tokens is not None:
+            return self.options.prefill_call_tokens
+        return 64 if self.model.device.type == "cpu" else 512
 
     def run(
         self,
@@ -292,7 +360,7 @@ class Decoder:
             )
         generators = row_generators(row_seeds) if sampling else []
         window = max(n, self.options.max_rows or rows)
-        if window < rows and not self.joinable():
+        if window < rows and not self.stackable:
             window = rows  # a cache with other layer kinds (sliding windows) cannot be joined safely
         stop_tail = max((len(s) for s in settings.stop), default=0) + 2  # tokens whose text can hold a stop
         eos = torch.tensor(self.eos_ids, device=device)
@@ -300,7 +368,9 @@ class Decoder:
         new_ids: list[list[int]] = [[] for _ in range(rows)]
         ended = [False] * rows
         waiting = list(range(len(token_ids)))[::-1]  # prompts not yet prefilled, next one last
-        totals = dict.fromkeys(("shared_groups", "prefix_tokens_saved", "prefill_tokens", "prefill_padding"), 0)
+        totals = dict.fromkeys(
+            ("shared_groups", "prefix_tokens_saved", "prefill_calls", "prefill_tokens", "prefill_padding"), 0
+        )
         timer = {"prefill": 0.0}
 
         def admit(room: int) -> tuple[list[int], Any, torch.Tensor, torch.Tensor]:
@@ -309,11 +379,13 @@ class Decoder:
             while waiting and (len(taken) + 1) * n <= room:
                 taken.append(waiting.pop())
             started = time.perf_counter()
-            cache, mask, logits = self.prefill([token_ids[prompt] for prompt in taken], n, settings.max_new_tokens)
+            order, cache, mask, logits = self.prefill(
+                [token_ids[prompt] for prompt in taken], n, settings.max_new_tokens
+            )
             timer["prefill"] += time.perf_counter() - started
             for name in totals:
                 totals[name] += self.last[name]
-            return [prompt * n + sample for prompt in taken for sample in range(n)], cache, mask, logits
+            return [taken[i] * n + sample for i in order for sample in range(n)], cache, mask, logits
 
         begun = time.perf_counter()
         in_cache, cache, mask, logits = admit(window)  # the row each cache row belongs to
@@ -384,7 +456,9 @@ class Decoder:
             if join:
                 fresh, fresh_cache, fresh_mask, fresh_logits = admit(window - len(running))
                 if running:
-                    mask = self.join(cache, mask, fresh_cache, fresh_mask)
+                    joined_cache = self.cache(settings.max_new_tokens)
+                    mask = stack_rows(joined_cache, [cache, fresh_cache], [mask, fresh_mask])
+                    cache = joined_cache
                     logits = torch.cat([logits, fresh_logits])
                     positions = torch.cat([positions, fresh_mask.sum(-1)])
                 else:
@@ -405,32 +479,12 @@ class Decoder:
         }
         return [DecodedRow(ids, done) for ids, done in zip(new_ids, ended, strict=True)]
 
-    def joinable(self) -> bool:
-        """Whether this model's cache is made of plain layers, which :meth:`join` can pad and stack."""
+    @functools.cached_property
+    def stackable(self) -> bool:
+        """Whether this model's cache is made of plain layers, which :func:`stack_rows` can pad and stack."""
         from transformers.cache_utils import DynamicLayer
 
         return all(type(layer) in (DynamicLayer, reserved_layer_class()) for layer in self.cache().layers)
-
-    @staticmethod
-    def join(cache: Any, mask: torch.Tensor, fresh: Any, fresh_mask: torch.Tensor) -> torch.Tensor:
-        """Stack the rows of ``fresh`` under those of ``cache`` (in place), left-padding the narrower
-        of the two along the sequence; returns the joined attention mask."""
-        import torch
-        import torch.nn.functional as F
-
-        wider = mask.shape[1] - fresh_mask.shape[1]  # > 0: the running rows are longer
-        for layer, new in zip(cache.layers, fresh.layers, strict=True):
-            old_keys, old_values, new_keys, new_values = layer.keys, layer.values, new.keys, new.values
-            if wider > 0:
-                new_keys, new_values = F.pad(new_keys, (0, 0, wider, 0)), F.pad(new_values, (0, 0, wider, 0))
-            elif wider < 0:
-                old_keys, old_values = F.pad(old_keys, (0, 0, -wider, 0)), F.pad(old_values, (0, 0, -wider, 0))
-            layer.keys, layer.values = torch.cat([old_keys, new_keys]), torch.cat([old_values, new_values])
-        if wider > 0:
-            fresh_mask = F.pad(fresh_mask, (wider, 0))
-        elif wider < 0:
-            mask = F.pad(mask, (-wider, 0))
-        return torch.cat([mask, fresh_mask])
 
     def _stopped(self, tail: list[int], stop: tuple[str, ...]) -> bool:
         text = self.tokenizer.decode(tail, skip_special_tokens=True)

@@ -60,6 +60,7 @@ DECODE_STAT_KEYS = (
     "idle_row_steps",
     "shared_groups",
     "prefix_tokens_saved",
+    "prefill_calls",
     "prefill_tokens",
     "prefill_padding",
     "prefill_seconds",
