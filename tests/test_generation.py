@@ -455,6 +455,28 @@ def test_rests_prefilled_in_calls_of_similar_lengths_give_the_same_outputs_with_
     ]
 
 
+def test_a_model_with_sliding_window_layers_prefills_in_one_call_and_never_joins(tiny):
+    """Sliding-window cache layers count padding in their window: their prompts are prefilled whole
+    (no shared prefix, which would put padding inside a row) in one call, and waiting prompts do not
+    join running rows (joining pads rows); the texts are generate()'s."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(**{**tiny[0].config.to_dict(), "sliding_window": 8, "model_type": "mistral"})
+    torch.manual_seed(0)
+    sliding = (MistralForCausalLM(config).eval(), tiny[1])
+    preamble = "Worked example: the answer is found step by step. " * 3  # a prefix worth sharing
+    requests = [
+        GenerationRequest(r.key, [{"role": "system", "content": preamble}, *r.messages]) for r in make_requests(8)
+    ]
+    made = engine(sliding, batch_size=8)
+    made.decode_options = dataclasses.replace(made.decode_options, prefill_call_tokens=0, max_rows=3)
+    outputs = made.generate(requests, GREEDY, stage="s")
+    stats = made.decode_stats
+    assert stats["calls"] == stats["prefill_calls"] == 1 and stats["shared_groups"] == stats["rows_joined"] == 0
+    expected = generate_decoder(sliding, batch_size=8).generate(requests, GREEDY, stage="s")
+    assert [o.text for o in outputs] == [o.text for o in expected]
+
+
 def test_a_sample_does_not_depend_on_the_rows_beside_it(tiny):
     """Each row samples from its own generator, seeded by (seed, stage, key, sample): batch size,
     the other prompts and when their rows end change nothing."""

@@ -254,7 +254,9 @@ class Decoder:
         from transformers import DynamicCache
 
         device = self.model.device
-        groups = shared_groups(token_ids, self.options.min_shared_prefix)
+        # a sliding window counts cache positions, padding included: padding between a shared prefix and
+        # a rest would shift what a row sees, so such caches prefill each prompt whole, as generate() does
+        groups = shared_groups(token_ids, self.options.min_shared_prefix) if self.stackable else []
         # the prefix each prompt's cache row starts with: its group's, or none (its row is then a copy
         # of some group's, masked out entirely: finite values, never attended to)
         prefix_of = [0] * len(token_ids)
@@ -280,7 +282,7 @@ class Decoder:
         suffixes = [list(ids[length:]) for ids, length in zip(token_ids, prefix_of, strict=True)]
         if self.stackable:
             segments = prefill_segments([len(ids) for ids in suffixes], self.call_tokens())
-        else:  # layers stack_rows cannot pad and stack (sliding windows): one call, as generate() would
+        else:  # layers stack_rows cannot pad and stack (sliding windows): one call
             segments = [list(range(len(token_ids)))]
         caches, masks, logits, widths = [], [], [], []
         for segment in segments:
