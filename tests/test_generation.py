@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from reflectevo.config import GenerationParams
 from reflectevo.errors import DuplicateKeyError, GenerationError, ReplayMissingError, SettingsError, StoreMismatchError
@@ -858,6 +859,30 @@ def test_a_reserved_layer_writes_in_place_until_its_room_runs_out_or_its_rows_ch
     keys, _ = layer.update(states[2][1:], -states[2][1:])
     assert layer.key_buffer.data_ptr() != ptr and keys.shape == (1, 2, 9, 4)
     assert torch.equal(keys, torch.cat([expected[1:, :, :7], states[1][1:], states[2][1:]], dim=-2))
+
+
+def test_stack_rows_left_pads_with_zeros_repeats_rows_and_keeps_room(tiny):
+    from transformers import DynamicCache
+
+    from reflectevo.generation.cache import reserve_room, reserved_layer_class, stack_rows
+
+    config = tiny[0].config
+    parts, masks = [], []
+    for rows, width in ((2, 3), (1, 5)):
+        cache = DynamicCache(config=config)
+        for number, layer in enumerate(cache.layers):
+            keys = torch.randn(rows, 2, width, 4, generator=torch.Generator().manual_seed(number * 10 + width))
+            layer.update(keys, -keys)
+        parts.append(cache)
+        masks.append(torch.ones(rows, width, dtype=torch.long))
+    target = reserve_room(DynamicCache(config=config), reserve=4)
+    mask = stack_rows(target, parts, masks, repeats=2)
+    assert mask.tolist() == [[0, 0, 1, 1, 1]] * 4 + [[1] * 5] * 2
+    for layer, first, second in zip(target.layers, parts[0].layers, parts[1].layers, strict=True):
+        assert isinstance(layer, reserved_layer_class()) and layer.key_buffer.shape == (6, 2, 5 + 4, 4)
+        expected = torch.cat([F.pad(first.keys, (0, 0, 2, 0)).repeat_interleave(2, 0), second.keys.repeat(2, 1, 1, 1)])
+        assert torch.equal(layer.keys, expected) and torch.equal(layer.values, -expected)
+        assert layer.has_room(6, torch.zeros(6, 2, 1, 4))  # the next step writes in place
 
 
 def test_the_reserved_cache_gives_the_outputs_of_the_concatenating_one_without_copying_per_step(tiny, monkeypatch):
