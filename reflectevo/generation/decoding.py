@@ -47,6 +47,10 @@ if TYPE_CHECKING:
 DECODER_VERSION = "loop-4"
 
 
+# what Decoder.prefill reports of each call in Decoder.last, summed over a run's prefills
+PREFILL_STAT_KEYS = ("shared_groups", "prefix_tokens_saved", "prefill_calls", "prefill_tokens", "prefill_padding")
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
     # a shorter common prefix is not worth a separate forward call (the chat template's first few
@@ -370,9 +374,7 @@ class Decoder:
         new_ids: list[list[int]] = [[] for _ in range(rows)]
         ended = [False] * rows
         waiting = list(range(len(token_ids)))[::-1]  # prompts not yet prefilled, next one last
-        totals = dict.fromkeys(
-            ("shared_groups", "prefix_tokens_saved", "prefill_calls", "prefill_tokens", "prefill_padding"), 0
-        )
+        totals = dict.fromkeys(PREFILL_STAT_KEYS, 0)
         timer = {"prefill": 0.0}
 
         def admit(room: int) -> tuple[list[int], Any, torch.Tensor, torch.Tensor]:

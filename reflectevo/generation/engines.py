@@ -22,7 +22,13 @@ from reflectevo.generation.base import (
     Engine,
     MemoryBudget,
 )
-from reflectevo.generation.decoding import DECODER_VERSION, DecodeOptions, Decoder, generate_only_settings
+from reflectevo.generation.decoding import (
+    DECODER_VERSION,
+    PREFILL_STAT_KEYS,
+    DecodeOptions,
+    Decoder,
+    generate_only_settings,
+)
 from reflectevo.generation.requests import (
     _PARAMS,
     FinishReason,
@@ -58,11 +64,7 @@ DECODE_STAT_KEYS = (
     "rows_joined",
     "row_steps",
     "idle_row_steps",
-    "shared_groups",
-    "prefix_tokens_saved",
-    "prefill_calls",
-    "prefill_tokens",
-    "prefill_padding",
+    *PREFILL_STAT_KEYS,
     "prefill_seconds",
     "decode_seconds",
 )
