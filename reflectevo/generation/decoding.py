@@ -290,15 +290,15 @@ class Decoder:
             segments = [list(range(len(token_ids)))]
         caches, masks, logits, widths = [], [], [], []
         for segment in segments:
-            rows = torch.tensor([row_of[i] for i in segment], device=device)
-            if len(segments) == 1:  # the prefixes' cache, its rows copied to the prompts'
-                cache = prefixes
-                if groups:
+            # one call: the prefixes' cache itself; several: plain layers, stacked afterwards into one
+            # cache with room (stack_rows). Either starts from the prefix rows of the segment's prompts
+            cache = prefixes if len(segments) == 1 else DynamicCache(config=self.model.config)
+            if groups:
+                rows = torch.tensor([row_of[i] for i in segment], device=device)
+                if cache is prefixes:
                     cache.batch_select_indices(rows)
-            else:  # plain layers, stacked afterwards into one cache with room (stack_rows)
-                cache = DynamicCache(config=self.model.config)
-                for layer, prefix in zip(cache.layers, prefixes.layers, strict=True):
-                    if groups:
+                else:
+                    for layer, prefix in zip(cache.layers, prefixes.layers, strict=True):
                         layer.lazy_initialization(prefix.keys, prefix.values)
                         layer.keys, layer.values = prefix.keys[rows], prefix.values[rows]
             width = max(len(suffixes[i]) for i in segment)
